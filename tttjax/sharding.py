@@ -1,0 +1,152 @@
+"""Logical axis names, the rules that map them to mesh axes, and mesh construction.
+
+Every parameter and key activation in tttjax is annotated with *logical* axis names
+(MaxText style); a rule table from the config maps them to *mesh* axes. Changing the
+parallelism of a run is therefore a config change, not a code change.
+
+Logical axes used in the code base:
+  batch       examples of the global batch
+  length      sequence (token) axis
+  embed       model width D
+  heads       attention / TTT heads
+  kv          per-head feature dim d
+  mlp         MLP hidden width
+  ttt_hidden  hidden width of the TTT-MLP inner network (4d); never sharded
+  layers      stacked layer axis of scanned blocks
+  state       recurrent state dims of the baseline mixers
+  vocab, conv, norm    small axes that stay replicated
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd as core_spmd
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+LogicalRules = Sequence[tuple[str, Any]]
+
+# Parameters are FSDP-sharded over `fsdp` along their width, heads go to `tensor`.
+DEFAULT_RULES: LogicalRules = (
+    ("batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("kv", None),
+    ("ttt_hidden", None),
+    ("layers", None),
+    ("state", None),
+    ("vocab", None),
+    ("conv", None),
+    ("norm", None),
+)
+
+DEFAULT_MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def resolve_mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Fills at most one `-1` entry of `axis_sizes` so the product equals `num_devices`.
+
+    Raises ValueError naming the axes when the sizes cannot cover the devices exactly.
+    """
+    sizes = dict(axis_sizes)
+    fill = [name for name, s in sizes.items() if s == -1]
+    if len(fill) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {fill}; give explicit sizes")
+    bad = [name for name, s in sizes.items() if s != -1 and (not isinstance(s, int) or s < 1)]
+    if bad:
+        raise ValueError(f"mesh: axis sizes must be positive integers or -1, bad axes {bad}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if fill:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh: {num_devices} devices are not divisible by the fixed axes "
+                f"{ {k: v for k, v in sizes.items() if v != -1} }; change their sizes")
+        sizes[fill[0]] = num_devices // known
+    elif known != num_devices:
+        raise ValueError(
+            f"mesh: axis sizes {sizes} use {known} devices but {num_devices} are present; "
+            "set one axis to -1 to fill")
+    return sizes
+
+
+def make_mesh(axis_sizes: Mapping[str, int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a `Mesh` from `{axis_name: size}` (one size may be -1 to fill).
+
+    Defaults to all devices on the `data` axis, with `fsdp` and `tensor` of size 1, so code
+    written against the three default axes runs unchanged on one device.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if axis_sizes is None:
+        axis_sizes = {"data": -1, "fsdp": 1, "tensor": 1}
+    sizes = resolve_mesh_shape(axis_sizes, len(devices))
+    shape = tuple(sizes.values())
+    try:
+        # Topology-aware placement where jax knows the hardware; plain reshape otherwise.
+        dev_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # noqa: BLE001 - fake CPU devices have no topology
+        dev_array = np.asarray(devices).reshape(shape)
+    return Mesh(dev_array, tuple(sizes.keys()))
+
+
+def logical_to_spec(names: Sequence[str | None] | None,
+                    rules: LogicalRules = DEFAULT_RULES) -> PartitionSpec:
+    """Maps logical axis names to a `PartitionSpec` with `rules` (unknown names replicate)."""
+    if names is None:
+        return PartitionSpec()
+    return PartitionSpec(*core_spmd.from_sharding_rules(tuple(names), tuple(rules)))
+
+
+def _prune_spec(spec: PartitionSpec, mesh: Mesh, shape: Sequence[int]) -> PartitionSpec:
+    """Drops mesh axes that are absent from `mesh` or do not divide the dimension."""
+    out = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = entry if isinstance(entry, tuple) else ((entry,) if entry else ())
+        kept, size = [], 1
+        for a in axes:
+            if a in mesh.shape and dim % (size * mesh.shape[a]) == 0:
+                kept.append(a)
+                size *= mesh.shape[a]
+        out.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+    return PartitionSpec(*out)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+    """`NamedSharding` for every leaf of an `nnx.State` from its `out_sharding` metadata.
+
+    Axes that do not divide a dimension are replicated instead of failing, so tiny test
+    models shard on any mesh.
+    """
+    with nnx.logical_axis_rules(tuple(rules)):
+        specs = nnx.get_partition_spec(state)
+
+    def to_sharding(leaf, spec):
+        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+        spec = spec.get_value() if isinstance(spec, nnx.Variable) else spec
+        return NamedSharding(mesh, _prune_spec(spec, mesh, value.shape))
+
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return jax.tree.map(to_sharding, state, specs, is_leaf=is_var)
+
+
+def with_logical_constraint(x: jax.Array, names: Sequence[str | None],
+                            rules: LogicalRules | None = None) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside a mesh context.
+
+    Rules come from `rules` or the active `nnx.logical_axis_rules` context (default rules
+    otherwise). Mesh axes that do not divide a dimension are dropped.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    rules = rules if rules is not None else (core_spmd.get_logical_axis_rules() or DEFAULT_RULES)
+    spec = _prune_spec(logical_to_spec(names, rules), mesh, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
