@@ -1,0 +1,331 @@
+"""TTT-MLP and TTT-Linear inner loops as pure functions (SPEC section 1).
+
+The hidden state of a TTT layer is the weights `W` of a small network `g(x; W)`. For every
+mini-batch `B_i` of `b` consecutive tokens the state takes one gradient step of the
+self-supervised loss `l_t(W) = 1/2 ||LN(g(k_t; W)) - y_t||^2` and is then applied to the
+queries of the same mini-batch (update, then apply):
+
+    W_i = W_{i-1} - sum_{t in B_i} (eta_t / b) grad_W l_t(W_{i-1})
+    z_t = q_t + LN(g(q_t; W_i))
+
+Inner gradients are closed form (no autodiff inside the loop); the outer gradient of the
+whole scan comes from JAX autodiff through those closed-form steps. The scan runs over
+mini-batches with `jax.checkpoint` around groups of `remat_group_size` mini-batches, so the
+backward pass stores one state per group and recomputes inside it.
+
+All inner arithmetic is float32 whatever the input dtype; `z` is returned in q's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Kind = Literal["mlp", "linear"]
+
+_LN_EPS = 1e-8  # inner LayerNorm and target normalisation epsilon (SPEC section 1)
+
+PARAM_SHAPES = {
+    # name: shape as a function of (H, d)
+    "mlp": {
+        "W1": lambda h, d: (h, d, 4 * d),
+        "b1": lambda h, d: (h, 1, 4 * d),
+        "W2": lambda h, d: (h, 4 * d, d),
+        "b2": lambda h, d: (h, 1, d),
+        "ln_weight": lambda h, d: (h, d),
+        "ln_bias": lambda h, d: (h, d),
+    },
+    "linear": {
+        "W1": lambda h, d: (h, d, d),
+        "b1": lambda h, d: (h, 1, d),
+        "ln_weight": lambda h, d: (h, d),
+        "ln_bias": lambda h, d: (h, d),
+    },
+}
+STATE_KEYS = {"mlp": ("W1", "b1", "W2", "b2"), "linear": ("W1", "b1")}
+
+
+class InnerLoss(NamedTuple):
+    """Mean inner loss per mini-batch, [B, H, n_mini_batches] float32 each."""
+
+    before: jax.Array  # l(W_{i-1}) on the keys/targets of mini-batch i
+    after: jax.Array   # l(W_i) on the same tokens, after the update
+
+
+# --------------------------------------------------------------------------- math pieces
+
+
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def gelu_tanh_grad(x):
+    """d/dx of the tanh-approximated GELU."""
+    c = math.sqrt(2.0 / math.pi)
+    u = c * (x + 0.044715 * x**3)
+    t = jnp.tanh(u)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+
+
+def layer_norm_forward(z, gamma, beta):
+    """Per-head LayerNorm with biased variance. z [..., b, d]; gamma, beta [..., 1, d]."""
+    mu = jnp.mean(z, axis=-1, keepdims=True)
+    zc = z - mu
+    std = jnp.sqrt(jnp.mean(zc * zc, axis=-1, keepdims=True) + _LN_EPS)
+    zhat = zc / std
+    return gamma * zhat + beta, zhat, std
+
+
+def layer_norm_backward(grad_out, zhat, std, gamma):
+    """Closed-form gradient of `layer_norm_forward` w.r.t. its input z."""
+    d = zhat.shape[-1]
+    g = grad_out * gamma
+    return (d * g - jnp.sum(g, axis=-1, keepdims=True)
+            - zhat * jnp.sum(g * zhat, axis=-1, keepdims=True)) / (d * std)
+
+
+def reconstruction_target(k, v, gamma, beta):
+    """y = gamma * (v - k - mean) / (std_unbiased(v - k) + 1e-8) + beta. Shapes [..., L, d]."""
+    r = v - k
+    mu = jnp.mean(r, axis=-1, keepdims=True)
+    std = jnp.std(r, axis=-1, keepdims=True, ddof=1)
+    return gamma * (r - mu) / (std + _LN_EPS) + beta
+
+
+# --------------------------------------------------------------------------- one mini-batch
+
+
+def _forward_net(x, state, kind):
+    """g(x; W) with intermediates. x [B,H,b,d]; state arrays [B,H,...]."""
+    z1 = jnp.einsum("bhnd,bhdf->bhnf", x, state["W1"]) + state["b1"]
+    if kind == "linear":
+        return z1, (z1,)
+    x2 = gelu_tanh(z1)
+    z2 = jnp.einsum("bhnf,bhfd->bhnd", x2, state["W2"]) + state["b2"]
+    return z2, (z1, x2)
+
+
+def _minibatch_step(state, inputs, *, kind: Kind, causal: bool, with_loss: bool):
+    """One update-then-apply step for every (batch, head) pair.
+
+    state:  W1 [B,H,d,F], b1 [B,H,1,F] (+ W2 [B,H,F,d], b2 [B,H,1,d]) float32
+    inputs: q, k, y [B,H,b,d]; eta [B,H,b]; gamma, beta [H,1,d]; row_scale [b] float32
+    """
+    q, k, y, eta, gamma, beta, row_scale = inputs
+    b = q.shape[-2]
+
+    # Gradient of sum_t 1/2 ||LN(g(k_t)) - y_t||^2 at the current state, per token.
+    zk, inter = _forward_net(k, state, kind)
+    ln_k, zhat, std = layer_norm_forward(zk, gamma, beta)
+    grad_out = layer_norm_backward(ln_k - y, zhat, std, gamma)     # dl_t / dZ_last
+    if kind == "mlp":
+        z1, x2 = inter
+        grad_z1 = jnp.einsum("bhnd,bhfd->bhnf", grad_out, state["W2"]) * gelu_tanh_grad(z1)
+
+    if not causal:
+        # Non-causal: every token of the mini-batch sees the state after all b gradients.
+        w = (eta * row_scale[-1])[..., None]                          # eta_t / b
+        new = {"W1": state["W1"] - jnp.einsum("bhnd,bhnf->bhdf", k, w * (grad_z1 if kind == "mlp" else grad_out))}
+        new["b1"] = state["b1"] - jnp.sum(w * (grad_z1 if kind == "mlp" else grad_out), axis=-2, keepdims=True)
+        if kind == "mlp":
+            new["W2"] = state["W2"] - jnp.einsum("bhnf,bhnd->bhfd", x2, w * grad_out)
+            new["b2"] = state["b2"] - jnp.sum(w * grad_out, axis=-2, keepdims=True)
+        zq, _ = _forward_net(q, new, kind)
+    else:
+        # Causal (ttt-lm): token j sees the state after gradients of tokens 1..j of its
+        # mini-batch, scaled by row_scale[j]. Dual form: the per-row states are never built.
+        mask = jnp.tril(jnp.ones((b, b), jnp.float32))
+        coeff = mask * row_scale[:, None] * eta[..., None, :]          # [B,H,b(j),b(t)]
+        g1 = grad_z1 if kind == "mlp" else grad_out
+        a1 = coeff * (jnp.einsum("bhjd,bhtd->bhjt", q, k) + 1.0)
+        zq1 = jnp.einsum("bhjd,bhdf->bhjf", q, state["W1"]) + state["b1"] - jnp.einsum("bhjt,bhtf->bhjf", a1, g1)
+        w = (eta * row_scale[-1])[..., None]
+        new = {"W1": state["W1"] - jnp.einsum("bhnd,bhnf->bhdf", k, w * g1),
+               "b1": state["b1"] - jnp.sum(w * g1, axis=-2, keepdims=True)}
+        if kind == "linear":
+            zq = zq1
+        else:
+            xq2 = gelu_tanh(zq1)
+            a2 = coeff * (jnp.einsum("bhjf,bhtf->bhjt", xq2, x2) + 1.0)
+            zq = (jnp.einsum("bhjf,bhfd->bhjd", xq2, state["W2"]) + state["b2"]
+                  - jnp.einsum("bhjt,bhtd->bhjd", a2, grad_out))
+            new["W2"] = state["W2"] - jnp.einsum("bhnf,bhnd->bhfd", x2, w * grad_out)
+            new["b2"] = state["b2"] - jnp.sum(w * grad_out, axis=-2, keepdims=True)
+
+    z = q + layer_norm_forward(zq, gamma, beta)[0]
+    if not with_loss:
+        return new, (z, None)
+    loss_before = 0.5 * jnp.mean(jnp.sum((ln_k - y) ** 2, axis=-1), axis=-1)
+    zk_new, _ = _forward_net(k, new, kind)
+    ln_new = layer_norm_forward(zk_new, gamma, beta)[0]
+    loss_after = 0.5 * jnp.mean(jnp.sum((ln_new - y) ** 2, axis=-1), axis=-1)
+    return new, (z, (loss_before, loss_after))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, initial_state):
+    name = f"ttt_{kind}"
+    if q.ndim != 4:
+        raise ValueError(f"{name}: q must be [B, H, L, d], got shape {q.shape}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"{name}: q, k, v must share one shape [B, H, L, d]; got "
+                         f"q {q.shape}, k {k.shape}, v {v.shape}")
+    bsz, h, length, d = q.shape
+    if eta.shape != (bsz, h, length):
+        raise ValueError(f"{name}: eta must be [B, H, L] = {(bsz, h, length)}, got {eta.shape}")
+    if not isinstance(mini_batch_size, int) or mini_batch_size < 1:
+        raise ValueError(f"{name}: mini_batch_size must be a positive int, got {mini_batch_size!r}")
+    if length % mini_batch_size:
+        raise ValueError(
+            f"{name}: sequence length L={length} is not a multiple of mini_batch_size="
+            f"{mini_batch_size}; pad the sequence to {-(-length // mini_batch_size) * mini_batch_size} "
+            "tokens or choose a mini-batch size that divides L")
+    if not isinstance(remat_group_size, int) or remat_group_size < 1:
+        raise ValueError(f"{name}: remat_group_size must be a positive int, got {remat_group_size!r}")
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{name}: params must be a dict, got {type(params).__name__}")
+    expected = PARAM_SHAPES[kind]
+    missing = sorted(set(expected) - set(params))
+    unknown = sorted(set(params) - set(expected))
+    if missing or unknown:
+        raise ValueError(f"{name}: wrong param keys: missing {missing}, unexpected {unknown}; "
+                         f"expected exactly {sorted(expected)}")
+    for key, shape_fn in expected.items():
+        want = shape_fn(h, d)
+        if tuple(params[key].shape) != want:
+            raise ValueError(f"{name}: params['{key}'] must have shape {want} for H={h}, d={d}, "
+                             f"got {tuple(params[key].shape)}")
+    if initial_state is not None:
+        keys = STATE_KEYS[kind]
+        if set(initial_state) != set(keys):
+            raise ValueError(f"{name}: initial_state must have keys {list(keys)}, got {sorted(initial_state)}")
+        for key in keys:
+            want = (bsz,) + expected[key](h, d)
+            if tuple(initial_state[key].shape) != want:
+                raise ValueError(f"{name}: initial_state['{key}'] must have shape {want}, "
+                                 f"got {tuple(initial_state[key].shape)}")
+
+
+# --------------------------------------------------------------------------- the scan
+
+
+def _ttt(kind, q, k, v, eta, params, *, mini_batch_size, remat_group_size, causal,
+         token_idx_offset, initial_state, return_state, return_inner_loss):
+    _validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, initial_state)
+    bsz, h, length, d = q.shape
+    b = mini_batch_size
+    n = length // b
+    f32 = jnp.float32
+
+    gamma = params["ln_weight"].astype(f32)[:, None, :]      # [H,1,d]
+    beta = params["ln_bias"].astype(f32)[:, None, :]
+    qf, kf, vf = (x.astype(f32) for x in (q, k, v))
+    y = reconstruction_target(kf, vf, gamma, beta)
+
+    if causal:
+        row_scale = 1.0 / jnp.arange(1, b + 1, dtype=f32)
+        if token_idx_offset is not None:
+            if token_idx_offset.shape != (b,):
+                raise ValueError(f"ttt_{kind}: token_idx_offset must be [mini_batch_size]={b}, "
+                                 f"got {token_idx_offset.shape}")
+            # ttt-lm clamps the learnable step-size scale at zero.
+            row_scale = jnp.maximum(row_scale + token_idx_offset.astype(f32), 0.0)
+    else:
+        if token_idx_offset is not None:
+            raise ValueError(f"ttt_{kind}: token_idx_offset is only used with causal=True")
+        row_scale = jnp.full((b,), 1.0 / b, f32)
+
+    if initial_state is None:
+        state = {key: jnp.broadcast_to(params[key].astype(f32), (bsz,) + params[key].shape)
+                 for key in STATE_KEYS[kind]}
+    else:
+        state = {key: initial_state[key].astype(f32) for key in STATE_KEYS[kind]}
+
+    # [B,H,L,...] -> [n, B, H, b, ...]: the scan walks the leading mini-batch axis.
+    def to_blocks(x):
+        x = x.reshape(bsz, h, n, b, *x.shape[3:])
+        return jnp.moveaxis(x, 2, 0)
+
+    xs = (to_blocks(qf), to_blocks(kf), to_blocks(y), to_blocks(eta.astype(f32)))
+    step = functools.partial(_minibatch_step, kind=kind, causal=causal, with_loss=return_inner_loss)
+
+    def scan_group(carry, group_xs):
+        def body(c, x):
+            return step(c, (*x, gamma, beta, row_scale))
+        return jax.lax.scan(body, carry, group_xs)
+
+    # Rematerialise whole groups: the backward pass keeps one state per group.
+    scan_group = jax.checkpoint(scan_group, prevent_cse=False)
+
+    g = min(remat_group_size, n)
+    n_full = (n // g) * g
+    outs = []
+    if n_full:
+        grouped = jax.tree.map(lambda x: x[:n_full].reshape(n_full // g, g, *x.shape[1:]), xs)
+        state, out = jax.lax.scan(scan_group, state, grouped)
+        outs.append(jax.tree.map(lambda x: x.reshape(n_full, *x.shape[2:]), out))
+    if n_full < n:
+        state, out = scan_group(state, jax.tree.map(lambda x: x[n_full:], xs))
+        outs.append(out)
+    out = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *outs) if len(outs) > 1 else outs[0]
+
+    z_blocks, losses = out
+    z = jnp.moveaxis(z_blocks, 0, 2).reshape(bsz, h, length, d).astype(q.dtype)
+    extras = []
+    if return_state:
+        extras.append(state)
+    if return_inner_loss:
+        extras.append(InnerLoss(before=jnp.moveaxis(losses[0], 0, -1),
+                                after=jnp.moveaxis(losses[1], 0, -1)))
+    return (z, *extras) if extras else z
+
+
+def ttt_mlp(q, k, v, eta, params, *, mini_batch_size: int, remat_group_size: int = 16,
+            return_state: bool = False, causal: bool = False, token_idx_offset=None,
+            initial_state=None, return_inner_loss: bool = False):
+    """TTT-MLP inner loop (SPEC section 1): g(x; W) = GELU_tanh(x W1 + b1) W2 + b2.
+
+    Args:
+      q, k: [B, H, L, d], already L2-normalised and rotated; any float dtype.
+      v: [B, H, L, d] raw values; the op forms the normalised target of v - k.
+      eta: [B, H, L] per-token step size base_lr * sigmoid(.) / d; the op applies 1/b
+        (non-causal) or 1/j (causal, token j of its mini-batch).
+      params: dict with W1 [H, d, 4d], b1 [H, 1, 4d], W2 [H, 4d, d], b2 [H, 1, d] (the initial
+        inner state, shared by every sequence) and ln_weight, ln_bias [H, d].
+      mini_batch_size: b; L must be a multiple of it.
+      remat_group_size: mini-batches per rematerialised group.
+      return_state: also return the final inner state (dict of [B, H, ...] float32).
+      causal: the ttt-lm form, causal inside each mini-batch.
+      token_idx_offset: optional learnable [b] offset added to 1/j (causal only).
+      initial_state: optional dict W1, b1, W2, b2 with a leading batch axis [B, H, ...]
+        that replaces params' state, to continue a sequence processed in pieces.
+      return_inner_loss: also return `InnerLoss` (per mini-batch, before/after the step).
+    Returns:
+      z [B, H, L, d] in q's dtype (z_t = q_t + LN(g(q_t; W_i)), before post_norm and wo);
+      with extras requested, the tuple (z, state?, inner_loss?) in that order.
+    """
+    return _ttt("mlp", q, k, v, eta, params, mini_batch_size=mini_batch_size,
+                remat_group_size=remat_group_size, causal=causal,
+                token_idx_offset=token_idx_offset, initial_state=initial_state,
+                return_state=return_state, return_inner_loss=return_inner_loss)
+
+
+def ttt_linear(q, k, v, eta, params, *, mini_batch_size: int, remat_group_size: int = 16,
+               return_state: bool = False, causal: bool = False, token_idx_offset=None,
+               initial_state=None, return_inner_loss: bool = False):
+    """TTT-Linear inner loop (SPEC section 1): g(x; W) = x W1 + b1.
+
+    Same arguments and returns as `ttt_mlp`, with params W1 [H, d, d], b1 [H, 1, d],
+    ln_weight, ln_bias [H, d] (initial_state: W1, b1 with a leading batch axis).
+    """
+    return _ttt("linear", q, k, v, eta, params, mini_batch_size=mini_batch_size,
+                remat_group_size=remat_group_size, causal=causal,
+                token_idx_offset=token_idx_offset, initial_state=initial_state,
+                return_state=return_state, return_inner_loss=return_inner_loss)
