@@ -106,14 +106,16 @@ def logical_to_spec(names: Sequence[str | None] | None,
 
 
 def _prune_spec(spec: PartitionSpec, mesh: Mesh, shape: Sequence[int]) -> PartitionSpec:
-    """Drops mesh axes that are absent from `mesh` or do not divide the dimension."""
-    out = []
+    """Drops mesh axes that are absent from `mesh`, do not divide the dimension, or were
+    already used by an earlier dimension (e.g. batch and embed both asking for `fsdp`)."""
+    out, used = [], set()
     for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         axes = entry if isinstance(entry, tuple) else ((entry,) if entry else ())
         kept, size = [], 1
         for a in axes:
-            if a in mesh.shape and dim % (size * mesh.shape[a]) == 0:
+            if a in mesh.shape and a not in used and dim % (size * mesh.shape[a]) == 0:
                 kept.append(a)
+                used.add(a)
                 size *= mesh.shape[a]
         out.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
     return PartitionSpec(*out)

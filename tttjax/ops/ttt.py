@@ -93,7 +93,9 @@ def reconstruction_target(k, v, gamma, beta):
     """y = gamma * (v - k - mean) / (std_unbiased(v - k) + 1e-8) + beta. Shapes [..., L, d]."""
     r = v - k
     mu = jnp.mean(r, axis=-1, keepdims=True)
-    std = jnp.std(r, axis=-1, keepdims=True, ddof=1)
+    var = jnp.sum((r - mu) ** 2, axis=-1, keepdims=True) / (r.shape[-1] - 1)
+    # The floor only matters for constant rows (e.g. padding), where sqrt' would be inf.
+    std = jnp.sqrt(jnp.maximum(var, 1e-30))
     return gamma * (r - mu) / (std + _LN_EPS) + beta
 
 

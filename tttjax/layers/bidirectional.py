@@ -1,0 +1,80 @@
+"""The paper's gated bidirectional use of a sequence mixer (SPEC section 2).
+
+    Z  = X + tanh(alpha_fwd) * f(X)
+    Z' = Z + tanh(alpha_bwd) * rev(f(rev(Z)))      # the same f, reversed sequence
+
+`rev` is a token permutation: a plain flip by default, or any order given as indices (the
+DiT reverses video token-wise but text segment-wise). Rotary tables travel with their tokens,
+so each token keeps its own position in the reversed pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Rope = tuple[jax.Array, jax.Array]
+
+
+def _permute(a: jax.Array, index: jax.Array | None, axis: int) -> jax.Array:
+    return jnp.flip(a, axis=axis) if index is None else jnp.take(a, index, axis=axis)
+
+
+def _permute_rope(rope: Rope | None, index) -> Rope | None:
+    if rope is None:
+        return None
+    axis = rope[0].ndim - 2  # tables are [L, d] or [B, L, d]
+    return _permute(rope[0], index, axis), _permute(rope[1], index, axis)
+
+
+def gated_bidirectional(fn: Callable[..., jax.Array], x: jax.Array, gate_fwd: jax.Array,
+                        gate_bwd: jax.Array, *, reverse_index: jax.Array | None = None,
+                        rope: Rope | None = None) -> jax.Array:
+    """SPEC section 2's forward-then-reversed gated residual.
+
+    Args:
+      fn: mixer, `fn(x [B, L, D], rope=...) -> [B, L, D]` (parameters shared by both passes).
+      x: [B, L, D].
+      gate_fwd, gate_bwd: pre-tanh gates broadcastable to [B, L, D] (e.g. [D] or [L, D] for
+        per-token text/video gates).
+      reverse_index: optional [L] int permutation giving the reversed order; default flip.
+      rope: optional (cos, sin) [L, d] or [B, L, d] for the forward order.
+    Returns:
+      Z' [B, L, D] in x's dtype.
+    """
+    z = x + jnp.tanh(gate_fwd).astype(x.dtype) * fn(x, rope=rope)
+    if reverse_index is None:
+        undo = None
+    else:
+        reverse_index = jnp.asarray(reverse_index)
+        undo = jnp.argsort(reverse_index)
+    y_rev = fn(_permute(z, reverse_index, 1), rope=_permute_rope(rope, reverse_index))
+    return z + jnp.tanh(gate_bwd).astype(x.dtype) * _permute(y_rev, undo, 1)
+
+
+class GatedBidirectional(nnx.Module):
+    """Owns a mixer and its forward/backward gates, one gate vector per token modality.
+
+    Gates are [num_modalities, D] (the paper: text and video, init 0.1 so tanh ~ 0.0997).
+    Call with `modality` [L] ints choosing each token's gate row (default: row 0 for all).
+    """
+
+    def __init__(self, mixer: nnx.Module, width: int, *, num_modalities: int = 2,
+                 gate_init: float = 0.1, param_dtype=jnp.float32):
+        self.mixer = mixer
+        shape = (num_modalities, width)
+        self.alpha_fwd = nnx.Param(jnp.full(shape, gate_init, param_dtype), out_sharding=(None, "embed"))
+        self.alpha_bwd = nnx.Param(jnp.full(shape, gate_init, param_dtype), out_sharding=(None, "embed"))
+
+    def __call__(self, x: jax.Array, *, modality: jax.Array | None = None,
+                 reverse_index: jax.Array | None = None, rope: Rope | None = None) -> jax.Array:
+        """x [B, L, D]; modality [L] int; returns [B, L, D]."""
+        if modality is None:
+            modality = jnp.zeros((x.shape[1],), jnp.int32)
+        gate_fwd = jnp.take(self.alpha_fwd[...], modality, axis=0)   # [L, D]
+        gate_bwd = jnp.take(self.alpha_bwd[...], modality, axis=0)
+        return gated_bidirectional(self.mixer, x, gate_fwd, gate_bwd,
+                                   reverse_index=reverse_index, rope=rope)

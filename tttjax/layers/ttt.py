@@ -1,0 +1,155 @@
+"""TTT-Linear and TTT-MLP as Flax NNX sequence mixers (SPEC section 1).
+
+Each layer owns every outer parameter of the published layer: the q/k/v/o projections,
+the per-head learning-rate gate, the TTT LayerNorm, the initial inner state and the
+post-norm. The inner loop itself is the pure function in `tttjax.ops.ttt`.
+
+Call: `layer(x [B, L, D], *, rope=None) -> [B, L, D]`, the interface shared by every mixer
+of `tttjax.layers.registry`. Any L is accepted: the layer pads the sequence at the end to a
+multiple of the mini-batch with tokens whose step size is zero (they never change the inner
+state, so real tokens are unaffected up to the last mini-batch's 1/b normalisation) and
+slices the padding off again.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tttjax.ops import ttt as ttt_ops
+from tttjax.ops.rope import apply_rope
+from tttjax.sharding import with_logical_constraint
+
+_INIT_STD = 0.02
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps) along the last axis, in float32 (torch F.normalize semantics)."""
+    xf = x.astype(jnp.float32)
+    # rsqrt of the clamped square keeps the gradient finite at x = 0 (padding tokens).
+    sq = jnp.sum(xf * xf, axis=-1, keepdims=True)
+    return (xf * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))).astype(x.dtype)
+
+
+def _param(rngs, shape, names, dtype, kind):
+    if kind == "normal":
+        value = _INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
+    elif kind == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = jnp.zeros(shape, dtype)
+    return nnx.Param(value, out_sharding=names)
+
+
+class _TTTLayer(nnx.Module):
+    kind: str = ""
+
+    def __init__(self, width: int, num_heads: int, *, mini_batch_size: int, base_lr: float,
+                 remat_group_size: int = 16, causal: bool = False,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        name = type(self).__name__
+        if width % num_heads:
+            raise ValueError(f"{name}: width {width} must be divisible by num_heads {num_heads}")
+        if mini_batch_size < 1 or remat_group_size < 1:
+            raise ValueError(f"{name}: mini_batch_size and remat_group_size must be >= 1")
+        self.width, self.num_heads = width, num_heads
+        self.head_dim = d = width // num_heads
+        self.mini_batch_size, self.base_lr = mini_batch_size, float(base_lr)
+        self.remat_group_size, self.causal = remat_group_size, causal
+        self.dtype = dtype
+        h = num_heads
+
+        normal = nnx.initializers.normal(_INIT_STD)
+
+        def linear(names):
+            return nnx.Linear(width, width, use_bias=True, dtype=dtype, param_dtype=param_dtype,
+                              kernel_init=nnx.with_partitioning(normal, names),
+                              bias_init=nnx.with_partitioning(nnx.initializers.zeros, names[1:]),
+                              rngs=rngs)
+
+        self.wq, self.wk, self.wv = (linear(("embed", "heads")) for _ in range(3))
+        self.wo = linear(("heads", "embed"))
+        self.theta_lr = _param(rngs, (h, width), ("heads", "embed"), param_dtype, "normal")
+        self.b_lr = _param(rngs, (h,), ("heads",), param_dtype, "zeros")
+        self.ln_weight = _param(rngs, (h, d), ("heads", "kv"), param_dtype, "ones")
+        self.ln_bias = _param(rngs, (h, d), ("heads", "kv"), param_dtype, "zeros")
+        f = 4 * d if self.kind == "mlp" else d
+        self.W1 = _param(rngs, (h, d, f), ("heads", "kv", "ttt_hidden"), param_dtype, "normal")
+        self.b1 = _param(rngs, (h, 1, f), ("heads", None, "ttt_hidden"), param_dtype, "zeros")
+        if self.kind == "mlp":
+            self.W2 = _param(rngs, (h, f, d), ("heads", "ttt_hidden", "kv"), param_dtype, "normal")
+            self.b2 = _param(rngs, (h, 1, d), ("heads", None, "kv"), param_dtype, "zeros")
+        if causal:
+            # ttt-lm's learnable offset of the 1/j step-size scale, initialised at zero.
+            self.token_idx_offset = _param(rngs, (mini_batch_size,), (None,), param_dtype, "zeros")
+        self.post_norm = nnx.LayerNorm(
+            width, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
+            scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("norm",)), rngs=rngs)
+
+    def inner_params(self) -> dict[str, jax.Array]:
+        """The op's params dict (initial inner state + TTT LayerNorm), float32."""
+        keys = ttt_ops.PARAM_SHAPES[self.kind]
+        return {key: getattr(self, key)[...].astype(jnp.float32) for key in keys}
+
+    def _heads(self, y, batch, length):
+        y = y.reshape(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        return with_logical_constraint(y, ("batch", "heads", "length", "kv"))
+
+    def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None
+                 ) -> jax.Array:
+        """x [B, L, D] -> [B, L, D]; rope: optional (cos, sin), each [L, d] or [B, L, d]."""
+        batch, length, width = x.shape
+        if width != self.width:
+            raise ValueError(f"{type(self).__name__}: input width {width} != layer width {self.width}")
+        b = self.mini_batch_size
+        padded = -(-length // b) * b
+        if padded != length:
+            x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0)))
+            if rope is not None:
+                pad = ((0, 0),) * (rope[0].ndim - 2) + ((0, padded - length), (0, 0))
+                rope = (jnp.pad(rope[0], pad, constant_values=1.0), jnp.pad(rope[1], pad))
+        x = x.astype(self.dtype)
+
+        q = l2_normalize(self._heads(self.wq(x), batch, padded))
+        k = l2_normalize(self._heads(self.wk(x), batch, padded))
+        v = self._heads(self.wv(x), batch, padded)
+        if rope is not None:
+            cos, sin = rope
+            if cos.ndim == 3:  # per-example tables [B, L, d] -> broadcast over heads
+                cos, sin = cos[:, None], sin[:, None]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        gate = jnp.einsum("bld,hd->bhl", x.astype(jnp.float32), self.theta_lr[...].astype(jnp.float32))
+        eta = self.base_lr * jax.nn.sigmoid(gate + self.b_lr[...].astype(jnp.float32)[:, None]) / self.head_dim
+        if padded != length:
+            eta = eta * (jnp.arange(padded) < length).astype(jnp.float32)
+
+        op = ttt_ops.ttt_mlp if self.kind == "mlp" else ttt_ops.ttt_linear
+        offset = self.token_idx_offset[...] if self.causal else None
+        z = op(q, k, v, eta, self.inner_params(), mini_batch_size=b,
+               remat_group_size=self.remat_group_size, causal=self.causal, token_idx_offset=offset)
+        z = z.transpose(0, 2, 1, 3).reshape(batch, padded, width)[:, :length]
+        z = with_logical_constraint(z, ("batch", "length", "embed"))
+        return self.wo(self.post_norm(z))
+
+
+class TTTMLP(_TTTLayer):
+    """TTT-MLP mixer: inner net GELU_tanh(x W1 + b1) W2 + b2; defaults b = 64, base_lr = 0.1."""
+
+    kind = "mlp"
+
+    def __init__(self, width: int, num_heads: int, *, mini_batch_size: int = 64,
+                 base_lr: float = 0.1, **kwargs):
+        super().__init__(width, num_heads, mini_batch_size=mini_batch_size, base_lr=base_lr, **kwargs)
+
+
+class TTTLinear(_TTTLayer):
+    """TTT-Linear mixer: inner net x W1 + b1; defaults b = 16, base_lr = 1.0."""
+
+    kind = "linear"
+
+    def __init__(self, width: int, num_heads: int, *, mini_batch_size: int = 16,
+                 base_lr: float = 1.0, **kwargs):
+        super().__init__(width, num_heads, mini_batch_size=mini_batch_size, base_lr=base_lr, **kwargs)
