@@ -1,0 +1,151 @@
+"""Import diffusers `AutoencoderKLCogVideoX` folders into `tttjax.models.vae.CogVideoXVAE`.
+
+A folder holds `config.json` and safetensors weights (one file, or shards listed by an
+`*.safetensors.index.json`). A pipeline folder with a `vae/` sub-folder also works.
+Tensors are read one at a time (`safe_open`), so peak host memory is about one tensor
+beyond the model itself.
+
+Key mapping: our parameter paths mirror diffusers' state-dict keys; `kernel` is torch's
+`weight` moved to channels-last (`[O, I, t, h, w] -> [t, h, w, I, O]`, Conv2d
+`[O, I, h, w] -> [h, w, I, O]`) and GroupNorm `scale` is torch's `weight`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from tttjax.models.vae import CogVideoXVAE, VAEConfig
+
+_CLASS_NAME = "AutoencoderKLCogVideoX"
+_CONFIG_FIELDS = ("in_channels", "out_channels", "block_out_channels", "latent_channels",
+                  "layers_per_block", "act_fn", "norm_eps", "norm_num_groups",
+                  "temporal_compression_ratio", "sample_height", "sample_width", "scaling_factor",
+                  "use_quant_conv", "use_post_quant_conv")
+
+
+def config_from_diffusers(raw: dict[str, Any]) -> VAEConfig:
+    """`VAEConfig` from the dict of a diffusers `config.json` (validated)."""
+    name = raw.get("_class_name", _CLASS_NAME)
+    if name != _CLASS_NAME:
+        raise ValueError(f"config.json describes a {name}, not an {_CLASS_NAME}; point at the "
+                         "VAE folder (e.g. <pipeline>/vae)")
+    for field, block in (("down_block_types", "CogVideoXDownBlock3D"),
+                         ("up_block_types", "CogVideoXUpBlock3D")):
+        types = raw.get(field)
+        if types is not None:
+            if any(t != block for t in types):
+                raise ValueError(f"config.json: {field} must all be {block!r}, got {types}")
+            if len(types) != len(raw.get("block_out_channels", VAEConfig.block_out_channels)):
+                raise ValueError(f"config.json: {field} needs one entry per block_out_channels")
+    kwargs = {k: raw[k] for k in _CONFIG_FIELDS if k in raw}
+    if "temporal_compression_ratio" in kwargs:
+        kwargs["temporal_compression_ratio"] = int(kwargs["temporal_compression_ratio"])
+    return VAEConfig(**kwargs)
+
+
+def _vae_dir(path: str) -> str:
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    if os.path.isfile(os.path.join(path, "vae", "config.json")):
+        return os.path.join(path, "vae")
+    raise ValueError(f"from_diffusers_vae: no config.json in {path!r} (nor in {path!r}/vae); "
+                     "give the folder written by AutoencoderKLCogVideoX.save_pretrained")
+
+
+def _weight_files(folder: str) -> dict[str, str]:
+    """{tensor key: safetensors file} from the index json, or from the single file."""
+    names = sorted(os.listdir(folder))
+    index = [n for n in names if n.endswith(".safetensors.index.json")]
+    if len(index) > 1:
+        index = [n for n in index if n == "diffusion_pytorch_model.safetensors.index.json"]
+    if index:
+        with open(os.path.join(folder, index[0]), encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        return {k: os.path.join(folder, v) for k, v in weight_map.items()}
+    files = [n for n in names if n.endswith(".safetensors")]
+    if "diffusion_pytorch_model.safetensors" in files:
+        files = ["diffusion_pytorch_model.safetensors"]
+    if len(files) != 1:
+        raise ValueError(f"from_diffusers_vae: expected one .safetensors file or an index json in "
+                         f"{folder!r}, found {files or 'none'}")
+    path = os.path.join(folder, files[0])
+    with safe_open(path, framework="numpy") as f:
+        return {k: path for k in f.keys()}
+
+
+def _torch_key(path: tuple[Any, ...]) -> str:
+    leaf = {"kernel": "weight", "scale": "weight"}.get(path[-1], path[-1])
+    return ".".join(str(p) for p in path[:-1] + (leaf,))
+
+
+def _to_ours(key: str, value: np.ndarray) -> np.ndarray:
+    if key.endswith(".weight") and value.ndim == 5:
+        return value.transpose(2, 3, 4, 1, 0)
+    if key.endswith(".weight") and value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)
+    return value
+
+
+def _read_tensors(files: dict[str, str], keys: list[str]) -> Iterator[tuple[str, Any]]:
+    """Yields (key, array) opening each file once; bfloat16 goes through jax (NumPy lacks it)."""
+    by_file: dict[str, list[str]] = {}
+    for k in keys:
+        by_file.setdefault(files[k], []).append(k)
+    for path, file_keys in by_file.items():
+        with safe_open(path, framework="numpy") as f:
+            for k in file_keys:
+                if f.get_slice(k).get_dtype() == "BF16":
+                    with safe_open(path, framework="flax") as fj:
+                        yield k, np.asarray(jax.device_get(fj.get_tensor(k)))
+                else:
+                    yield k, f.get_tensor(k)
+
+
+def from_diffusers_vae(path: str, *, dtype: Any = None, param_dtype: Any = jnp.float32,
+                       precision: Any = None) -> tuple[CogVideoXVAE, VAEConfig]:
+    """Builds a `CogVideoXVAE` from a diffusers `AutoencoderKLCogVideoX` folder.
+
+    Args:
+      path: folder with config.json + safetensors (or a pipeline folder with `vae/`).
+      dtype: computation dtype (None: that of the parameters); param_dtype: storage dtype.
+      precision: `jax.lax.Precision` for the convolutions (None: backend default).
+    Returns:
+      (model, config). Raises ValueError listing missing / unexpected keys or shape mismatches.
+    """
+    folder = _vae_dir(path)
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        config = config_from_diffusers(json.load(f))
+    abstract = nnx.eval_shape(lambda: CogVideoXVAE(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                                   param_dtype=param_dtype, precision=precision))
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    expected = {_torch_key(p): (p, v) for p, v in flat}
+    files = _weight_files(folder)
+    missing = sorted(set(expected) - set(files))
+    unexpected = sorted(set(files) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"from_diffusers_vae: checkpoint in {folder!r} does not match config.json; "
+                         f"missing keys {missing}; unexpected keys {unexpected}")
+    values: dict[tuple[Any, ...], jax.Array] = {}
+    mismatched = []
+    for key, tensor in _read_tensors(files, sorted(expected)):
+        p, var = expected[key]
+        arr = _to_ours(key, np.asarray(tensor))
+        if tuple(arr.shape) != tuple(var.shape):
+            mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(var.shape)}")
+            continue
+        values[p] = jnp.asarray(arr, dtype=var.dtype)
+    if mismatched:
+        raise ValueError("from_diffusers_vae: shape mismatches (config.json and weights disagree): "
+                         + "; ".join(mismatched))
+    new_flat = [(p, v.replace(values[p])) for p, v in flat]
+    return nnx.merge(graphdef, nnx.from_flat_state(new_flat)), config
