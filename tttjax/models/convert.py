@@ -225,34 +225,39 @@ def from_diffusers(path: str, *, seed: int = 0, shardings: Any = None, **overrid
     values, mismatched = {}, []
     for p, var in flat:
         name = _path_str(p)
+        sharding = shard_flat.get(name)
+        if isinstance(sharding, nnx.Variable):
+            sharding = sharding.get_value()
         if is_mixer_path(p):
-            values[p] = mixer[name]
+            values[p] = jax.device_put(mixer[name], sharding) if sharding is not None else mixer[name]
             continue
         key, transform = sources[name]
         transform = transform or (lambda w: w)
-        dtype = np.dtype(var.dtype)
-        if "{i}" in key:
-            buf = np.empty(var.shape, dtype)
-            for i in range(cfg.num_layers):
-                arr = transform(read(key.format(i=i)))
-                if arr.shape != buf.shape[1:]:
-                    mismatched.append(f"{key.format(i=i)}: {arr.shape} vs {buf.shape[1:]}")
-                    break
+        layers = range(cfg.num_layers) if "{i}" in key else (None,)
+        buf, fits = np.empty(var.shape, np.dtype(var.dtype)), True
+        for i in layers:
+            k = key.format(i=i) if i is not None else key
+            want = buf.shape[1:] if i is not None else buf.shape
+            raw = read(k)
+            try:
+                arr = transform(raw)
+            except ValueError:
+                arr = None
+            if arr is None or arr.shape != want:
+                mismatched.append(f"{k}: checkpoint {raw.shape} does not fit model {want}")
+                fits = False
+                break
+            if i is None:
+                buf[...] = arr
+            else:
                 buf[i] = arr
-        else:
-            buf = transform(read(key)).astype(dtype)
-            if buf.shape != tuple(var.shape):
-                mismatched.append(f"{key}: {buf.shape} vs {tuple(var.shape)}")
-        if mismatched:
+        if not fits:
             continue
-        sharding = shard_flat.get(name)
-        if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
-            sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else None
         values[p] = jax.device_put(buf, sharding) if sharding is not None else jnp.asarray(buf)
         del buf
     if mismatched:
-        raise ValueError("shape mismatches between config.json and the weights (converted shape vs "
-                         "model shape): " + "; ".join(mismatched))
+        raise ValueError("shape mismatches between config.json and the weights: "
+                         + "; ".join(mismatched))
     new_flat = [(p, v.replace(values[p])) for p, v in flat]
     model = nnx.merge(graphdef, nnx.from_flat_state(new_flat))
     return model, cfg

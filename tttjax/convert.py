@@ -1,0 +1,56 @@
+"""Convert diffusers CogVideoX transformer weights into a tttjax Orbax checkpoint.
+
+    python -m tttjax.convert --diffusers /path/CogVideoX-5b/transformer --out /ckpt/cogvideox5b_ttt \
+        [--mixer ttt_mlp] [--param-dtype bfloat16] [--seed 0]
+
+The output folder holds `model_config.json` and `state/` (Orbax); restore it with
+`tttjax.models.convert.load_checkpoint(path, config, mesh=...)`. Mixer parameters (TTT layer
+and its four gate vectors per block) are freshly initialised. Exit code 2 with a one-line
+message on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tttjax.convert", description=__doc__.split("\n")[0])
+    p.add_argument("--diffusers", required=True,
+                   help="diffusers CogVideoXTransformer3DModel folder (or a pipeline folder)")
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--mixer", default="none", help="mixer in the paper's slot (default: none)")
+    p.add_argument("--attention", default=None, choices=("full", "segment"),
+                   help="attention mode stored in the config (default: segment with a mixer, "
+                        "full without)")
+    p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="storage dtype of the parameters")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fresh mixer parameters")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        from tttjax.models.convert import from_diffusers, save_checkpoint
+        from tttjax.models.dit import count_params
+
+        attention = args.attention or ("full" if args.mixer == "none" else "segment")
+        start = time.time()
+        model, cfg = from_diffusers(args.diffusers, seed=args.seed, mixer=args.mixer,
+                                    attention=attention, param_dtype=args.param_dtype)
+        from flax import nnx
+
+        n = count_params(nnx.state(model, nnx.Param))
+        out = save_checkpoint(model, args.out)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"tttjax.convert: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: {n:,} parameters, mixer {cfg.mixer!r}, {time.time() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
