@@ -118,21 +118,29 @@ def test_frame_batching_is_part_of_the_numbers(model_a):
 
 
 def test_spatial_tiling_matches_diffusers(model_a):
+    """Sizes keep the number of distinct tile shapes (= compilations) small: encode tiles
+    one row of two columns, decode a 2 x 2 grid; both blend (decode in both directions)."""
     torch_vae, vae, _, _ = model_a
     rng = np.random.default_rng(4)
-    x = torch.from_numpy(rng.uniform(-1, 1, (1, 3, 9, 16, 24)).astype(np.float32))
-    z = torch.from_numpy(rng.standard_normal((1, 4, 3, 4, 6)).astype(np.float32))
-    torch_vae.enable_tiling(tile_sample_min_height=8, tile_sample_min_width=12)
+    x = torch.from_numpy(rng.uniform(-1, 1, (1, 3, 9, 8, 16)).astype(np.float32))
+    z = torch.from_numpy(rng.standard_normal((1, 4, 3, 5, 5)).astype(np.float32))
+    enc_tiling = dict(tile_sample_min_height=12, tile_sample_min_width=12,
+                      tile_overlap_factor_height=1 / 6, tile_overlap_factor_width=1 / 3)
+    dec_tiling = dict(tile_sample_min_height=16, tile_sample_min_width=16,
+                      tile_overlap_factor_height=1 / 4, tile_overlap_factor_width=1 / 4)
     try:
+        torch_vae.enable_tiling(**enc_tiling)
         with torch.no_grad():
             ref_mean = _to_ours(torch_vae.encode(x).latent_dist.mean)
+        torch_vae.enable_tiling(**dec_tiling)
+        with torch.no_grad():
             ref_video = _to_ours(torch_vae.decode(z).sample)
     finally:
         torch_vae.disable_tiling()
-    tiling = SpatialTiling(tile_sample_min_height=8, tile_sample_min_width=12)
-    mean, _ = vae.encode(_to_ours(x), spatial_tiling=tiling)
+    mean, _ = vae.encode(_to_ours(x), spatial_tiling=SpatialTiling(**enc_tiling))
     assert _rel_err(mean, ref_mean) < TOL
-    assert _rel_err(vae.decode(_to_ours(z), spatial_tiling=tiling), ref_video) < TOL
+    video = vae.decode(_to_ours(z), spatial_tiling=SpatialTiling(**dec_tiling))
+    assert _rel_err(video, ref_video) < TOL
 
 
 def test_gradients_through_tiled_decode_match_torch(model_a):
@@ -211,3 +219,19 @@ def test_sample_posterior_statistics():
     logvar = jnp.full_like(mean, np.log(4.0))
     z = sample_posterior(mean, logvar, jax.random.key(0))
     assert abs(float(z.mean()) - 0.5) < 0.15 and abs(float(z.std()) - 2.0) < 0.15
+
+
+@pytest.mark.slow
+def test_cogvideox_depth_matches_diffusers(tmp_path_factory):
+    """CogVideoX's full depth (4 blocks, 3 layers, 32 groups) at reduced widths."""
+    cfg = dict(block_out_channels=(32, 64, 64, 128), layers_per_block=3, norm_num_groups=32)
+    torch_vae, vae, config, _ = _build(tmp_path_factory, "vae_depth", cfg, 6)
+    assert config.temporal_compression_ratio == 4 and config.spatial_compression == 8
+    rng = np.random.default_rng(6)
+    x = torch.from_numpy(rng.uniform(-1, 1, (1, 3, 17, 16, 24)).astype(np.float32))
+    z = torch.from_numpy(rng.standard_normal((1, 16, 5, 2, 3)).astype(np.float32))
+    with torch.no_grad():
+        ref_mean = _to_ours(torch_vae.encode(x).latent_dist.mean)
+        ref_video = _to_ours(torch_vae.decode(z).sample)
+    assert _rel_err(vae.encode(_to_ours(x), tile_batches=1)[0], ref_mean) < TOL
+    assert _rel_err(vae.decode(_to_ours(z), tile_batches=1), ref_video) < TOL
