@@ -94,8 +94,8 @@ class VAEConfig:
         if bad:
             raise ValueError(f"VAEConfig: norm_num_groups={self.norm_num_groups} must divide every "
                              f"block width, not {bad}")
-        level = math.log2(self.temporal_compression_ratio)
-        if self.temporal_compression_ratio < 1 or level != int(level):
+        ratio = self.temporal_compression_ratio
+        if ratio < 1 or math.log2(ratio) != int(math.log2(ratio)):
             raise ValueError("VAEConfig: temporal_compression_ratio must be a power of two, got "
                              f"{self.temporal_compression_ratio}")
         if (self.use_quant_conv or self.use_post_quant_conv) and self.latent_channels != self.out_channels:

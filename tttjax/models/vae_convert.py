@@ -12,6 +12,7 @@ Key mapping: our parameter paths mirror diffusers' state-dict keys; `kernel` is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -101,11 +102,14 @@ def _read_tensors(files: dict[str, str], keys: list[str]) -> Iterator[tuple[str,
     for k in keys:
         by_file.setdefault(files[k], []).append(k)
     for path, file_keys in by_file.items():
-        with safe_open(path, framework="numpy") as f:
+        with contextlib.ExitStack() as stack:
+            f = stack.enter_context(safe_open(path, framework="numpy"))
+            f_jax = None
             for k in file_keys:
                 if f.get_slice(k).get_dtype() == "BF16":
-                    with safe_open(path, framework="flax") as fj:
-                        yield k, np.asarray(jax.device_get(fj.get_tensor(k)))
+                    if f_jax is None:
+                        f_jax = stack.enter_context(safe_open(path, framework="flax"))
+                    yield k, np.asarray(jax.device_get(f_jax.get_tensor(k)))
                 else:
                     yield k, f.get_tensor(k)
 
