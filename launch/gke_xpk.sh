@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Train on GKE through XPK (TPU slices or GPU node pools): one workload, every pod runs
+# the training command; JAX's cluster detection wires jax.distributed (TTTJAX_DISTRIBUTED=auto).
+#
+#   launch/gke_xpk.sh --cluster C --workload NAME --image IMAGE \
+#       (--tpu-type v5p-128 [--num-slices N] | --device-type h100-80gb-8 --num-nodes N) \
+#       --config configs/cogvideox_5b.py:9s,ttt_mlp --workdir gs://BUCKET/run [--dry-run] [-- train flags]
+#
+# Expects: `xpk` installed (pip install xpk) and pointed at the GCP project, a GKE cluster
+# created by `xpk cluster create`, and a container IMAGE with this repository installed
+# (`pip install -e .` plus jax[tpu] or jax[cuda12]).
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+CLUSTER="" WORKLOAD="" IMAGE="" TPU_TYPE="" DEVICE_TYPE="" NUM_SLICES=1 NUM_NODES=1
+CONFIG="" WORKDIR="" DRY_RUN=0 EXTRA=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --cluster) CLUSTER="${2:-}"; shift 2 ;;
+    --workload) WORKLOAD="${2:-}"; shift 2 ;;
+    --image) IMAGE="${2:-}"; shift 2 ;;
+    --tpu-type) TPU_TYPE="${2:-}"; shift 2 ;;
+    --device-type) DEVICE_TYPE="${2:-}"; shift 2 ;;
+    --num-slices) NUM_SLICES="${2:-}"; shift 2 ;;
+    --num-nodes) NUM_NODES="${2:-}"; shift 2 ;;
+    --config) CONFIG="${2:-}"; shift 2 ;;
+    --workdir) WORKDIR="${2:-}"; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) die "unknown option '$1' (see --help)" ;;
+  esac
+done
+[[ -n "$CLUSTER" ]] || die "--cluster is required (a GKE cluster made by 'xpk cluster create')"
+[[ -n "$WORKLOAD" ]] || die "--workload NAME is required"
+[[ -n "$IMAGE" ]] || die "--image is required (a container image with tttjax installed)"
+[[ -n "$TPU_TYPE" || -n "$DEVICE_TYPE" ]] || die "give --tpu-type (TPU slice) or --device-type (GPU nodes)"
+[[ -z "$TPU_TYPE" || -z "$DEVICE_TYPE" ]] || die "give only one of --tpu-type and --device-type"
+[[ -n "$CONFIG" ]] || die "--config FILE[:ARG] is required"
+[[ -n "$WORKDIR" ]] || die "--workdir is required (shared storage such as gs://bucket/run)"
+need_cmd xpk "install it with 'pip install xpk'"
+
+CMD="TTTJAX_DISTRIBUTED=auto python -m tttjax.train $(quote_args --config "$CONFIG" --workdir "$WORKDIR" "${EXTRA[@]}")"
+XPK=(xpk workload create --cluster "$CLUSTER" --workload "$WORKLOAD" --docker-image "$IMAGE")
+if [[ -n "$TPU_TYPE" ]]; then
+  XPK+=(--tpu-type "$TPU_TYPE" --num-slices "$NUM_SLICES")
+else
+  XPK+=(--device-type "$DEVICE_TYPE" --num-nodes "$NUM_NODES")
+fi
+run "${XPK[@]}" --command "$CMD"
