@@ -1,0 +1,254 @@
+"""Per-device memory of a DiT training step, from an ahead-of-time compile (no hardware needed).
+
+    python -m tttjax.models.memory_plan --config configs/cogvideox_5b.py:63s,ttt_mlp \
+        --mesh data=1,fsdp=8,tensor=8 --batch 8 [--rules length=tensor] [--forward-only]
+
+The step (v-prediction MSE, `jax.value_and_grad`, AdamW with float32 first moments, donated
+parameters and optimizer state) is lowered with abstract inputs on a mesh of fake CPU devices
+(`--xla_force_host_platform_device_count`) and compiled for the SPMD partition of one device;
+XLA's `memory_analysis()` of that program gives argument, output and temporary bytes. These
+are the CPU compiler's figures: GPU fusion differs, so treat them as a plan, not a guarantee.
+Attention should use `attention_impl="chunked"` here (the XLA CPU compiler would otherwise
+materialise full attention logits that a GPU flash kernel never stores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import math
+import os
+import sys
+from typing import Any
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """Bytes per device of one compiled step."""
+
+    devices: int
+    mesh: dict[str, int]
+    params: int            # parameters resident on a device
+    optimizer: int         # optimizer state resident on a device
+    arguments: int         # everything passed in (params, optimizer state, batch)
+    outputs: int
+    aliased: int           # outputs written in place of donated arguments
+    temporaries: int       # activations, gradients, workspace
+    compile_seconds: float
+
+    @property
+    def peak(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.temporaries
+
+    def lines(self) -> list[str]:
+        g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+        return [f"mesh {self.mesh} ({self.devices} devices), per device:",
+                f"  parameters      {g(self.params)}",
+                f"  optimizer state {g(self.optimizer)}",
+                f"  arguments       {g(self.arguments)}",
+                f"  temporaries     {g(self.temporaries)}",
+                f"  outputs         {g(self.outputs)} (aliased {g(self.aliased)})",
+                f"  peak            {g(self.peak)}",
+                f"  (compiled in {self.compile_seconds:.0f} s)"]
+
+
+def trainable_filter(mode: str):
+    """nnx filter of trainable parameters: 'all', or SPEC section 5's later stages 'mixer_qkvo'."""
+    from flax import nnx
+
+    if mode == "all":
+        return nnx.Param
+    if mode == "mixer_qkvo":
+        def is_trainable(path, value):
+            names = [str(p) for p in path]
+            return isinstance(value, nnx.Param) and (
+                "mixer" in names or ("attn" in names and any(n.startswith("to_") for n in names)))
+        return is_trainable
+    raise ValueError(f"trainable must be 'all' or 'mixer_qkvo', got {mode!r}")
+
+
+def _bytes_per_device(tree) -> int:
+    """Bytes one device holds of a tree of sharded `ShapeDtypeStruct`s."""
+    import jax
+
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+               for leaf in jax.tree.leaves(tree))
+
+
+def plan_memory(model_config, *, latent_frames: int, latent_height: int, latent_width: int,
+                num_segments: int, text_length: int, batch: int, mesh, rules=None,
+                trainable: str = "all", forward_only: bool = False) -> MemoryPlan:
+    """Compiles one training (or forward) step abstractly on `mesh` and returns its memory.
+
+    Args:
+      model_config: `config.model`.
+      latent_frames, latent_height, latent_width, num_segments, text_length: batch geometry.
+      batch: global batch size (sharded over the `batch` logical axis).
+      mesh: `jax.sharding.Mesh` (e.g. of fake CPU devices).
+      rules: logical axis rules (default `tttjax.sharding.DEFAULT_RULES`).
+      trainable: 'all' (3 s stage) or 'mixer_qkvo' (later stages, SPEC section 5).
+      forward_only: compile the forward pass only (sampling).
+    """
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from tttjax import sharding as shd
+    from tttjax.models.dit import CogVideoXDiT
+
+    rules = tuple(rules or shd.DEFAULT_RULES)
+    cfg = model_config
+    abstract = nnx.eval_shape(lambda: CogVideoXDiT(cfg, rngs=nnx.Rngs(0)))
+    graphdef, train_state, frozen_state = nnx.split(abstract, trainable_filter(trainable), ...)
+    train_sh = shd.state_shardings(train_state, mesh, rules)
+    frozen_sh = shd.state_shardings(frozen_state, mesh, rules)
+
+    def with_sharding(state, shardings):
+        """Plain (Variable-free) state of sharded ShapeDtypeStructs, for lowering."""
+        is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+        shardings = jax.tree.map(lambda s: s.get_value() if is_var(s) else s, shardings,
+                                 is_leaf=is_var)
+        return jax.tree.map(
+            lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+            state, shardings, is_leaf=is_var)
+
+    dtype = jnp.dtype(cfg.dtype)
+    b, t, c = batch, latent_frames, cfg.in_channels
+    batch_spec = shd._prune_spec(shd.logical_to_spec(("batch",), rules), mesh, (b,))
+    bsh = NamedSharding(mesh, batch_spec)
+    x = jax.ShapeDtypeStruct((b, t, c, latent_height, latent_width), dtype, sharding=bsh)
+    target = jax.ShapeDtypeStruct((b, t, cfg.out_channels, latent_height, latent_width), dtype,
+                                  sharding=bsh)
+    text = jax.ShapeDtypeStruct((b, num_segments, text_length, cfg.text_embed_dim), dtype, sharding=bsh)
+    steps = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=bsh)
+
+    def loss_fn(train, frozen, x, text, steps, target):
+        model = nnx.merge(graphdef, train, frozen)
+        out = model(x, text, steps)
+        return jnp.mean(jnp.square(out.astype(jnp.float32) - target.astype(jnp.float32)))
+
+    train_in = with_sharding(train_state, train_sh)
+    frozen_in = with_sharding(frozen_state, frozen_sh)
+    params_bytes = _bytes_per_device(train_in) + _bytes_per_device(frozen_in)
+    start = time.time()
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        if forward_only:
+            fwd = jax.jit(lambda train, frozen, x, text, steps:
+                          nnx.merge(graphdef, train, frozen)(x, text, steps))
+            lowered = fwd.lower(train_in, frozen_in, x, text, steps)
+            opt_bytes = 0
+        else:
+            tx = optax.adamw(1e-5, b1=0.9, b2=0.95, weight_decay=1e-4, mu_dtype=jnp.float32)
+            # Moments take their parameters' shardings by propagation through the init.
+            opt_sh = jax.jit(tx.init).lower(train_in).compile().output_shardings
+            opt_abstract = jax.tree.map(
+                lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                jax.eval_shape(tx.init, train_in), opt_sh)
+
+            def step(train, frozen, opt_state, x, text, steps, target):
+                loss, grads = jax.value_and_grad(loss_fn)(train, frozen, x, text, steps, target)
+                updates, opt_state = tx.update(grads, opt_state, train)
+                return optax.apply_updates(train, updates), opt_state, loss
+
+            jitted = jax.jit(step, donate_argnums=(0, 2),
+                             out_shardings=(jax.tree.map(lambda a: a.sharding, train_in), opt_sh, NamedSharding(mesh, jax.sharding.PartitionSpec())))
+            lowered = jitted.lower(train_in, frozen_in,
+                                   opt_abstract, x, text, steps, target)
+            opt_bytes = _bytes_per_device(opt_abstract)
+        compiled = lowered.compile()
+    stats = compiled.memory_analysis()
+    return MemoryPlan(devices=mesh.size, mesh=dict(mesh.shape), params=params_bytes,
+                      optimizer=opt_bytes, arguments=stats.argument_size_in_bytes,
+                      outputs=stats.output_size_in_bytes, aliased=stats.alias_size_in_bytes,
+                      temporaries=stats.temp_size_in_bytes, compile_seconds=time.time() - start)
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def _parse_pairs(text: str, what: str, cast) -> dict[str, Any]:
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if "=" not in item:
+            raise ValueError(f"--{what}: expected NAME=VALUE pairs separated by commas, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = cast(v.strip())
+    return out
+
+
+def _load_config(spec: str):
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ValueError(f"--config: no such file {path!r}; give e.g. configs/cogvideox_5b.py:63s,ttt_mlp")
+    module_spec = importlib.util.spec_from_file_location("_plan_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tttjax.models.memory_plan",
+                                description="Per-device memory of a DiT training step (AOT compile).")
+    p.add_argument("--config", required=True, help="config file and argument, FILE[:ARG]")
+    p.add_argument("--mesh", default="data=1,fsdp=8,tensor=8", help="mesh axis sizes NAME=SIZE,...")
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: data*fsdp)")
+    p.add_argument("--rules", default="", help="logical rule overrides, e.g. length=tensor "
+                                               "(mesh axes joined by '+', 'none' for replicated)")
+    p.add_argument("--trainable", default=None, choices=("all", "mixer_qkvo"),
+                   help="default: all for the 3s stage, mixer_qkvo later (SPEC section 5)")
+    p.add_argument("--attention-impl", default="chunked", help="attention_impl for the plan")
+    p.add_argument("--remat", default=None, help="override config.model.remat_policy")
+    p.add_argument("--forward-only", action="store_true", help="plan the forward pass only")
+    args = p.parse_args(argv)
+    try:
+        mesh_sizes = _parse_pairs(args.mesh, "mesh", int)
+        devices = math.prod(mesh_sizes.values())
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        import jax
+
+        from tttjax import sharding as shd
+        from tttjax.models import dit_config
+
+        if len(jax.devices()) < devices:
+            raise ValueError(f"mesh needs {devices} devices but {len(jax.devices())} exist; unset "
+                             "XLA_FLAGS or set its device count to the mesh size")
+        mesh = shd.make_mesh(mesh_sizes, jax.devices()[:devices])
+        overrides = _parse_pairs(args.rules, "rules", lambda v: None if v == "none" else
+                                 (tuple(v.split("+")) if "+" in v else v))
+        rules = [(k, overrides.pop(k)) if k in overrides else (k, v) for k, v in shd.DEFAULT_RULES]
+        rules += list(overrides.items())
+        config = _load_config(args.config)
+        model = config.model
+        model.attention_impl = args.attention_impl
+        if args.remat:
+            model.remat_policy = args.remat
+        dit_config.validate(model)
+        stage = config.stage
+        trainable = args.trainable or ("all" if stage.name == "3s" else "mixer_qkvo")
+        batch = args.batch or mesh_sizes.get("data", 1) * mesh_sizes.get("fsdp", 1)
+        plan = plan_memory(model, latent_frames=stage.latent_frames,
+                           latent_height=stage.latent_height, latent_width=stage.latent_width,
+                           num_segments=stage.num_segments, text_length=stage.text_length,
+                           batch=batch, mesh=mesh, rules=rules, trainable=trainable,
+                           forward_only=args.forward_only)
+    except ValueError as err:
+        print(f"memory_plan: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: batch {batch}, trainable {trainable}, remat {model.remat_policy}, "
+          f"attention {model.attention_impl}, {'forward' if args.forward_only else 'train step'}")
+    print("\n".join(plan.lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
