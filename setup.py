@@ -24,6 +24,7 @@ setup(
         "einops",
         "safetensors",
         "tensorflow-datasets>=4.9.9",
+        "importlib_resources",  # tfds needs it to build datasets without TensorFlow
         "grain>=0.2.12",
         "array_record",
         "imageio",

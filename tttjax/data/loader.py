@@ -1,0 +1,193 @@
+"""Grain input pipelines: each host reads only its rows of the global batch.
+
+    source, transform = open_training_source(config)      # TFDS data source + model inputs
+    loader = make_loader(source, transform, global_batch=64, shard_index=i, shard_count=n,
+                         seed=0)
+    batch = next(iter(loader))   # host-local numpy {"latents", "text"[, "latents_logvar"]}
+
+Batches (host-local, `b = global_batch / shard_count` rows):
+
+    latents         float32 [b, T, C, h, w]   toon: toy latents; real data: posterior mean
+                                              (both multiplied by the VAE scaling factor)
+    latents_logvar  float32 [b, T, C, h, w]   real data only: posterior log-variance of the
+                                              scaled latents (the train step samples from it)
+    text            float32 [b, n, S, Dt]     one prompt embedding per segment
+
+Datasets are TFDS builders read through `tfds` data sources (ArrayRecord, no TensorFlow);
+`toon_storyboards` is generated on first use (by process 0 when several processes share a
+disk, by every host otherwise; generation is deterministic, so copies are identical).
+The iterator's position is part of every checkpoint (Orbax's Grain handler).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from tttjax.data import latents as latents_lib
+from tttjax.data import toon_storyboards
+from tttjax.data.sampler import BlockShardSampler
+from tttjax.data.text_encoder import HashedTextEncoder, segment_prompt
+from tttjax.data.toy_latents import ToyLatentCodec
+from tttjax.data.windows import SegmentWindows, crop_latents, crop_toon
+
+DATASETS = ("toon_storyboards", "latents")
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+# ------------------------------------------------------------------------------ transforms
+
+
+class ToonToModelInputs(grain.transforms.Map):
+    """Toon window -> toy latents and hashed-word prompt embeddings (with scene markers)."""
+
+    def __init__(self, codec: ToyLatentCodec, encoder: HashedTextEncoder, text_length: int):
+        self.codec, self.encoder, self.text_length = codec, encoder, text_length
+
+    def map(self, example: dict) -> dict:
+        prompts = [segment_prompt(_text(c), bool(s), bool(e)) for c, s, e in
+                   zip(example["captions"], example["scene_start"], example["scene_end"])]
+        return {"latents": self.codec.encode(example["video"]),
+                "text": self.encoder.encode(prompts, self.text_length)}
+
+
+class LatentsToModelInputs(grain.transforms.Map):
+    """Latents window -> scaled posterior (mean, log-variance) and text embeddings, float32."""
+
+    def __init__(self, scaling_factor: float):
+        self.scale = float(scaling_factor)
+
+    def map(self, example: dict) -> dict:
+        return {"latents": example["latents_mean"].astype(np.float32) * self.scale,
+                "latents_logvar": (example["latents_logvar"].astype(np.float32)
+                                   + 2.0 * np.log(self.scale)),
+                "text": example["text"].astype(np.float32)}
+
+
+# ------------------------------------------------------------------------------ datasets
+
+
+def toon_config(name: str, overrides: dict | None = None) -> toon_storyboards.ToonStoryboardsConfig:
+    """A named `toon_storyboards` config, or a derived one when `overrides` changes fields."""
+    base = {c.name: c for c in toon_storyboards.ToonStoryboards.BUILDER_CONFIGS}
+    if name not in base:
+        raise ValueError(f"toon_storyboards has no config {name!r}; choose one of {sorted(base)}")
+    if not overrides:
+        return base[name]
+    fields = {f: getattr(base[name], f) for f in toon_storyboards.ToonStoryboardsConfig.
+              __dataclass_fields__ if f not in ("name", "version", "release_notes",
+                                                "supported_versions", "description", "tags")}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown toon_storyboards fields {unknown}; fields: {sorted(fields)}")
+    fields.update(overrides)
+    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    cfg = toon_storyboards.ToonStoryboardsConfig(name=f"{name}_{digest}", **fields)
+    cfg.validate()
+    return cfg
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def prepared_builder(make_builder, download_config=None):
+    """Builds the dataset if needed (process 0 first, then any host that still lacks it)."""
+    builder = make_builder()
+    if jax.process_count() > 1:
+        if jax.process_index() == 0 and not builder.is_prepared():
+            builder.download_and_prepare(download_config=download_config)
+        _barrier("tttjax.data.prepare")
+        builder = make_builder()
+    if not builder.is_prepared():
+        builder.download_and_prepare(download_config=download_config)
+    return builder
+
+
+def open_training_source(config) -> tuple[SegmentWindows, grain.transforms.Map]:
+    """(windows of `config.stage.num_segments` segments, model-input transform) for a run."""
+    data, stage, model = config.data, config.stage, config.model
+    data_dir = data.data_dir or None
+    tfds.disable_progress_bar()
+    n = stage.num_segments
+    if data.dataset == "toon_storyboards":
+        cfg = toon_config(data.builder_config, dict(data.builder_overrides))
+        builder = prepared_builder(lambda: toon_storyboards.ToonStoryboards(
+            config=cfg, data_dir=data_dir, file_format="array_record"))
+        crop = crop_toon(cfg.frames_per_segment)
+        transform = ToonToModelInputs(
+            ToyLatentCodec(model.in_channels, seed=data.toy_latent_seed),
+            HashedTextEncoder(model.text_embed_dim, seed=data.text_encoder_seed),
+            stage.text_length)
+    elif data.dataset == "latents":
+        download_config = (tfds.download.DownloadConfig(manual_dir=data.manual_dir)
+                           if data.manual_dir else None)
+        builder = prepared_builder(lambda: latents_lib.Latents(
+            config=data.builder_config, data_dir=data_dir, file_format="array_record"),
+            download_config)
+        meta = builder.info.metadata
+        crop = crop_latents(meta["frames_per_segment"], meta["prefix_frames"])
+        transform = LatentsToModelInputs(meta["scaling_factor"])
+    else:
+        raise ValueError(f"config.data.dataset {data.dataset!r} not in {DATASETS}")
+    counts = builder.info.metadata["segment_counts"]
+    if data.split not in counts:
+        raise ValueError(f"{builder.name}/{builder.builder_config.name} has no split "
+                         f"{data.split!r}; splits: {sorted(counts)}")
+    source = builder.as_data_source(split=data.split)
+    name = f"{builder.name}/{builder.builder_config.name}:{data.split}"
+    return SegmentWindows(source, counts[data.split], n, crop, name=name), transform
+
+
+# ------------------------------------------------------------------------------ loaders
+
+
+def make_loader(source, transform: grain.transforms.Map, *, global_batch: int, shard_index: int,
+                shard_count: int, seed: int, shuffle: bool = True, worker_count: int = 0
+                ) -> grain.DataLoader:
+    """An endless (epoch after epoch) Grain loader of this host's rows of each global batch.
+
+    The example order is a global shuffle of `source` with `seed`, identical on every host;
+    `BlockShardSampler` gives this host (shard `shard_index` of `shard_count`) rows
+    `[shard_index * b, (shard_index + 1) * b)` of every global batch, `b = global_batch /
+    shard_count`.
+    """
+    inner = grain.samplers.IndexSampler(num_records=len(source), shuffle=shuffle,
+                                        seed=seed if shuffle else None, num_epochs=None)
+    sampler = BlockShardSampler(inner, global_batch=global_batch, shard_count=shard_count)
+    return grain.DataLoader(
+        data_source=source, sampler=sampler,
+        operations=[transform, grain.transforms.Batch(sampler.local_batch, drop_remainder=True)],
+        shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True),
+        worker_count=worker_count)
+
+
+def host_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(shard_index, shard_count) of this process's contiguous rows of a batch sharding.
+
+    Processes whose devices hold the same rows (a batch replicated over a model axis that
+    spans hosts) get the same shard index, so they read the same examples.
+    """
+    rows = set()
+    for index in sharding.addressable_devices_indices_map(global_shape).values():
+        sl = index[0] if index else slice(None)
+        start, stop, _ = sl.indices(global_shape[0])
+        rows.update(range(start, stop))
+    lo, hi = min(rows), max(rows) + 1
+    local = hi - lo
+    if len(rows) != local or global_shape[0] % local or lo % local:
+        raise ValueError(f"process {jax.process_index()} holds batch rows {sorted(rows)} which are "
+                         "not one aligned block; order the mesh so each host's devices hold "
+                         "consecutive batch rows (data axis outermost)")
+    return lo // local, global_shape[0] // local
