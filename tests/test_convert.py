@@ -24,6 +24,7 @@ from flax import nnx  # noqa: E402
 
 from tttjax.models.convert import from_diffusers, load_checkpoint, save_checkpoint  # noqa: E402
 from tttjax.models.embeddings import pipeline_rope_positions  # noqa: E402
+from tttjax.sharding import make_mesh  # noqa: E402
 
 TOL = 1e-5
 
@@ -149,6 +150,16 @@ def test_sharded_safetensors_and_checkpoint_roundtrip(tmp_path, jitted):
     restored = load_checkpoint(str(tmp_path / "ckpt"))
     np.testing.assert_array_equal(jitted(restored, x, e, ts), ref)
 
+    # Placed straight into shardings on 8 devices, from safetensors and from the checkpoint.
+    mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    for placed in (from_diffusers(str(tmp_path / "sharded"), mesh=mesh)[0],
+                   load_checkpoint(str(tmp_path / "ckpt"), mesh=mesh)):
+        kernel = placed.blocks.ff.proj_in.kernel[...]
+        layers, width, hidden = kernel.shape
+        assert kernel.sharding.shard_shape(kernel.shape) == (layers, width // 4, hidden)
+        for a, b in zip(jax.tree.leaves(nnx.state(placed)), jax.tree.leaves(nnx.state(ours))):
+            np.testing.assert_array_equal(a, b)
+
 
 def test_cli_writes_checkpoint_and_reports_errors(tmp_path, capsys):
     from tttjax.convert import main
@@ -212,3 +223,21 @@ def test_rope_positions_match_pipeline(grid, base):
     ours = rope_3d_at(np.arange(3, dtype=np.float32), rows, cols, 64)
     np.testing.assert_allclose(np.asarray(ours[0]), cos.numpy(), atol=2e-6)
     np.testing.assert_allclose(np.asarray(ours[1]), sin.numpy(), atol=2e-6)
+
+
+def test_bfloat16_checkpoint_and_fresh_mixer(tmp_path):
+    """bf16 safetensors import exactly; a configured mixer is freshly initialised per SPEC."""
+    pytest.importorskip("tttjax.layers.registry")
+    kwargs, _ = CASES["rope"]
+    model = _torch_model(kwargs)
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    ours, cfg = from_diffusers(str(tmp_path), param_dtype="bfloat16", mixer="ttt_mlp",
+                               attention="segment", frames_per_segment=2)
+    assert cfg.mixer == "ttt_mlp"
+    wq = model.transformer_blocks[1].attn1.to_q.weight.float().numpy()
+    ours_wq = np.asarray(ours.blocks.attn.to_q.kernel[...][1].astype(jnp.float32))
+    np.testing.assert_array_equal(ours_wq.reshape(wq.shape[1], -1).T, wq)
+    assert ours.blocks.attn.to_q.kernel[...].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(ours.blocks.mixer.alpha_fwd[...].astype(jnp.float32), 0.1)
+    w1 = np.asarray(ours.blocks.mixer.mixer.W1[...].astype(jnp.float32))
+    assert abs(w1.std() - 0.02) < 0.004 and np.all(np.asarray(ours.blocks.mixer.mixer.b1[...]) == 0)

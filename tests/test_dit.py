@@ -409,7 +409,8 @@ def test_sharded_forward_equals_single_device(tiny_ttt):
     mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     graphdef, state = nnx.split(model)
     shardings = shd.state_shardings(state, mesh)
-    sharded = jax.tree.map(lambda a, s: jax.device_put(a, s), state, shardings)
+    sharded = jax.tree.map(lambda v, s: v.replace(jax.device_put(v[...], s)), state, shardings,
+                           is_leaf=lambda x: isinstance(x, nnx.Variable))
     assert any(len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated
                for leaf in jax.tree.leaves(sharded))
     with jax.set_mesh(mesh):

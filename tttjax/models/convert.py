@@ -181,15 +181,16 @@ def _fresh_mixer_params(cfg, seed: int) -> dict[str, jax.Array]:
 # ------------------------------------------------------------------------------ import
 
 
-def from_diffusers(path: str, *, seed: int = 0, shardings: Any = None, **overrides
+def from_diffusers(path: str, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+                   rules: LogicalRules = DEFAULT_RULES, **overrides
                    ) -> tuple[CogVideoXDiT, ml_collections.ConfigDict]:
     """Builds a `CogVideoXDiT` from a diffusers `CogVideoXTransformer3DModel` folder.
 
     Args:
       path: folder with config.json + safetensors (or a pipeline folder with `transformer/`).
       seed: RNG seed of the freshly initialised mixer parameters.
-      shardings: optional pytree of `jax.sharding.Sharding` matching `nnx.state(model)`
-        (e.g. `tttjax.sharding.state_shardings`); each parameter is placed as it is read.
+      mesh: when given, each parameter is placed with the sharding its logical axis names
+        resolve to under `rules` as soon as it is read (no full host copy is kept).
       **overrides: `config.model` fields on top of config.json (mixer="ttt_mlp",
         param_dtype="bfloat16", attention="segment", remat_policy=..., mixer_config=...).
     Returns:
@@ -218,8 +219,10 @@ def from_diffusers(path: str, *, seed: int = 0, shardings: Any = None, **overrid
         raise ValueError(f"checkpoint in {folder!r} does not match its config.json: missing keys "
                          f"{missing}; unexpected keys {unexpected}")
 
-    shard_flat = (dict((_path_str(p), s) for p, s in nnx.to_flat_state(shardings))
-                  if shardings is not None else {})
+    shard_flat = {}
+    if mesh is not None:
+        shardings = state_shardings(state, mesh, rules)
+        shard_flat = {_path_str(p): s for p, s in nnx.to_flat_state(shardings)}
     read = _TensorReader(files)
     mixer = _fresh_mixer_params(cfg, seed) if cfg.mixer != "none" else {}
     values, mismatched = {}, []
@@ -312,7 +315,8 @@ def load_checkpoint(path: str, config: ml_collections.ConfigDict | None = None, 
     if mesh is not None:
         shardings = state_shardings(abstract_state, mesh, rules)
         abstract_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+            lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+            abstract_state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
     state = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), abstract_state)
     return nnx.merge(graphdef, state)
 

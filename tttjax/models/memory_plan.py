@@ -146,11 +146,8 @@ def plan_memory(model_config, *, latent_frames: int, latent_height: int, latent_
             opt_bytes = 0
         else:
             tx = optax.adamw(1e-5, b1=0.9, b2=0.95, weight_decay=1e-4, mu_dtype=jnp.float32)
-            # Moments take their parameters' shardings by propagation through the init.
-            opt_sh = jax.jit(tx.init).lower(train_in).compile().output_shardings
-            opt_abstract = jax.tree.map(
-                lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                jax.eval_shape(tx.init, train_in), opt_sh)
+            opt_abstract = _shard_like_params(jax.eval_shape(tx.init, train_in), train_in, mesh)
+            opt_sh = jax.tree.map(lambda a: a.sharding, opt_abstract)
 
             def step(train, frozen, opt_state, x, text, steps, target):
                 loss, grads = jax.value_and_grad(loss_fn)(train, frozen, x, text, steps, target)
@@ -168,6 +165,27 @@ def plan_memory(model_config, *, latent_frames: int, latent_height: int, latent_
                       optimizer=opt_bytes, arguments=stats.argument_size_in_bytes,
                       outputs=stats.output_size_in_bytes, aliased=stats.alias_size_in_bytes,
                       temporaries=stats.temp_size_in_bytes, compile_seconds=time.time() - start)
+
+
+def _shard_like_params(opt_state, params, mesh):
+    """Optimizer leaves whose key path ends with a parameter's path (Adam moments) get that
+    parameter's sharding; everything else (step counts) is replicated."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    by_path = {tuple(path): leaf.sharding
+               for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    lengths = sorted({len(p) for p in by_path}, reverse=True)
+
+    def place(path, leaf):
+        sharding = NamedSharding(mesh, PartitionSpec())
+        for n in lengths:
+            if len(path) >= n and tuple(path[-n:]) in by_path:
+                sharding = by_path[tuple(path[-n:])]
+                break
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(place, opt_state)
 
 
 # ------------------------------------------------------------------------------ CLI
