@@ -1,0 +1,334 @@
+"""Softmax attention in the forms the mixers and the DiT need, layout [B, H, L, d].
+
+- `full_attention`: one call to `jax.nn.dot_product_attention` (logits materialised by the
+  XLA implementation, fused on GPU with `implementation="cudnn"`).
+- `chunked_attention`: the same numbers with an online softmax over key blocks inside a
+  scan over query blocks; memory O(L * chunk), no kernel needed.
+- `sliding_window_attention`: token i sees keys i - left .. i + right, computed per query
+  block against only the key blocks its window can reach (memory O(L * window), never L x L).
+- `local_attention`: non-causal attention inside consecutive windows of a fixed size
+  (block-diagonal), the "local attention" baseline cost.
+- `segment_attention`: the DiT's 3-second windows: text prompt i plus the video frames of
+  window i (windows share `overlap_frames` frames; overlapping outputs are averaged),
+  local RoPE inside every window.
+
+Blocked forms scan over blocks with `jax.checkpoint` around each block, so the backward pass
+keeps one block's logits at a time. Logits and softmax are float32 whatever the input dtype;
+outputs take q's dtype. The scale is d ** -0.5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tttjax.ops.rope import apply_rope
+
+_MASKED = -1e30  # finite, so fully masked (padding) rows stay NaN-free in both passes
+
+
+def _check_qkv(name, q, k, v, same_length=True):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"{name}: q, k, v must be [B, H, L, d], got {q.shape}, {k.shape}, {v.shape}")
+    if k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"{name}: q {q.shape}, k {k.shape}, v {v.shape} disagree on B, H, L or d")
+    if same_length and k.shape[2] != q.shape[2]:
+        raise ValueError(f"{name}: q and k must have the same length, got {q.shape[2]} and {k.shape[2]}")
+
+
+def _pad_length(a: jax.Array, before: int, after: int) -> jax.Array:
+    if before == 0 and after == 0:
+        return a
+    return jnp.pad(a, ((0, 0), (0, 0), (before, after), (0, 0)))
+
+
+def _softmax_attend(q, k, v, mask, scale):
+    """q [..., Tq, d], k/v [..., Tk, d], mask broadcastable to [..., Tq, Tk] or None."""
+    s = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        s = jnp.where(mask, s, _MASKED)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("...qk,...kd->...qd", p.astype(v.dtype), v,
+                      preferred_element_type=jnp.float32)
+
+
+def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+                   implementation: str | None = None) -> jax.Array:
+    """Softmax attention over the whole sequence.
+
+    Args:
+      q: [B, H, Lq, d]; k, v: [B, H, Lk, d] (Lq == Lk when causal).
+      causal: mask keys after the query position.
+      implementation: passed to `jax.nn.dot_product_attention` (None, "xla", "cudnn").
+    Returns:
+      [B, H, Lq, d] in q's dtype.
+    """
+    _check_qkv("full_attention", q, k, v, same_length=causal)
+    t = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  [B, H, L, d] <-> [B, L, H, d]
+    return t(jax.nn.dot_product_attention(t(q), t(k), t(v), is_causal=causal,
+                                          implementation=implementation))
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int = 1024,
+                      causal: bool = False) -> jax.Array:
+    """`full_attention` with an online softmax over key blocks (flash-attention order).
+
+    Args:
+      q: [B, H, Lq, d]; k, v: [B, H, Lk, d]; chunk: query and key block size.
+    Returns:
+      [B, H, Lq, d] in q's dtype. Memory O((Lq + Lk) * d + chunk^2) per head.
+    """
+    _check_qkv("chunked_attention", q, k, v, same_length=causal)
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunked_attention: chunk must be a positive int, got {chunk!r}")
+    bsz, heads, lq, d = q.shape
+    lk = k.shape[2]
+    cq, ck = min(chunk, lq), min(chunk, lk)
+    nq, nk = -(-lq // cq), -(-lk // ck)
+    scale = d ** -0.5
+    qb = jnp.moveaxis(_pad_length(q, 0, nq * cq - lq).reshape(bsz, heads, nq, cq, d), 2, 0)
+    kb = jnp.moveaxis(_pad_length(k, 0, nk * ck - lk).reshape(bsz, heads, nk, ck, d), 2, 0)
+    vb = jnp.moveaxis(_pad_length(v, 0, nk * ck - lk).reshape(bsz, heads, nk, ck, v.shape[-1]), 2, 0)
+
+    def query_block(_, inputs):
+        qi, q_blk = inputs
+        q_pos = qi * cq + jnp.arange(cq)
+
+        def key_block(carry, kin):
+            m, l, acc = carry
+            kj, k_blk, v_blk = kin
+            k_pos = kj * ck + jnp.arange(ck)
+            mask = k_pos[None, :] < lk
+            if causal:
+                mask = mask & (k_pos[None, :] <= q_pos[:, None])
+            s = jnp.einsum("bhqd,bhkd->bhqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+            s = jnp.where(mask, s * scale, _MASKED)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            corr = jnp.exp(m - m_new)
+            acc = acc * corr[..., None] + jnp.einsum("bhqk,bhkd->bhqd", p.astype(v_blk.dtype), v_blk,
+                                                     preferred_element_type=jnp.float32)
+            return (m_new, l * corr + p.sum(-1), acc), None
+
+        init = (jnp.full((bsz, heads, cq), _MASKED, jnp.float32),
+                jnp.zeros((bsz, heads, cq), jnp.float32),
+                jnp.zeros((bsz, heads, cq, v.shape[-1]), jnp.float32))
+        (_, l, acc), _ = jax.lax.scan(key_block, init, (jnp.arange(nk), kb, vb))
+        return None, acc / jnp.maximum(l, 1e-30)[..., None]
+
+    _, out = jax.lax.scan(jax.checkpoint(query_block), None, (jnp.arange(nq), qb))
+    out = jnp.moveaxis(out, 0, 2).reshape(bsz, heads, nq * cq, v.shape[-1])[:, :, :lq]
+    return out.astype(q.dtype)
+
+
+def _window_block_size(left: int, right: int, length: int) -> int:
+    # Blocks of about a quarter of the window keep the wasted (masked) keys near 25 %.
+    want = max(16, 1 << max(0, math.ceil(math.log2(max(1, (left + right + 1) // 4)))))
+    return min(1024, want, 1 << math.ceil(math.log2(max(1, length))))
+
+
+def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                             window: tuple[int, int], block_size: int | None = None) -> jax.Array:
+    """Token i attends to keys i - left .. i + right (clipped to the sequence).
+
+    `window=(left, 0)` is causal sliding-window attention; `(w, w)` a symmetric window.
+
+    Args:
+      q, k, v: [B, H, L, d].
+      window: (left, right) non-negative ints.
+      block_size: query block size (default: about a quarter of the window, 16..1024).
+    Returns:
+      [B, H, L, d] in q's dtype. Each query block reads the `ceil(left/c) + 1 + ceil(right/c)`
+      key blocks around it, so memory is O(L * (left + right + block)).
+    """
+    _check_qkv("sliding_window_attention", q, k, v)
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, (int, np.integer)) and w >= 0 for w in window)):
+        raise ValueError(f"sliding_window_attention: window must be (left, right) with ints >= 0, "
+                         f"got {window!r}")
+    left, right = int(window[0]), int(window[1])
+    bsz, heads, length, d = q.shape
+    dv = v.shape[-1]
+    c = _window_block_size(left, right, length) if block_size is None else int(block_size)
+    if c < 1:
+        raise ValueError(f"sliding_window_attention: block_size must be >= 1, got {block_size}")
+    n = -(-length // c)
+    ml, mr = min(-(-left // c), n - 1), min(-(-right // c), n - 1)
+    span = (ml + 1 + mr) * c
+
+    def key_windows(a):
+        # Padded so block j's window is blocks j .. j + ml + mr; built from shifted slices
+        # (a gather-free stack) so the backward pass is plain slicing and adds.
+        a = _pad_length(a, ml * c, (n + mr) * c - length)
+        blocks = a.reshape(bsz, heads, n + ml + mr, c, a.shape[-1])
+        win = jnp.concatenate([blocks[:, :, t:t + n] for t in range(ml + 1 + mr)], axis=3)
+        return jnp.moveaxis(win, 2, 0)                          # [n, B, H, span, d]
+
+    qb = jnp.moveaxis(_pad_length(q, 0, n * c - length).reshape(bsz, heads, n, c, d), 2, 0)
+    kw, vw = key_windows(k), key_windows(v)
+    scale = d ** -0.5
+
+    def block(_, inputs):
+        j, q_blk, k_win, v_win = inputs
+        q_pos = j * c + jnp.arange(c)
+        k_pos = (j - ml) * c + jnp.arange(span)
+        rel = k_pos[None, :] - q_pos[:, None]
+        mask = (rel >= -left) & (rel <= right) & (k_pos[None, :] >= 0) & (k_pos[None, :] < length)
+        return None, _softmax_attend(q_blk, k_win, v_win, mask, scale)
+
+    _, out = jax.lax.scan(jax.checkpoint(block), None, (jnp.arange(n), qb, kw, vw))
+    out = jnp.moveaxis(out, 0, 2).reshape(bsz, heads, n * c, dv)[:, :, :length]
+    return out.astype(q.dtype)
+
+
+def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int,
+                    causal: bool = False) -> jax.Array:
+    """Attention inside consecutive non-overlapping windows of `window` tokens.
+
+    Args:
+      q, k, v: [B, H, L, d]; a last partial window is padded and its padding masked.
+      window: tokens per window.
+      causal: causal mask inside each window.
+    Returns:
+      [B, H, L, d] in q's dtype; memory O(window^2) per head at a time.
+    """
+    _check_qkv("local_attention", q, k, v)
+    if not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"local_attention: window must be a positive int, got {window!r}")
+    bsz, heads, length, d = q.shape
+    w = min(int(window), length)
+    n = -(-length // w)
+
+    def blocks(a):
+        a = _pad_length(a, 0, n * w - length)
+        return jnp.moveaxis(a.reshape(bsz, heads, n, w, a.shape[-1]), 2, 0)
+
+    pos = jnp.arange(w)
+    scale = d ** -0.5
+
+    def block(_, inputs):
+        j, q_blk, k_blk, v_blk = inputs
+        mask = (j * w + pos)[None, :] < length
+        if causal:
+            mask = mask & (pos[None, :] <= pos[:, None])
+        return None, _softmax_attend(q_blk, k_blk, v_blk, mask, scale)
+
+    _, out = jax.lax.scan(jax.checkpoint(block), None, (jnp.arange(n), blocks(q), blocks(k), blocks(v)))
+    out = jnp.moveaxis(out, 0, 2).reshape(bsz, heads, n * w, v.shape[-1])[:, :, :length]
+    return out.astype(q.dtype)
+
+
+def segment_windows(num_segments: int, frames_per_window: int, overlap_frames: int) -> np.ndarray:
+    """[n_seg, frames_per_window] latent frame indices of every window (static)."""
+    stride = frames_per_window - overlap_frames
+    return stride * np.arange(num_segments)[:, None] + np.arange(frames_per_window)[None, :]
+
+
+def segment_attention(text_q: jax.Array, text_k: jax.Array, text_v: jax.Array,
+                      video_q: jax.Array, video_k: jax.Array, video_v: jax.Array, *,
+                      frame_tokens: int, frames_per_window: int = 13, overlap_frames: int = 1,
+                      video_rope: tuple[jax.Array, jax.Array] | None = None,
+                      implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """Joint text + video attention inside the DiT's 3-second windows (SPEC section 2).
+
+    Window i holds latent frames `stride*i .. stride*i + frames_per_window - 1` with
+    `stride = frames_per_window - overlap_frames` (adjacent windows share `overlap_frames`
+    frames), and attends non-causally over `[text_i ; video window i]`. A video token that
+    lies in two windows gets the average of its two outputs.
+
+    Args:
+      text_q, text_k, text_v: [B, H, n_seg, S, d] (one prompt per window).
+      video_q, video_k, video_v: [B, H, T * frame_tokens, d] with
+        T = stride * n_seg + overlap_frames (13, 25, 37, ... for 13-frame windows).
+      frame_tokens: video tokens per latent frame (h * w).
+      frames_per_window, overlap_frames: window geometry; needs
+        0 <= overlap_frames <= frames_per_window - overlap_frames (a token is in <= 2 windows).
+      video_rope: optional (cos, sin), each [frames_per_window * frame_tokens, d]: local
+        positions, applied to the video q/k of every window inside the window loop.
+      implementation: passed to `jax.nn.dot_product_attention` per window.
+    Returns:
+      (text_out [B, H, n_seg, S, d], video_out [B, H, T * frame_tokens, d]) in q's dtype.
+      One window's logits live at a time (scan over windows, rematerialised in backward).
+    """
+    name = "segment_attention"
+    if text_q.ndim != 5 or text_k.shape != text_q.shape or text_v.shape[:4] != text_q.shape[:4]:
+        raise ValueError(f"{name}: text q/k/v must be [B, H, n_seg, S, d], got {text_q.shape}, "
+                         f"{text_k.shape}, {text_v.shape}")
+    bsz, heads, n, s, d = text_q.shape
+    for label, a in (("video_q", video_q), ("video_k", video_k), ("video_v", video_v)):
+        if a.ndim != 4 or a.shape[:2] != (bsz, heads):
+            raise ValueError(f"{name}: {label} must be [B, H, T*frame_tokens, d] with B, H = "
+                             f"{bsz}, {heads}, got {a.shape}")
+    if video_k.shape != video_q.shape or video_v.shape[:3] != video_q.shape[:3]:
+        raise ValueError(f"{name}: video q/k/v shapes disagree: {video_q.shape}, {video_k.shape}, "
+                         f"{video_v.shape}")
+    if video_q.shape[3] != d or text_v.shape[4] != video_v.shape[3]:
+        raise ValueError(f"{name}: text and video head dims differ: q {d} vs {video_q.shape[3]}, "
+                         f"v {text_v.shape[4]} vs {video_v.shape[3]}")
+    fpw, o = frames_per_window, overlap_frames
+    if not (isinstance(fpw, int) and isinstance(o, int) and fpw >= 1 and 0 <= o <= fpw - o):
+        raise ValueError(f"{name}: need 0 <= overlap_frames <= frames_per_window - overlap_frames, "
+                         f"got frames_per_window={fpw!r}, overlap_frames={o!r}")
+    if not isinstance(frame_tokens, int) or frame_tokens < 1:
+        raise ValueError(f"{name}: frame_tokens must be a positive int, got {frame_tokens!r}")
+    ft, stride = frame_tokens, fpw - o
+    frames = stride * n + o
+    if video_q.shape[2] != frames * ft:
+        raise ValueError(
+            f"{name}: {n} text segments with {fpw}-frame windows overlapping by {o} need "
+            f"{frames} latent frames = {frames * ft} video tokens ({ft} per frame), got "
+            f"{video_q.shape[2]} tokens; pass one prompt per window")
+    win_len = fpw * ft
+    if video_rope is not None:
+        cos, sin = video_rope
+        if cos.shape != (win_len, d) or sin.shape != (win_len, d):
+            raise ValueError(f"{name}: video_rope tables must each be [frames_per_window * "
+                             f"frame_tokens, d] = {(win_len, d)} (local positions, reused by "
+                             f"every window), got {cos.shape} and {sin.shape}")
+
+    def windows(a):
+        dd = a.shape[-1]
+        f = a.reshape(bsz, heads, frames, ft, dd)
+        win = f[:, :, :n * stride].reshape(bsz, heads, n, stride, ft, dd)
+        if o:
+            # The frames after each window's own stride: the next window's first `o` frames
+            # (the shared frames), taken from a view shifted by one stride.
+            nxt = jnp.pad(f[:, :, stride:], ((0, 0), (0, 0), (0, stride - o), (0, 0), (0, 0)))
+            nxt = nxt.reshape(bsz, heads, n, stride, ft, dd)[:, :, :, :o]
+            win = jnp.concatenate([win, nxt], axis=3)
+        return jnp.moveaxis(win.reshape(bsz, heads, n, win_len, dd), 2, 0)
+
+    lead = lambda a: jnp.moveaxis(a, 2, 0)  # noqa: E731  [n, B, H, S, d]
+    xs = (lead(text_q), lead(text_k), lead(text_v), windows(video_q), windows(video_k),
+          windows(video_v))
+    t = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  [B, H, L, d] <-> [B, L, H, d]
+
+    def window(_, inputs):
+        tq, tk, tv, wq, wk, wv = inputs
+        if video_rope is not None:
+            wq, wk = apply_rope(wq, *video_rope), apply_rope(wk, *video_rope)
+        q = jnp.concatenate([tq, wq], axis=2)
+        k = jnp.concatenate([tk, wk], axis=2)
+        v = jnp.concatenate([tv, wv], axis=2)
+        y = t(jax.nn.dot_product_attention(t(q), t(k), t(v), implementation=implementation))
+        return None, (y[:, :, :s], y[:, :, s:])
+
+    _, (text_out, video_win) = jax.lax.scan(jax.checkpoint(window), None, xs)
+    text_out = jnp.moveaxis(text_out, 0, 2)                            # [B, H, n, S, dv]
+
+    dv = video_v.shape[-1]
+    yw = jnp.moveaxis(video_win, 0, 2).reshape(bsz, heads, n, fpw, ft, dv)
+    frame_pad = lambda a, before, after: jnp.pad(  # noqa: E731
+        a, ((0, 0), (0, 0), (before, after), (0, 0), (0, 0)))
+    total = frame_pad(yw[:, :, :, :stride].reshape(bsz, heads, n * stride, ft, dv), 0, stride)
+    if o:
+        # Each window's last `o` frames land on the first frames of the next window's stride.
+        tail = jnp.pad(yw[:, :, :, stride:], ((0, 0),) * 3 + ((0, stride - o), (0, 0), (0, 0)))
+        total = total + frame_pad(tail.reshape(bsz, heads, n * stride, ft, dv), stride, 0)
+    counts = np.bincount(segment_windows(n, fpw, o).ravel(), minlength=frames).astype(np.float32)
+    video_out = total[:, :, :frames] / jnp.asarray(counts)[:, None, None]
+    video_out = video_out.reshape(bsz, heads, frames * ft, dv)
+    return text_out.astype(text_q.dtype), video_out.astype(video_q.dtype)
