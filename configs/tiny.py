@@ -42,4 +42,27 @@ def get_config(arg: str = "none") -> ml_collections.ConfigDict:
         latent_width=8,
         text_length=8,
     ))
+
+    # --- training (fields documented in tttjax.train.config) ---
+    # The tiny model starts from random weights, so both parameter groups use a large rate.
+    config.seed = 0
+    config.steps = 200                 # train steps (micro-batches)
+    config.log_every = 10
+    config.checkpoint_every = 100
+    config.train = ml_collections.ConfigDict(dict(
+        global_batch_size=8, grad_accum_steps=1, prompt_dropout=0.1, trainable="all",
+        max_nonfinite_in_a_row=20, progress_bar=True))
+    config.optim = ml_collections.ConfigDict(dict(
+        b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4, grad_clip=0.1, mu_dtype="",
+        pretrained=dict(lr=2e-3, schedule="constant", warmup_steps=10, final_lr_fraction=0.0),
+        new=dict(lr=2e-3, schedule="cosine", warmup_steps=10, final_lr_fraction=0.1)))
+    config.diffusion = ml_collections.ConfigDict(dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+        beta_schedule="scaled_linear", snr_shift_scale=1.0, zero_terminal_snr=True))
+    config.data = ml_collections.ConfigDict(dict(
+        dataset="toon_storyboards", builder_config="tiny", builder_overrides={}, data_dir="",
+        manual_dir="", split="train", shuffle=True, worker_count=0, text_encoder_seed=0,
+        toy_latent_seed=0))
+    config.mesh = ml_collections.ConfigDict(dict(axes=dict(data=-1, fsdp=1, tensor=1), rules=()))
+    config.checkpoint = ml_collections.ConfigDict(dict(keep=3, async_save=True, init_from=""))
     return config

@@ -1,0 +1,208 @@
+"""The training sections of a run config, and their validation (run once, before any compile).
+
+A training config (`configs/tiny.py`, `configs/cogvideox_5b.py`) holds, besides `config.model`
+(the DiT) and `config.stage` (the clip geometry):
+
+    seed, steps, log_every, checkpoint_every         top level
+    train       global_batch_size (examples per optimiser update), grad_accum_steps,
+                prompt_dropout, trainable ("all" | "mixer_qkvo" | "mixer"),
+                max_nonfinite_in_a_row, progress_bar
+    optim       b1, b2, eps, weight_decay, grad_clip, mu_dtype,
+                pretrained / new: lr, schedule ("constant" | "cosine"), warmup_steps,
+                final_lr_fraction
+    diffusion   the noise schedule (tttjax.diffusion.schedule.NoiseSchedule fields)
+    data        dataset ("toon_storyboards" | "latents"), builder_config, builder_overrides,
+                data_dir, manual_dir, split, shuffle, worker_count, text_encoder_seed,
+                toy_latent_seed
+    mesh        axes {name: size, one may be -1}, rules (logical axis -> mesh axes; empty =
+                tttjax.sharding.DEFAULT_RULES)
+    checkpoint  keep, async_save, init_from ("" | converted checkpoint | previous workdir)
+
+`validate(config)` checks all of it, including that the dataset's geometry matches the model
+and the stage, and raises one ValueError naming the field and the fix.
+`validate_mesh(config, num_devices)` checks the mesh against the devices present.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ml_collections
+
+from tttjax.models import dit_config
+
+SECTIONS = ("model", "stage", "train", "optim", "diffusion", "data", "mesh", "checkpoint")
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _int(value, name: str, lo: int = 1) -> None:
+    _need(isinstance(value, int) and not isinstance(value, bool) and value >= lo,
+          f"config.{name} must be an int >= {lo}, got {value!r}")
+
+
+def _rules(config) -> tuple:
+    from tttjax.sharding import DEFAULT_RULES
+
+    rules = config.mesh.get("rules") or ()
+    return tuple((str(a), (tuple(b) if isinstance(b, (list, tuple)) else b)) for a, b in rules) \
+        or tuple(DEFAULT_RULES)
+
+
+def batch_mesh_axes(config) -> tuple[str, ...]:
+    """Mesh axes the `batch` logical axis maps to (those present in config.mesh.axes)."""
+    for name, target in _rules(config):
+        if name == "batch":
+            axes = target if isinstance(target, tuple) else (target,) if target else ()
+            return tuple(a for a in axes if a in config.mesh.axes)
+    return ()
+
+
+def micro_batch_size(config) -> int:
+    return config.train.global_batch_size // config.train.grad_accum_steps
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Static checks of a training config (no devices needed); returns it."""
+    missing = [s for s in SECTIONS if s not in config]
+    _need(not missing, f"config has no section(s) {missing}; a training config needs {SECTIONS}")
+    dit_config.validate(config.model)
+    for name in ("seed",):
+        _int(config[name], name, lo=0)
+    for name in ("steps", "log_every", "checkpoint_every"):
+        _int(config[name], name)
+
+    from tttjax.train.optimizer import SCHEDULES, TRAINABLE_SETS
+
+    train = config.train
+    _int(train.global_batch_size, "train.global_batch_size")
+    _int(train.grad_accum_steps, "train.grad_accum_steps")
+    _int(train.max_nonfinite_in_a_row, "train.max_nonfinite_in_a_row")
+    _need(train.global_batch_size % train.grad_accum_steps == 0,
+          f"config.train.global_batch_size {train.global_batch_size} must be divisible by "
+          f"grad_accum_steps {train.grad_accum_steps}")
+    _need(config.steps % train.grad_accum_steps == 0,
+          f"config.steps {config.steps} counts micro-batches and must be a multiple of "
+          f"grad_accum_steps {train.grad_accum_steps}")
+    _need(0.0 <= train.prompt_dropout <= 1.0,
+          f"config.train.prompt_dropout must be in [0, 1], got {train.prompt_dropout}")
+    _need(train.trainable in TRAINABLE_SETS,
+          f"config.train.trainable {train.trainable!r} not in {TRAINABLE_SETS}")
+    _need(train.trainable == "all" or config.model.mixer != "none",
+          f"config.train.trainable={train.trainable!r} trains the mixer, but config.model.mixer "
+          "is 'none'; set a mixer or trainable='all'")
+
+    optim = config.optim
+    _need(0.0 <= optim.b1 < 1.0 and 0.0 <= optim.b2 < 1.0,
+          f"config.optim.b1/b2 must be in [0, 1), got {optim.b1}, {optim.b2}")
+    _need(optim.eps > 0 and optim.weight_decay >= 0 and optim.grad_clip > 0,
+          "config.optim needs eps > 0, weight_decay >= 0 and grad_clip > 0")
+    _need(optim.mu_dtype in ("", "float32", "bfloat16"),
+          f"config.optim.mu_dtype must be '', 'float32' or 'bfloat16', got {optim.mu_dtype!r}")
+    for group in ("pretrained", "new"):
+        g = optim[group]
+        _need(g.lr >= 0, f"config.optim.{group}.lr must be >= 0, got {g.lr}")
+        _need(g.schedule in SCHEDULES,
+              f"config.optim.{group}.schedule {g.schedule!r} not in {SCHEDULES}")
+        _int(g.warmup_steps, f"optim.{group}.warmup_steps", lo=0)
+        _need(0.0 <= g.final_lr_fraction <= 1.0,
+              f"config.optim.{group}.final_lr_fraction must be in [0, 1]")
+
+    from tttjax.diffusion.schedule import NoiseSchedule
+
+    try:
+        NoiseSchedule(**config.diffusion.to_dict())
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config.diffusion: {err}") from None
+
+    _validate_data(config)
+    _validate_mesh_static(config)
+
+    init_from = config.checkpoint.init_from
+    _int(config.checkpoint.keep, "checkpoint.keep")
+    _need(not init_from or os.path.isdir(init_from),
+          f"config.checkpoint.init_from={init_from!r} does not exist; give a converted "
+          "checkpoint folder or a previous stage's workdir, or '' to start from scratch")
+    return config
+
+
+def _validate_data(config) -> None:
+    from tttjax.data.loader import DATASETS, toon_config
+
+    data, stage, model = config.data, config.stage, config.model
+    _need(data.dataset in DATASETS, f"config.data.dataset {data.dataset!r} not in {DATASETS}")
+    _int(data.worker_count, "data.worker_count", lo=0)
+    _int(stage.num_segments, "stage.num_segments")
+    want_frames = model.prefix_frames + stage.num_segments * model.frames_per_segment
+    _need(stage.latent_frames == want_frames,
+          f"config.stage.latent_frames {stage.latent_frames} must be prefix_frames + num_segments "
+          f"x frames_per_segment = {want_frames}")
+    if data.dataset == "toon_storyboards":
+        cfg = toon_config(data.builder_config, dict(data.builder_overrides))
+        _need(model.in_channels >= 3,
+              f"toy latents need config.model.in_channels >= 3, got {model.in_channels}")
+        _need(model.prefix_frames == 1,
+              "toy latents keep one prefix frame; config.model.prefix_frames must be 1")
+        _need(cfg.frames_per_segment == 4 * model.frames_per_segment,
+              f"toon_storyboards/{data.builder_config} has {cfg.frames_per_segment} frames per "
+              f"segment; toy latents compress time 4x, so config.model.frames_per_segment must be "
+              f"{cfg.frames_per_segment / 4:g}")
+        _need((cfg.height, cfg.width) == (8 * stage.latent_height, 8 * stage.latent_width),
+              f"toon_storyboards/{data.builder_config} is {cfg.height}x{cfg.width}; toy latents "
+              f"compress space 8x, so config.stage.latent_height/width must be "
+              f"{cfg.height / 8:g}x{cfg.width / 8:g}")
+        _need(stage.num_segments <= cfg.max_segments,
+              f"config.stage.num_segments {stage.num_segments} > the dataset's max_segments "
+              f"{cfg.max_segments}")
+    else:
+        from tttjax.data.latents import Latents
+
+        configs = {c.name: c for c in Latents.BUILDER_CONFIGS}
+        _need(data.builder_config in configs,
+              f"latents has no config {data.builder_config!r}; choose one of {sorted(configs)}")
+        cfg = configs[data.builder_config]
+        _need(cfg.latent_channels == model.in_channels and cfg.text_embed_dim ==
+              model.text_embed_dim and cfg.text_length == stage.text_length
+              and cfg.frames_per_segment == model.frames_per_segment
+              and cfg.prefix_frames == model.prefix_frames,
+              f"latents/{data.builder_config} (channels {cfg.latent_channels}, text "
+              f"{cfg.text_length}x{cfg.text_embed_dim}, {cfg.frames_per_segment} frames per "
+              "segment) does not match config.model / config.stage")
+
+
+def _validate_mesh_static(config) -> None:
+    axes = dict(config.mesh.axes)
+    _need(axes, "config.mesh.axes is empty; give e.g. {'data': -1, 'fsdp': 1, 'tensor': 1}")
+    fill = [a for a, s in axes.items() if s == -1]
+    _need(len(fill) <= 1, f"config.mesh.axes: at most one axis may be -1, got {fill}")
+    bad = [a for a, s in axes.items() if s != -1 and (not isinstance(s, int) or s < 1)]
+    _need(not bad, f"config.mesh.axes: sizes must be positive ints or -1, bad axes {bad}")
+    if not fill:
+        _check_batch_divides(config, axes)
+
+
+def _check_batch_divides(config, axes: dict) -> None:
+    shards = math.prod(axes[a] for a in batch_mesh_axes(config))
+    micro = micro_batch_size(config)
+    _need(micro % shards == 0,
+          f"the micro-batch ({config.train.global_batch_size} / {config.train.grad_accum_steps} "
+          f"accumulation steps = {micro}) must be divisible by the {shards} batch shards of mesh "
+          f"axes {batch_mesh_axes(config)}; change train.global_batch_size or config.mesh.axes")
+
+
+def validate_mesh(config, num_devices: int) -> dict[str, int]:
+    """Resolved mesh axis sizes for `num_devices`; ValueError when they cannot fit."""
+    from tttjax.sharding import resolve_mesh_shape
+
+    sizes = resolve_mesh_shape(dict(config.mesh.axes), num_devices)
+    _check_batch_divides(config, sizes)
+    return sizes
+
+
+def rules(config) -> tuple:
+    """The run's logical axis rules."""
+    return _rules(config)

@@ -1,0 +1,234 @@
+"""The training run: `train(config, workdir)`, used by `python -m tttjax.train`.
+
+Order of events:
+  1. validate the config (no devices touched), start `jax.distributed` when the environment
+     asks for several processes, build the mesh and check it against the devices;
+  2. open the dataset (generated on first use) and this host's Grain loader;
+  3. resume from the latest checkpoint in WORKDIR/checkpoints if there is one (parameters,
+     optimiser state, counters, data position), otherwise initialise: fresh, or from
+     `config.checkpoint.init_from` (converted CogVideoX checkpoint or previous stage);
+  4. loop: host batch -> global array -> jitted step; log, checkpoint every
+     `checkpoint_every` steps and at the end; on SIGTERM save the current step and return.
+
+A non-finite loss skips its update (see tttjax.train.step); `max_nonfinite_in_a_row` such
+steps in a row raise `TrainingDiverged` with the last good checkpoint in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from tttjax.data import loader as data_loader
+from tttjax.diffusion.schedule import NoiseSchedule
+from tttjax.sharding import logical_to_spec, make_mesh
+from tttjax.train import config as config_lib
+from tttjax.train.checkpoints import Checkpointer
+from tttjax.train.metrics import MetricsLogger
+from tttjax.train.model_state import init_params, load_params, model_spec
+from tttjax.train.optimizer import make_optimizer, optimizer_shardings, trainable_mask
+from tttjax.train.preemption import PreemptionWatch
+from tttjax.train.step import initial_counters, make_train_step
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int                      # train steps done
+    updates: int                   # optimiser updates applied
+    nonfinite_total: int
+    preempted: bool
+    last_checkpoint: int | None
+    records: list[dict]            # metric records logged by this call
+
+
+def _initialize_distributed() -> None:
+    from tttjax.distributed import initialize_from_env
+
+    initialize_from_env()
+
+
+def _batch_shardings(config, mesh, rules, with_logvar: bool):
+    spec = logical_to_spec(("batch",), rules)
+    axes = spec[0] if len(spec) else None
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if a in mesh.shape)
+    sharding = NamedSharding(mesh, PartitionSpec(axes if axes else None))
+    keys = ["latents", "text"] + (["latents_logvar"] if with_logvar else [])
+    return {k: sharding for k in keys}
+
+
+def _global_shapes(config, micro: int, with_logvar: bool) -> dict[str, tuple[int, ...]]:
+    m, s = config.model, config.stage
+    lat = (micro, s.latent_frames, m.in_channels, s.latent_height, s.latent_width)
+    shapes = {"latents": lat, "text": (micro, s.num_segments, s.text_length, m.text_embed_dim)}
+    if with_logvar:
+        shapes["latents_logvar"] = lat
+    return shapes
+
+
+def _tokens_per_step(config, micro: int) -> int:
+    m, s = config.model, config.stage
+    video = s.latent_frames * (s.latent_height // m.patch_size) * (s.latent_width // m.patch_size)
+    return micro * (video + s.num_segments * s.text_length)
+
+
+def _position_iterator(iterator, local_consumed: int, shard_index: int, shard_count: int,
+                       worker_count: int) -> None:
+    """Puts a fresh Grain iterator after `local_consumed` examples of this host's shard."""
+    state = json.loads(iterator.get_state())
+    c, w = local_consumed, max(worker_count, 1)
+    if c == 0:
+        return
+    g = w * shard_count
+    if worker_count == 0:
+        state["last_seen_indices"] = {"0": (c - 1) * shard_count + shard_index}
+    else:
+        seen = {}
+        for i in range(w):
+            produced = max(0, (c - i + w - 1) // w)
+            seen[str(i)] = shard_index - g + i * shard_count + produced * g
+        state["last_seen_indices"] = seen
+        state["last_worker_index"] = (c - 1) % w
+    iterator.set_state(json.dumps(state, indent=4).encode())
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+    """Runs (or resumes) training as configured; see the module doc."""
+    config_lib.validate(config)
+    _initialize_distributed()
+    sizes = config_lib.validate_mesh(config, jax.device_count())
+    mesh = make_mesh(sizes)
+    rules = config_lib.rules(config)
+    is_primary = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_primary:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json(indent=2, sort_keys=True))
+
+    # ---------------------------------------------------------------- data
+    source, transform = data_loader.open_training_source(config)
+    with_logvar = config.data.dataset == "latents"
+    micro = config_lib.micro_batch_size(config)
+    batch_sh = _batch_shardings(config, mesh, rules, with_logvar)
+    shapes = _global_shapes(config, micro, with_logvar)
+    shard_index, shard_count = data_loader.host_rows(batch_sh["latents"], shapes["latents"])
+    loader = data_loader.make_loader(
+        source, transform, global_batch=micro, shard_index=shard_index, shard_count=shard_count,
+        seed=config.seed, shuffle=config.data.shuffle, worker_count=config.data.worker_count)
+    iterator = iter(loader)
+
+    # ---------------------------------------------------------------- model and optimiser
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        spec = model_spec(config.model, mesh, rules)
+    accum = config.train.grad_accum_steps
+    tx, schedules = make_optimizer(config.optim, spec.abstract, trainable=config.train.trainable,
+                                   total_steps=config.steps // accum, grad_accum_steps=accum)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(tx.init, spec.abstract)
+    opt_sh = optimizer_shardings(abstract_opt, spec.shardings, replicated)
+    abstract_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_opt, opt_sh)
+    step_fn = make_train_step(
+        spec, tx, trainable=trainable_mask(spec.abstract, config.train.trainable),
+        schedule=NoiseSchedule(**config.diffusion.to_dict()), schedules=schedules,
+        seed=config.seed, prompt_dropout=config.train.prompt_dropout, grad_accum_steps=accum,
+        param_shardings=spec.shardings, opt_shardings=opt_sh, batch_shardings=batch_sh, mesh=mesh)
+
+    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep,
+                        async_save=config.checkpoint.async_save)
+    latest = ckpt.latest_step()
+    messages = []
+    if latest is not None:
+        params, opt_state, meta, data_ok = ckpt.restore(latest, spec.abstract, abstract_opt,
+                                                        iterator)
+        counters = {k: jax.device_put(np.int32(meta["counters"][k]), replicated)
+                    for k in meta["counters"]}
+        if not data_ok:
+            _position_iterator(iterator, meta["examples_consumed"] // shard_count, shard_index,
+                               shard_count, config.data.worker_count)
+        messages.append(f"resumed from {ckpt.directory}/{latest} (step {latest})")
+    else:
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            if config.checkpoint.init_from:
+                params, report = load_params(spec, config.checkpoint.init_from, config.seed)
+                messages.append(report)
+            else:
+                params = init_params(spec, config.seed)
+        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+        counters = {k: jax.device_put(v, replicated) for k, v in initial_counters().items()}
+    start = int(counters["step"])
+
+    logger = MetricsLogger(workdir, total_steps=config.steps, start_step=start,
+                           tokens_per_step=_tokens_per_step(config, micro), enabled=is_primary,
+                           progress_bar=config.train.progress_bar)
+    for m in messages:
+        logger.message(m)
+    watch = PreemptionWatch()
+    records, pending = [], []
+    last_saved = latest
+    preempted = False
+
+    def save(step_done: int) -> None:
+        host = {k: int(v) for k, v in jax.device_get(counters).items()}
+        meta = {"counters": host, "examples_consumed": step_done * micro,
+                "config": json.loads(config.to_json())}
+        ckpt.save(step_done, params, opt_state, meta, iterator.get_state())
+
+    def check_diverged(in_a_row: int, at_step: int) -> None:
+        if in_a_row >= config.train.max_nonfinite_in_a_row:
+            raise TrainingDiverged(
+                f"stopping at step {at_step}: {in_a_row} non-finite losses in a row (their "
+                "updates were skipped); lower the learning rate or check the data; last "
+                f"checkpoint: {last_saved if last_saved is not None else 'none'}")
+
+    try:
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            for step in range(start, config.steps):
+                local = next(iterator)
+                batch = {k: jax.make_array_from_process_local_data(batch_sh[k], local[k], shapes[k])
+                         for k in batch_sh}
+                previous = counters  # not donated: readable after the next step is queued
+                params, opt_state, counters, metrics = step_fn(params, opt_state, counters, batch)
+                pending.append(metrics)
+                done = step + 1
+                if step == start:
+                    jax.block_until_ready(metrics)   # compilation is not throughput
+                    logger.reset_clock(done)
+                else:
+                    check_diverged(int(previous["nonfinite_in_a_row"]), done - 1)
+                logger.advance()
+                if done % config.log_every == 0 or done == config.steps:
+                    window = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
+                    pending = []
+                    host_counters = {k: int(v) for k, v in jax.device_get(counters).items()}
+                    records.append(logger.log(done, window, host_counters))
+                    check_diverged(host_counters["nonfinite_in_a_row"], done)
+                preempted = watch.requested(done)
+                if done % config.checkpoint_every == 0 or done == config.steps or preempted:
+                    save(done)
+                    last_saved = done
+                if preempted:
+                    ckpt.wait()
+                    logger.message(f"preempted: saved step {done} to {ckpt.directory}; rerun the "
+                                   "same command to resume")
+                    break
+    finally:
+        watch.close()
+        ckpt.close()
+        logger.close()
+    host = {k: int(v) for k, v in jax.device_get(counters).items()}
+    return TrainResult(step=host["step"], updates=host["updates"],
+                       nonfinite_total=host["nonfinite_total"], preempted=preempted,
+                       last_checkpoint=last_saved, records=records)
+

@@ -1,0 +1,99 @@
+"""Training metrics: progress bar, console, TensorBoard and `WORKDIR/metrics.jsonl`.
+
+Every `log_every` steps one record is written (process 0 only):
+
+    {"step": 120, "loss": 0.41, "grad_norm": 1.3, "lr_pretrained": 1e-05, "lr_new": 0.0001,
+     "steps_per_sec": 3.2, "tokens_per_sec": 2900.0, "nonfinite_total": 0}
+
+`loss` and `grad_norm` are means over the steps since the previous record (with
+`log_every = 1`, exactly each step's values); steps whose loss was not finite are left out
+of the means and counted in `nonfinite_total`. The same values go to TensorBoard event files
+under `WORKDIR/tensorboard` (tensorboardX) and to the console; the tqdm bar shows loss and
+throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+
+class MetricsLogger:
+    """Writes metric records; a no-op on processes other than 0 (`enabled=False`)."""
+
+    def __init__(self, workdir: str, *, total_steps: int, start_step: int, tokens_per_step: int,
+                 enabled: bool = True, progress_bar: bool = True):
+        self.enabled = enabled
+        self.tokens_per_step = tokens_per_step
+        self._last_time, self._last_step = time.perf_counter(), start_step
+        self._writer = self._bar = self._jsonl = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                             dynamic_ncols=True, file=sys.stderr)
+
+    def reset_clock(self, step: int) -> None:
+        """Restarts the throughput clock (after compilation, so it does not count)."""
+        self._last_time, self._last_step = time.perf_counter(), step
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def log(self, step: int, window: list[dict], counters: dict) -> dict:
+        """Summarises the per-step metric dicts of `window` (host floats) as the record of `step`."""
+        now = time.perf_counter()
+        elapsed = max(now - self._last_time, 1e-9)
+        steps_per_sec = (step - self._last_step) / elapsed
+        self._last_time, self._last_step = now, step
+        finite = [m for m in window if m["finite"] > 0]
+        mean = lambda k: float(np.mean([m[k] for m in finite])) if finite else math.nan  # noqa: E731
+        record = {"step": int(step), "loss": mean("loss"), "grad_norm": mean("grad_norm")}
+        for key in sorted(window[-1]):
+            if key.startswith("lr_"):
+                record[key] = float(window[-1][key])
+        record.update(steps_per_sec=steps_per_sec,
+                      tokens_per_sec=steps_per_sec * self.tokens_per_step,
+                      nonfinite_total=int(counters["nonfinite_total"]))
+        if not self.enabled:
+            return record
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for key, value in record.items():
+            if key != "step" and math.isfinite(value):
+                self._writer.add_scalar(f"train/{key}", value, step)
+        text = (f"step {step}: loss {record['loss']:.4f}, grad norm {record['grad_norm']:.3f}, "
+                f"{steps_per_sec:.2f} steps/s, {record['tokens_per_sec']:.0f} tokens/s")
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", steps_s=f"{steps_per_sec:.2f}",
+                                  tokens_s=f"{record['tokens_per_sec']:.0f}")
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+        return record
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        (self._bar.write if self._bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()

@@ -1,0 +1,172 @@
+"""The DiT as plain parameter trees for training: structure, shardings, init and warm starts.
+
+Training keeps the parameters as a nested dict of arrays (`nnx.to_pure_dict` layout, e.g.
+`params["blocks"]["attn"]["to_q"]["kernel"]`), which optax, Orbax and jit handle directly
+and which does not depend on the mesh. `ModelSpec.apply` rebuilds the NNX module from such a
+dict inside the traced step.
+
+Warm starts (`load_params`), by what the path holds:
+  - a converted CogVideoX checkpoint (`model_config.json` + `state/`, written by
+    `python -m tttjax.convert`): the pretrained weights, and the mixer if it has one;
+  - a training workdir (`checkpoints/<step>/params`), e.g. the previous stage's: its
+    latest parameters (stage chaining; optimiser state, step and data position start afresh).
+Parameters the source lacks may only be the mixer slot's (TTT layer and gates): they are
+initialised fresh, as SPEC section 1/2 prescribes. Anything else missing, or any shape
+mismatch, is an error naming the parameters. Every tensor is restored straight into its
+sharding on the current mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+from jax.sharding import Mesh
+
+from tttjax.models.dit import CogVideoXDiT
+from tttjax.sharding import LogicalRules, state_shardings
+from tttjax.train.optimizer import is_new, path_names
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """Static description of the model: graph, abstract parameters and their shardings."""
+
+    config: ml_collections.ConfigDict
+    graphdef: Any
+    template: Any                 # abstract nnx.State of the parameters (for merging)
+    abstract: Params              # pure dict of ShapeDtypeStruct with shardings
+    shardings: Params             # pure dict of NamedSharding
+
+    def apply(self, params: Params, latents: jax.Array, text: jax.Array, timesteps: jax.Array
+              ) -> jax.Array:
+        """The DiT's forward pass with `params` (call inside jit)."""
+        state = jax.tree.map(lambda x: x, self.template)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)(latents, text, timesteps)
+
+
+def model_spec(model_config: ml_collections.ConfigDict, mesh: Mesh, rules: LogicalRules
+               ) -> ModelSpec:
+    abstract_model = nnx.eval_shape(lambda: CogVideoXDiT(model_config, rngs=nnx.Rngs(0)))
+    graphdef, template, rest = nnx.split(abstract_model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError("the DiT holds non-parameter state; the trainer only carries parameters")
+    shardings = nnx.to_pure_dict(state_shardings(template, mesh, rules))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            nnx.to_pure_dict(template), shardings)
+    return ModelSpec(model_config, graphdef, template, abstract, shardings)
+
+
+def _names(tree) -> dict[str, Any]:
+    return {"/".join(path_names(p)): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflatten(flat: dict[str, Any]) -> Params:
+    out: Params = {}
+    for name, value in flat.items():
+        node = out
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def init_params(spec: ModelSpec, seed: int, only: set[str] | None = None) -> Params:
+    """Fresh parameters (all, or the names in `only`), created directly in their shardings.
+
+    Only the requested tensors are returned from the jitted initialiser, so XLA drops the
+    initialisers of the others.
+    """
+    flat_sh = _names(spec.shardings)
+    keep = sorted(flat_sh if only is None else only)
+
+    def init():
+        model = CogVideoXDiT(spec.config, rngs=nnx.Rngs(seed))
+        flat = _names(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        return {k: flat[k] for k in keep}
+
+    values = jax.jit(init, out_shardings={k: flat_sh[k] for k in keep})()
+    return _unflatten(values)
+
+
+def _latest_params_dir(workdir: str) -> str | None:
+    root = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    steps = [int(d) for d in os.listdir(root) if d.isdigit()
+             and os.path.isdir(os.path.join(root, d, "params"))]
+    return os.path.join(root, str(max(steps)), "params") if steps else None
+
+
+def checkpoint_kind(path: str) -> tuple[str, str]:
+    """('converted' | 'stage', directory holding the Orbax parameter tree) for a warm start."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, "model_config.json")):
+        return "converted", os.path.join(path, "state")
+    params_dir = _latest_params_dir(path)
+    if params_dir is not None:
+        return "stage", params_dir
+    if os.path.basename(path.rstrip("/")) == "params" and os.path.isdir(path):
+        return "stage", path
+    raise ValueError(f"config.checkpoint.init_from={path!r} is neither a converted checkpoint "
+                     "(model_config.json + state/) nor a training workdir with checkpoints/; "
+                     "give the folder written by `python -m tttjax.convert` or a previous "
+                     "stage's --workdir")
+
+
+def load_params(spec: ModelSpec, path: str, seed: int) -> tuple[Params, str]:
+    """Parameters from a converted checkpoint or a previous stage (see the module doc).
+
+    Returns (params, one-line report of what was loaded and what was initialised fresh).
+    """
+    import orbax.checkpoint as ocp
+
+    kind, directory = checkpoint_kind(path)
+    stored_meta = ocp.PyTreeCheckpointer().metadata(directory)
+    stored_tree = getattr(stored_meta, "item_metadata", stored_meta)
+    stored_tree = getattr(stored_tree, "tree", stored_tree)
+    stored = _names(stored_tree)
+    suffix = "/value" if kind == "converted" else ""  # nnx.State keeps Variables' `value`
+    wanted = _names(spec.abstract)
+
+    found, missing, mismatched = {}, [], []
+    for name, target in wanted.items():
+        meta = stored.get(name + suffix)
+        if meta is None:
+            missing.append(name)
+        elif tuple(meta.shape) != tuple(target.shape):
+            mismatched.append(f"{name}: stored {tuple(meta.shape)}, model {tuple(target.shape)}")
+        else:
+            found[name + suffix] = target
+    not_mixer = [m for m in missing if not is_new(tuple(m.split("/")))]
+    if mismatched or not_mixer:
+        raise ValueError(
+            f"{path} does not fit config.model: "
+            + (f"shape mismatches {mismatched}; " if mismatched else "")
+            + (f"missing parameters {not_mixer[:8]}{' ...' if len(not_mixer) > 8 else ''}; "
+               if not_mixer else "")
+            + "check the model config (width, layers, mixer) against the checkpoint")
+
+    target = _unflatten(found)
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+        target)
+    restored = ocp.PyTreeCheckpointer().restore(
+        directory, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                               partial_restore=True))
+    flat = {k[: len(k) - len(suffix)] if suffix else k: v for k, v in _names(restored).items()}
+    if missing:
+        flat.update(_names(init_params(spec, seed, only=set(missing))))
+    ignored = len(set(stored) - {n + suffix for n in wanted})
+    report = (f"initialised from {kind} checkpoint {directory}: {len(found)} tensors loaded, "
+              f"{len(missing)} mixer tensors initialised fresh"
+              + (f", {ignored} stored tensors unused" if ignored else ""))
+    return _unflatten(flat), report
