@@ -1,0 +1,152 @@
+"""Softmax-attention sequence mixers: full, sliding-window and local attention.
+
+All three share the CogVideoX attention layout: q/k/v/o projections `Linear(D, D)` with bias
+(N(0, 0.02), bias 0), optional per-head LayerNorm on q and k (eps 1e-6, as CogVideoX), RoPE
+from the `rope` argument applied to q and k, and differ only in which keys a query sees:
+
+- `FullAttention`: every key (causal: every earlier key). O(L^2).
+- `SlidingWindowAttention`: `window` keys around the query (the paper: 8192 tokens, about
+  1.5 s of 480x720 video). Causal: the query and the `window - 1` keys before it; otherwise
+  `window // 2` keys before and `window - 1 - window // 2` after. O(L * window).
+- `LocalAttention`: non-overlapping windows of `window` tokens (attention cost of the
+  paper's local-attention-only baseline; used by the mixer benchmark). O(L * window).
+
+Call: `layer(x [B, L, D], *, rope=None) -> [B, L, D]` with rope (cos, sin) each [L, d] or
+[B, L, d].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tttjax.ops import attention as attention_ops
+from tttjax.ops.rope import apply_rope
+from tttjax.sharding import with_logical_constraint
+
+_INIT_STD = 0.02
+_QK_NORM_EPS = 1e-6
+
+
+class _AttentionMixer(nnx.Module):
+    def __init__(self, width: int, num_heads: int, *, causal: bool = False, qk_norm: bool = True,
+                 use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        name = type(self).__name__
+        if width % num_heads:
+            raise ValueError(f"{name}: width {width} must be divisible by num_heads {num_heads}")
+        self.width, self.num_heads, self.head_dim = width, num_heads, width // num_heads
+        self.causal, self.dtype = causal, dtype
+        normal = nnx.initializers.normal(_INIT_STD)
+
+        def linear(names):
+            return nnx.Linear(width, width, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                              kernel_init=nnx.with_partitioning(normal, names),
+                              bias_init=nnx.with_partitioning(nnx.initializers.zeros, names[1:]),
+                              rngs=rngs)
+
+        self.wq, self.wk, self.wv = (linear(("embed", "heads")) for _ in range(3))
+        self.wo = linear(("heads", "embed"))
+        self.qk_norm = qk_norm
+        if qk_norm:
+            d = self.head_dim
+            ones = lambda: nnx.Param(jnp.ones((d,), param_dtype), out_sharding=("kv",))  # noqa: E731
+            zeros = lambda: nnx.Param(jnp.zeros((d,), param_dtype), out_sharding=("kv",))  # noqa: E731
+            self.q_norm_scale, self.q_norm_bias = ones(), zeros()
+            self.k_norm_scale, self.k_norm_bias = ones(), zeros()
+
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        raise TypeError(f"{type(self).__name__} is abstract; use FullAttention, "
+                        "SlidingWindowAttention or LocalAttention")
+
+    @staticmethod
+    def _layer_norm(y, scale, bias):
+        yf = y.astype(jnp.float32)
+        mu = jnp.mean(yf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(yf - mu), axis=-1, keepdims=True)
+        out = (yf - mu) * jax.lax.rsqrt(var + _QK_NORM_EPS) * scale[...] + bias[...]
+        return out.astype(y.dtype)
+
+    def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None
+                 ) -> jax.Array:
+        """x [B, L, D] -> [B, L, D]; rope: optional (cos, sin) each [L, d] or [B, L, d]."""
+        bsz, length, width = x.shape
+        if width != self.width:
+            raise ValueError(f"{type(self).__name__}: input width {width} != layer width {self.width}")
+        x = x.astype(self.dtype)
+
+        def heads(y):
+            y = y.reshape(bsz, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+            return with_logical_constraint(y, ("batch", "heads", "length", "kv"))
+
+        q, k, v = heads(self.wq(x)), heads(self.wk(x)), heads(self.wv(x))
+        if self.qk_norm:
+            q = self._layer_norm(q, self.q_norm_scale, self.q_norm_bias)
+            k = self._layer_norm(k, self.k_norm_scale, self.k_norm_bias)
+        if rope is not None:
+            cos, sin = rope
+            if cos.ndim == 3:  # per-example tables [B, L, d] -> broadcast over heads
+                cos, sin = cos[:, None], sin[:, None]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = self._attend(q, k, v)
+        y = y.transpose(0, 2, 1, 3).reshape(bsz, length, width)
+        y = with_logical_constraint(y, ("batch", "length", "embed"))
+        return self.wo(y)
+
+
+class FullAttention(_AttentionMixer):
+    """Attention over the whole sequence.
+
+    `implementation`: None / "xla" / "cudnn" (`jax.nn.dot_product_attention`) or "chunked"
+    (online softmax over blocks of `chunk` keys, memory O(L * chunk)).
+    """
+
+    def __init__(self, width: int, num_heads: int, *, implementation: str | None = None,
+                 chunk: int = 1024, **kwargs):
+        if implementation not in (None, "xla", "cudnn", "chunked"):
+            raise ValueError(f"FullAttention: implementation must be None, 'xla', 'cudnn' or "
+                             f"'chunked', got {implementation!r}")
+        super().__init__(width, num_heads, **kwargs)
+        self.implementation, self.chunk = implementation, chunk
+
+    def _attend(self, q, k, v):
+        if self.implementation == "chunked":
+            return attention_ops.chunked_attention(q, k, v, chunk=self.chunk, causal=self.causal)
+        return attention_ops.full_attention(q, k, v, causal=self.causal,
+                                            implementation=self.implementation)
+
+
+class SlidingWindowAttention(_AttentionMixer):
+    """Each query sees `window` keys: the previous `window - 1` (causal) or centred on it."""
+
+    def __init__(self, width: int, num_heads: int, *, window: int = 8192,
+                 block_size: int | None = None, **kwargs):
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"SlidingWindowAttention: window must be a positive int, got {window!r}")
+        super().__init__(width, num_heads, **kwargs)
+        self.window, self.block_size = window, block_size
+
+    @property
+    def extent(self) -> tuple[int, int]:
+        """(left, right) keys around each query."""
+        if self.causal:
+            return self.window - 1, 0
+        return self.window // 2, self.window - 1 - self.window // 2
+
+    def _attend(self, q, k, v):
+        return attention_ops.sliding_window_attention(q, k, v, window=self.extent,
+                                                      block_size=self.block_size)
+
+
+class LocalAttention(_AttentionMixer):
+    """Attention inside consecutive non-overlapping windows of `window` tokens."""
+
+    def __init__(self, width: int, num_heads: int, *, window: int = 8192, **kwargs):
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"LocalAttention: window must be a positive int, got {window!r}")
+        super().__init__(width, num_heads, **kwargs)
+        self.window = window
+
+    def _attend(self, q, k, v):
+        return attention_ops.local_attention(q, k, v, window=self.window, causal=self.causal)

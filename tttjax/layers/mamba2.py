@@ -1,0 +1,120 @@
+"""Mamba 2 sequence mixer (SPEC section 7; mamba_ssm's `Mamba2` block).
+
+    z, xs, (B, C), dt_raw = in_proj(x)                   d_inner = expand * D
+    xs, B, C = SiLU(causal_conv4([xs, B, C]))            depthwise, with bias
+    dt = softplus(dt_raw + dt_bias),  A = -exp(A_log)    per head
+    y  = ssd(xs, dt, A, B, C) + D * xs                   (tttjax.ops.ssd)
+    out = out_proj(RMSNorm(y * SiLU(z)) * weight)        norm over each group's d_inner / G channels
+
+mamba_ssm's single `in_proj` (columns z | x | B | C | dt) and single conv over x|B|C are
+stored here as separate kernels (`z_proj, x_proj, bc_proj, dt_proj`; `x_conv, bc_conv`):
+the same function, but each piece carries its own sharding (head-sharded z/x/dt, replicated
+B/C). Defaults as mamba_ssm: expand 2, d_state 128, 1 group, conv width 4, chunk 256,
+A ~ U(1, 16) stored as log, dt_bias = softplus^-1 of log-uniform dt in [1e-3, 0.1] (floor
+1e-4), D = 1, conv init U(+-1/sqrt(4)). Linear layers are N(0, 0.02) without bias.
+Heads: `head_dim` defaults to `width / num_heads` (64 at the DiT's 48 x 64 shape, mamba_ssm's
+default); the layer then has `expand * width / head_dim` heads (96 for CogVideoX-5B).
+
+Causal in time; `tttjax.layers.registry` adds the reversed pass for the bidirectional
+setting. RoPE is not used (the `rope` argument is accepted and ignored).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tttjax.layers import ssm_init
+from tttjax.ops.causal_conv import causal_depthwise_conv
+from tttjax.ops.gated_rms_norm import gated_rms_norm
+from tttjax.ops.ssd import ssd
+from tttjax.sharding import with_logical_constraint
+
+_INIT_STD = 0.02
+
+
+def _linear(d_in, d_out, names, *, dtype, param_dtype, rngs):
+    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=nnx.with_partitioning(nnx.initializers.normal(_INIT_STD), names),
+                      rngs=rngs)
+
+
+class Mamba2(nnx.Module):
+    """Mamba 2 mixer: `layer(x [B, L, D], *, rope=None) -> [B, L, D]`."""
+
+    def __init__(self, width: int, num_heads: int, *, d_state: int = 128, expand: int = 2,
+                 head_dim: int | None = None, ngroups: int = 1, conv_size: int = 4,
+                 chunk_size: int = 256, norm_eps: float = 1e-5,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if head_dim is None:
+            if width % num_heads:
+                raise ValueError(f"Mamba2: width {width} must be divisible by num_heads {num_heads} "
+                                 "(or give head_dim)")
+            head_dim = width // num_heads
+        d_inner = expand * width
+        if d_inner % head_dim:
+            raise ValueError(f"Mamba2: expand * width = {d_inner} must be a multiple of head_dim "
+                             f"{head_dim}")
+        nheads = d_inner // head_dim
+        if nheads % ngroups:
+            raise ValueError(f"Mamba2: ngroups {ngroups} must divide the number of heads {nheads}")
+        if min(d_state, conv_size, chunk_size, ngroups) < 1:
+            raise ValueError("Mamba2: d_state, conv_size, chunk_size and ngroups must be >= 1")
+        self.width, self.num_heads, self.head_dim = width, nheads, head_dim
+        self.d_inner, self.d_state, self.ngroups = d_inner, d_state, ngroups
+        self.chunk_size, self.norm_eps, self.dtype = chunk_size, norm_eps, dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        bc_dim = 2 * ngroups * d_state
+        self.z_proj = _linear(width, d_inner, ("embed", "heads"), **kw)
+        self.x_proj = _linear(width, d_inner, ("embed", "heads"), **kw)
+        self.bc_proj = _linear(width, bc_dim, ("embed", "state"), **kw)
+        self.dt_proj = _linear(width, nheads, ("embed", "heads"), **kw)
+        self.out_proj = _linear(d_inner, width, ("heads", "embed"), **kw)
+
+        def conv(channels, axis):
+            kernel = ssm_init.uniform_fan_in(rngs.params(), (conv_size, channels), conv_size, param_dtype)
+            bias = ssm_init.uniform_fan_in(rngs.params(), (channels,), conv_size, param_dtype)
+            return (nnx.Param(kernel, out_sharding=("conv", axis)),
+                    nnx.Param(bias, out_sharding=(axis,)))
+
+        self.x_conv, self.x_conv_bias = conv(d_inner, "heads")
+        self.bc_conv, self.bc_conv_bias = conv(bc_dim, "state")
+        self.A_log = nnx.Param(ssm_init.a_log(rngs.params(), (nheads,), low=1.0, high=16.0,
+                                              dtype=param_dtype), out_sharding=("heads",))
+        self.dt_bias = nnx.Param(ssm_init.dt_bias(rngs.params(), (nheads,), dtype=param_dtype),
+                                 out_sharding=("heads",))
+        self.D = nnx.Param(jnp.ones((nheads,), param_dtype), out_sharding=("heads",))
+        self.norm_weight = nnx.Param(jnp.ones((nheads, head_dim), param_dtype),
+                                     out_sharding=("heads", "kv"))
+
+    def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None
+                 ) -> jax.Array:
+        """x [B, L, D] -> [B, L, D]; `rope` is ignored."""
+        del rope
+        bsz, length, width = x.shape
+        if width != self.width:
+            raise ValueError(f"Mamba2: input width {width} != layer width {self.width}")
+        x = x.astype(self.dtype)
+        h, p, g, n = self.num_heads, self.head_dim, self.ngroups, self.d_state
+
+        xs = jax.nn.silu(causal_depthwise_conv(self.x_proj(x), self.x_conv[...], self.x_conv_bias[...]))
+        bc = jax.nn.silu(causal_depthwise_conv(self.bc_proj(x), self.bc_conv[...], self.bc_conv_bias[...]))
+        xs = with_logical_constraint(xs.reshape(bsz, length, h, p).transpose(0, 2, 1, 3),
+                                     ("batch", "heads", "length", "kv"))
+        bc = bc.reshape(bsz, length, 2, g, n).transpose(2, 0, 3, 1, 4)   # [2, B, G, L, N]
+        dt = jax.nn.softplus(self.dt_proj(x).astype(jnp.float32)
+                             + self.dt_bias[...].astype(jnp.float32)).transpose(0, 2, 1)
+        a = -jnp.exp(self.A_log[...].astype(jnp.float32))
+
+        y = ssd(xs.astype(jnp.float32), dt, a, bc[0], bc[1], chunk_size=self.chunk_size)
+        y = y + self.D[...].astype(jnp.float32)[:, None, None] * xs.astype(jnp.float32)
+        y = with_logical_constraint(y.transpose(0, 2, 1, 3), ("batch", "length", "heads", "kv"))
+        z = self.z_proj(x).reshape(bsz, length, h, p)
+        # Normalisation groups span h / G whole heads: flatten them into the last axis.
+        group = lambda a: a.reshape(bsz, length, g, (h // g) * p)  # noqa: E731
+        y = gated_rms_norm(group(y), group(z.astype(jnp.float32)),
+                           self.norm_weight[...].reshape(g, (h // g) * p),
+                           eps=self.norm_eps, norm_before_gate=False)
+        y = y.reshape(bsz, length, self.d_inner).astype(self.dtype)
+        return with_logical_constraint(self.out_proj(y), ("batch", "length", "embed"))
