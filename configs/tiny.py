@@ -63,6 +63,7 @@ def get_config(arg: str = "none") -> ml_collections.ConfigDict:
         dataset="toon_storyboards", builder_config="tiny", builder_overrides={}, data_dir="",
         manual_dir="", split="train", shuffle=True, worker_count=0, text_encoder_seed=0,
         toy_latent_seed=0))
-    config.mesh = ml_collections.ConfigDict(dict(axes=dict(data=-1, fsdp=1, tensor=1), rules=()))
+    config.mesh = ml_collections.ConfigDict(dict(axes=dict(data=-1, fsdp=1, tensor=1), rules=(),
+                                                  num_devices=0))
     config.checkpoint = ml_collections.ConfigDict(dict(keep=3, async_save=True, init_from=""))
     return config

@@ -116,8 +116,12 @@ class Latents(tfds.core.GeneratorBasedBuilder):
         return self.dataset_info_from_configs(
             description=__doc__.split("\n")[0],
             features=tfds.features.FeaturesDict({
-                "latents_mean": tfds.features.Tensor(shape=(None, c, None, None), dtype=np.float16),
-                "latents_logvar": tfds.features.Tensor(shape=(None, c, None, None), dtype=np.float16),
+                # raw bytes: several unknown dims, and float noise does not compress anyway
+                "latents_mean": tfds.features.Tensor(shape=(None, c, None, None), dtype=np.float16,
+                                                     encoding=tfds.features.Encoding.BYTES),
+                "latents_logvar": tfds.features.Tensor(shape=(None, c, None, None),
+                                                       dtype=np.float16,
+                                                       encoding=tfds.features.Encoding.BYTES),
                 "text": tfds.features.Tensor(shape=(None, s, d), dtype=np.float16),
                 "scene_start": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
                 "scene_end": tfds.features.Tensor(shape=(None,), dtype=np.bool_),

@@ -15,7 +15,8 @@ A training config (`configs/tiny.py`, `configs/cogvideox_5b.py`) holds, besides 
                 data_dir, manual_dir, split, shuffle, worker_count, text_encoder_seed,
                 toy_latent_seed
     mesh        axes {name: size, one may be -1}, rules (logical axis -> mesh axes; empty =
-                tttjax.sharding.DEFAULT_RULES)
+                tttjax.sharding.DEFAULT_RULES), num_devices (0 = all devices; N = the first
+                N devices of a single process, e.g. to compare meshes in one test process)
     checkpoint  keep, async_save, init_from ("" | converted checkpoint | previous workdir)
 
 `validate(config)` checks all of it, including that the dataset's geometry matches the model
@@ -192,6 +193,16 @@ def _check_batch_divides(config, axes: dict) -> None:
           f"the micro-batch ({config.train.global_batch_size} / {config.train.grad_accum_steps} "
           f"accumulation steps = {micro}) must be divisible by the {shards} batch shards of mesh "
           f"axes {batch_mesh_axes(config)}; change train.global_batch_size or config.mesh.axes")
+
+
+def mesh_device_count(config, available: int, process_count: int = 1) -> int:
+    """Devices the run's mesh uses: all, or config.mesh.num_devices of them."""
+    n = config.mesh.get("num_devices", 0) or 0
+    _int(n, "mesh.num_devices", lo=0)
+    _need(n <= available, f"config.mesh.num_devices={n} but only {available} devices are present")
+    _need(n in (0, available) or process_count == 1,
+          "config.mesh.num_devices must be 0 (all devices) in a multi-process run")
+    return n or available
 
 
 def validate_mesh(config, num_devices: int) -> dict[str, int]:

@@ -103,12 +103,18 @@ def _position_iterator(iterator, local_consumed: int, shard_index: int, shard_co
     iterator.set_state(json.dumps(state, indent=4).encode())
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
-    """Runs (or resumes) training as configured; see the module doc."""
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None
+          ) -> TrainResult:
+    """Runs (or resumes) training as configured; see the module doc.
+
+    `stop_at` ends this call after that many steps in total, saving a checkpoint as a
+    preemption would (for time-limited jobs and tests); the next call resumes from it.
+    """
     config_lib.validate(config)
     _initialize_distributed()
-    sizes = config_lib.validate_mesh(config, jax.device_count())
-    mesh = make_mesh(sizes)
+    num_devices = config_lib.mesh_device_count(config, jax.device_count(), jax.process_count())
+    sizes = config_lib.validate_mesh(config, num_devices)
+    mesh = make_mesh(sizes, devices=jax.devices()[:num_devices])
     rules = config_lib.rules(config)
     is_primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
@@ -214,14 +220,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                     host_counters = {k: int(v) for k, v in jax.device_get(counters).items()}
                     records.append(logger.log(done, window, host_counters))
                     check_diverged(host_counters["nonfinite_in_a_row"], done)
-                preempted = watch.requested(done)
+                preempted = watch.requested(done) or done == stop_at
                 if done % config.checkpoint_every == 0 or done == config.steps or preempted:
                     save(done)
                     last_saved = done
                 if preempted:
                     ckpt.wait()
-                    logger.message(f"preempted: saved step {done} to {ckpt.directory}; rerun the "
-                                   "same command to resume")
+                    logger.message(f"stopped early: saved step {done} to {ckpt.directory}; rerun "
+                                   "the same command to resume")
                     break
     finally:
         watch.close()

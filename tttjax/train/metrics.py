@@ -57,7 +57,8 @@ class MetricsLogger:
         """Summarises the per-step metric dicts of `window` (host floats) as the record of `step`."""
         now = time.perf_counter()
         elapsed = max(now - self._last_time, 1e-9)
-        steps_per_sec = (step - self._last_step) / elapsed
+        # No throughput for a window that only held the (compiling) first step.
+        steps_per_sec = (step - self._last_step) / elapsed if step > self._last_step else math.nan
         self._last_time, self._last_step = now, step
         finite = [m for m in window if m["finite"] > 0]
         mean = lambda k: float(np.mean([m[k] for m in finite])) if finite else math.nan  # noqa: E731
@@ -70,7 +71,9 @@ class MetricsLogger:
                       nonfinite_total=int(counters["nonfinite_total"]))
         if not self.enabled:
             return record
-        self._jsonl.write(json.dumps(record) + "\n")
+        finite_or_null = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                          for k, v in record.items()}
+        self._jsonl.write(json.dumps(finite_or_null) + "\n")
         self._jsonl.flush()
         for key, value in record.items():
             if key != "step" and math.isfinite(value):
