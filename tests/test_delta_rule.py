@@ -1,0 +1,110 @@
+"""Chunked gated delta rule against the per-token float64 recurrence (values and gradients)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recurrence_reference import delta_rule_reference
+from tttjax.ops.delta_rule import gated_delta_rule
+
+
+def make_inputs(seed, b, h, length, dk, dv, decay=0.3):
+    rng = np.random.default_rng(seed)
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    q = unit(rng.standard_normal((b, h, length, dk)))
+    k = unit(rng.standard_normal((b, h, length, dk)))
+    v = rng.standard_normal((b, h, length, dv))
+    g = -decay * np.abs(rng.standard_normal((b, h, length)))
+    beta = 1 / (1 + np.exp(-rng.standard_normal((b, h, length))))
+    s0 = rng.standard_normal((b, h, dk, dv))
+    return q, k, v, g, beta, s0
+
+
+@pytest.mark.parametrize("shape,chunk", [
+    ((1, 2, 64, 8, 8), 16),     # L a multiple of the chunk
+    ((2, 2, 37, 8, 4), 16),     # padding, d_v != d_k
+    ((1, 1, 5, 4, 4), 64),      # shorter than one chunk
+    ((1, 3, 100, 16, 8), 32),   # several chunks + padding
+])
+def test_matches_per_token_recurrence(shape, chunk):
+    q, k, v, g, beta, s0 = make_inputs(0, *shape)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    o, s = gated_delta_rule(f32(q), f32(k), f32(v), f32(g), f32(beta), chunk_size=chunk,
+                            initial_state=f32(s0), return_state=True)
+    o_ref, s_ref = delta_rule_reference(q, k, v, g, beta, initial_state=s0)
+    np.testing.assert_allclose(o, o_ref, rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(s, s_ref, rtol=1e-4, atol=2e-5)
+    # zero initial state and default scale without the state
+    o0 = gated_delta_rule(f32(q), f32(k), f32(v), f32(g), f32(beta), chunk_size=chunk, scale=0.5)
+    np.testing.assert_allclose(o0, delta_rule_reference(q, k, v, g, beta, scale=0.5)[0],
+                               rtol=1e-4, atol=2e-5)
+
+
+def test_strong_decay_and_full_writes_stay_finite():
+    # g down to -20 per token: in-chunk decay ratios span exp(-600); must not overflow.
+    q, k, v, g, beta, _ = make_inputs(1, 1, 2, 40, 8, 8, decay=20.0)
+    beta = np.ones_like(beta)
+    o = gated_delta_rule(*(jnp.asarray(a, jnp.float32) for a in (q, k, v, g, beta)), chunk_size=32)
+    np.testing.assert_allclose(o, delta_rule_reference(q, k, v, g, beta)[0], rtol=1e-4, atol=2e-5)
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+    q, k, v, g, beta, _ = make_inputs(2, 1, 2, 48, 8, 8)
+    bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+    o = gated_delta_rule(bf(q), bf(k), bf(v), jnp.asarray(g, jnp.float32), jnp.asarray(beta, jnp.float32),
+                         chunk_size=16)
+    assert o.dtype == jnp.bfloat16
+    ref = delta_rule_reference(*(np.asarray(bf(a), np.float64) for a in (q, k, v)), g, beta)[0]
+    np.testing.assert_allclose(np.asarray(o, np.float64), ref, rtol=2e-2, atol=2e-2)
+
+
+def _scan_reference(q, k, v, g, beta, s0):
+    """jax per-token recurrence (differentiable; float64 under enable_x64)."""
+    scale = q.shape[-1] ** -0.5
+
+    def step(s, xs):
+        qt, kt, vt, gt, bt = xs
+        kts = jnp.einsum("bhk,bhkv->bhv", kt, s)
+        s = jnp.exp(gt)[..., None, None] * (s - bt[..., None, None] * kt[..., :, None] * kts[..., None, :])
+        s = s + bt[..., None, None] * kt[..., :, None] * vt[..., None, :]
+        return s, scale * jnp.einsum("bhkv,bhk->bhv", s, qt)
+
+    t = lambda a: jnp.moveaxis(a, 2, 0)  # noqa: E731
+    s, o = jax.lax.scan(step, s0, (t(q), t(k), t(v), t(g), t(beta)))
+    return jnp.moveaxis(o, 0, 2), s
+
+
+def test_gradients_match_float64_recurrence():
+    inputs = make_inputs(3, 2, 2, 37, 8, 6)
+    rng = np.random.default_rng(4)
+    w_o = rng.standard_normal(inputs[2].shape)
+    w_s = rng.standard_normal(inputs[5].shape)
+
+    def loss_chunked(q, k, v, g, beta, s0):
+        o, s = gated_delta_rule(q, k, v, g, beta, chunk_size=16, initial_state=s0, return_state=True)
+        return jnp.sum(o * w_o.astype(np.float32)) + jnp.sum(s * w_s.astype(np.float32))
+
+    def loss_ref(q, k, v, g, beta, s0):
+        o, s = _scan_reference(q, k, v, g, beta, s0)
+        return jnp.sum(o * w_o) + jnp.sum(s * w_s)
+
+    got = jax.jit(jax.grad(loss_chunked, argnums=tuple(range(6))))(
+        *(jnp.asarray(a, jnp.float32) for a in inputs))
+    with jax.enable_x64(True):
+        want = jax.grad(loss_ref, argnums=tuple(range(6)))(*(jnp.asarray(a, jnp.float64) for a in inputs))
+        want = [np.asarray(w) for w in want]
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "s0"), got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=name)
+
+
+def test_bad_shapes_raise():
+    q, k, v, g, beta, s0 = (jnp.asarray(a, jnp.float32) for a in make_inputs(5, 1, 2, 8, 4, 4))
+    with pytest.raises(ValueError, match="g must be"):
+        gated_delta_rule(q, k, v, g[..., :4], beta)
+    with pytest.raises(ValueError, match="v must be"):
+        gated_delta_rule(q, k, v[:, :1], g, beta)
+    with pytest.raises(ValueError, match="initial_state"):
+        gated_delta_rule(q, k, v, g, beta, initial_state=s0[..., :2])
+    with pytest.raises(ValueError, match="chunk_size"):
+        gated_delta_rule(q, k, v, g, beta, chunk_size=0)
