@@ -34,6 +34,7 @@ setup(
         "tqdm",
         "tensorboardX",
         "pillow",
+        "sentencepiece",  # the T5 tokenizer (tttjax.text)
     ],
     extras_require={
         # Parity tests against the reference implementations (CPU torch only).
