@@ -274,3 +274,16 @@ def test_bad_arguments(texts):
         sample(_toy_v_jax, SHAPE, cond, None, key=key, guidance=4.0)
     with pytest.raises(ValueError, match="shapes"):
         sample(_toy_v_jax, SHAPE, cond, uncond[:, :3], key=key)
+
+
+def test_sampling_under_a_mesh_matches_one_device(texts):
+    from tttjax.sharding import make_mesh
+
+    cond, uncond = (jnp.asarray(a) for a in texts)
+    kw = dict(key=jax.random.key(5), steps=4)
+    ref = sample(_toy_v_jax, SHAPE, cond, uncond, **kw)
+    mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, jax.devices()[:2])
+    with jax.set_mesh(mesh):
+        out = sample(_toy_v_jax, SHAPE, cond, uncond, **kw)
+    assert out.sharding.spec[0] in ("data", ("data",), ("data", "fsdp"))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-6)

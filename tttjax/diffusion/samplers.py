@@ -44,6 +44,7 @@ from flax import nnx
 
 from tttjax.diffusion.guidance import Guidance, as_guidance, combine
 from tttjax.diffusion.schedule import DEFAULT_SCHEDULE, NoiseSchedule
+from tttjax.sharding import with_logical_constraint
 
 SAMPLERS = ("dpm++2m_sde", "ddim")
 SPACINGS = ("trailing", "leading", "linspace")
@@ -231,6 +232,9 @@ def _sample_loop(apply, plan: _Plan, state, cond, uncond, key):
             v_u, v_c = apply(state, x, uncond, t), apply(state, x, cond, t)
         return combine(v_u.astype(jnp.float32), v_c.astype(jnp.float32), jnp.asarray(scales)[i])
 
+    # Under a mesh, latents (and the noise) are split over the batch like the model's input.
+    names = ("batch",) + (None,) * (len(plan.shape) - 1)
+
     def body(i, carry):
         x, x0_prev = carry
         v = velocity(i, x)
@@ -239,9 +243,9 @@ def _sample_loop(apply, plan: _Plan, state, cond, uncond, key):
         x, x0 = apply_step(c, x, v, x0_prev, noise)
         if plan.progress is not None:
             jax.debug.callback(lambda step: plan.progress(int(step)), i)
-        return x, x0
+        return with_logical_constraint(x, names), x0
 
-    x = initial_latents(key, plan.shape)
+    x = with_logical_constraint(initial_latents(key, plan.shape), names)
     x, _ = jax.lax.fori_loop(0, plan.steps, body, (x, jnp.zeros_like(x)))
     return x
 
