@@ -153,7 +153,8 @@ def test_guidance_schedules():
 
 def _toy_v_jax(x, text, t):
     ctx = jnp.mean(text, axis=1)[:, None, :, None, None]
-    return 0.5 * jnp.tanh(x) + (t.astype(jnp.float32) / 1000.0 * 0.3)[:, None, None, None, None] * x + ctx
+    scale = (t.astype(jnp.float32) / 1000.0 * 0.3)[:, None, None, None, None]
+    return 0.5 * jnp.tanh(x) + scale * x + ctx
 
 
 def _toy_v_torch(x, text, t):

@@ -15,7 +15,7 @@ t_i to t_i - N // steps (alphabar = 1 past t = 0), as diffusers' CogVideoX sched
 
 Per step, with x0 = sqrt(abar_t) x - sqrt(1 - abar_t) v and lambda = log sqrt(abar/(1-abar)):
 
-  DDIM (eta 0)   x' = sqrt((1-abar')/(1-abar)) x + (sqrt(abar') - sqrt(abar) sqrt((1-abar')/(1-abar))) x0
+  DDIM (eta 0)   x' = c x + (sqrt(abar') - sqrt(abar) c) x0,   c = sqrt((1-abar')/(1-abar))
   DPM++(2M) SDE  h = lambda' - lambda,
                  x' = sqrt((1-abar')/(1-abar)) e^-h x - expm1(-2h) sqrt(abar') D
                       + sqrt(1-abar') sqrt(1 - e^-2h) z,     z ~ N(0, I)
@@ -283,7 +283,8 @@ def sample(model_fn, latents_shape, cond, uncond=None, *, key: jax.Array, steps:
     """
     shape = tuple(int(s) for s in latents_shape)
     if not shape or min(shape) < 1:
-        raise ValueError(f"latents_shape must be positive dims with the batch first, got {latents_shape}")
+        raise ValueError("latents_shape must be positive dims with the batch first, got "
+                         f"{latents_shape}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     guidance = as_guidance(guidance)

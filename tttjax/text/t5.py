@@ -8,7 +8,8 @@ The network (transformers' `T5EncoderModel`, eval mode), with x the token embedd
     for each layer:  x = x + O(Attention(RMS(x)))        no 1/sqrt(d) scaling; scores get the
                                                           relative position bias of layer 0
                      x = x + FF(RMS(x))                   relu: Wo relu(Wi x)
-                                                          gated-gelu (v1.1, XXL): Wo (gelu_tanh(W0 x) * W1 x)
+                                                          gated-gelu (v1.1, XXL):
+                                                            Wo (gelu_tanh(W0 x) * W1 x)
     out = RMS(x)                                          RMS(x) = w * x / sqrt(mean(x^2) + eps)
 
 Relative position bias: the key-minus-query distance is bucketed (bidirectional: half the

@@ -57,7 +57,8 @@ class T5SentencePieceTokenizer:
                 specials[token], next_id = next_id, next_id + 1
         self.special_tokens = dict(specials)
         ordered = sorted(self.special_tokens, key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(re.escape(t) for t in ordered) + ")") if ordered else None
+        self._split = (re.compile("(" + "|".join(re.escape(t) for t in ordered) + ")")
+                       if ordered else None)
 
     @classmethod
     def from_pretrained(cls, folder: str, *, extra_tokens: Sequence[str] = SCENE_TOKENS
