@@ -240,17 +240,31 @@ def test_loop_is_compiled_once_and_deterministic(texts):
     d = sample(model, SHAPE, cond, uncond, batched_cfg=False, **kw)
     np.testing.assert_allclose(np.asarray(d), np.asarray(a), rtol=1e-5, atol=1e-5)
     seen = []
-    sample(_toy_v_jax, SHAPE, cond, uncond, progress=seen.append, **kw)
-    jax.effects_barrier()
+    sample(model, SHAPE, cond, uncond, progress=seen.append, **kw)
     assert sorted(seen) == list(range(8))
+    traced, again = len(calls), []
+    sample(model, SHAPE, cond, uncond, progress=lambda i: again.append(i), **kw)
+    assert sorted(again) == list(range(8))
+    assert len(calls) == traced  # a new progress callback does not recompile the loop
 
 
 class _ToyModule(nnx.Module):
+    """Stacked layers applied with nnx.scan, as the DiT does (NNX checks trace levels there)."""
+
     def __init__(self, channels, rngs):
-        self.mix = nnx.Linear(channels, channels, rngs=rngs)
+        @nnx.split_rngs(splits=2)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return nnx.Linear(channels, channels, rngs=rngs)
+
+        self.mix = make(rngs)
 
     def __call__(self, x, text, t):
-        y = self.mix(jnp.moveaxis(x, 2, -1))
+        def body(layer, h):
+            return 0.5 * layer(h) + h
+
+        scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        y = scan(self.mix, jnp.moveaxis(x, 2, -1))
         return _toy_v_jax(jnp.moveaxis(y, -1, 2), text, t)
 
 
@@ -258,7 +272,15 @@ def test_nnx_module_model(texts):
     cond, uncond = (jnp.asarray(a) for a in texts)
     module = _ToyModule(SHAPE[2], nnx.Rngs(0))
     out = sample(module, SHAPE, cond, uncond, key=jax.random.key(3), steps=6)
-    ref = sample(lambda x, c, t: module(x, c, t), SHAPE, cond, uncond, key=jax.random.key(3), steps=6)
+    kernels, biases = np.asarray(module.mix.kernel[...]), np.asarray(module.mix.bias[...])
+
+    def plain(x, text, t):  # the same network written with arrays
+        h = jnp.moveaxis(x, 2, -1)
+        for w, b in zip(kernels, biases):
+            h = 0.5 * (h @ w + b) + h
+        return _toy_v_jax(jnp.moveaxis(h, -1, 2), text, t)
+
+    ref = sample(plain, SHAPE, cond, uncond, key=jax.random.key(3), steps=6)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -186,7 +187,7 @@ class _Plan:
     schedule: NoiseSchedule
     spacing: str
     batched_cfg: bool
-    progress: Callable[[int], Any] | None
+    report_progress: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,12 +207,24 @@ class _ApplyFunction:
         return self.fn(x, text, t)
 
 
+# Progress callbacks by token: the token is a runtime argument of the compiled loop, so
+# a new callback (a fresh lambda, say) does not recompile it.
+_PROGRESS: dict[int, Callable[[int], Any]] = {}
+_PROGRESS_TOKENS = itertools.count()
+
+
+def _report_progress(token, step):
+    fn = _PROGRESS.get(int(token))
+    if fn is not None:
+        fn(int(step))
+
+
 def _concat(a, b):
     return jax.tree.map(lambda u, c: jnp.concatenate([u, c], axis=0), a, b)
 
 
 @functools.partial(jax.jit, static_argnames=("apply", "plan"))
-def _sample_loop(apply, plan: _Plan, state, cond, uncond, key):
+def _sample_loop(apply, plan: _Plan, state, cond, uncond, key, progress_token):
     timesteps = sampling_timesteps(plan.steps, num_train_timesteps=plan.schedule.num_train_timesteps,
                                    spacing=plan.spacing)
     table = coefficient_table(step_coefficients(timesteps, plan.sampler, plan.schedule))
@@ -221,7 +234,7 @@ def _sample_loop(apply, plan: _Plan, state, cond, uncond, key):
     b = plan.shape[0]
     both = _concat(uncond, cond) if guided and plan.batched_cfg else None
 
-    def velocity(i, x):
+    def velocity(i, x, state):
         t = jnp.full((b,), jnp.asarray(timesteps, jnp.int32)[i])
         if not guided:
             return apply(state, x, cond, t).astype(jnp.float32)
@@ -236,17 +249,19 @@ def _sample_loop(apply, plan: _Plan, state, cond, uncond, key):
     names = ("batch",) + (None,) * (len(plan.shape) - 1)
 
     def body(i, carry):
-        x, x0_prev = carry
-        v = velocity(i, x)
+        # The model state rides in the carry: NNX modules must be rebuilt from values of
+        # the loop's own trace level (nnx.scan inside the model checks this).
+        x, x0_prev, state = carry
+        v = velocity(i, x, state)
         c = {k: jnp.asarray(tab)[i] for k, tab in table.items()}
         noise = step_noise(key, i, plan.shape) if stochastic else None
         x, x0 = apply_step(c, x, v, x0_prev, noise)
-        if plan.progress is not None:
-            jax.debug.callback(lambda step: plan.progress(int(step)), i)
-        return with_logical_constraint(x, names), x0
+        if plan.report_progress:
+            jax.debug.callback(_report_progress, progress_token, i)
+        return with_logical_constraint(x, names), x0, state
 
     x = with_logical_constraint(initial_latents(key, plan.shape), names)
-    x, _ = jax.lax.fori_loop(0, plan.steps, body, (x, jnp.zeros_like(x)))
+    x, _, _ = jax.lax.fori_loop(0, plan.steps, body, (x, jnp.zeros_like(x), state))
     return x
 
 
@@ -277,7 +292,8 @@ def sample(model_fn, latents_shape, cond, uncond=None, *, key: jax.Array, steps:
       spacing: "trailing" (CogVideoX), "leading" or "linspace".
       batched_cfg: evaluate [uncond; cond] in one 2B batch (faster) rather than two calls
         (half the activation memory).
-      progress: optional `progress(step_index)` called from inside the loop after each step.
+      progress: optional `progress(step_index)` called from inside the loop after each step
+        (then `sample` waits for the result before returning).
     Returns:
       float32 [latents_shape] sampled latents (x_0).
     """
@@ -310,5 +326,15 @@ def sample(model_fn, latents_shape, cond, uncond=None, *, key: jax.Array, steps:
     else:
         raise ValueError(f"model_fn must be callable, got {type(model_fn).__name__}")
     plan = _Plan(shape, int(steps), sampler, guidance, schedule, spacing, bool(batched_cfg),
-                 progress)
-    return _sample_loop(apply, plan, state, cond, uncond, key)
+                 progress is not None)
+    if progress is None:
+        return _sample_loop(apply, plan, state, cond, uncond, key, 0)
+    token = next(_PROGRESS_TOKENS)
+    _PROGRESS[token] = progress
+    try:
+        out = _sample_loop(apply, plan, state, cond, uncond, key, token)
+        jax.block_until_ready(out)
+        jax.effects_barrier()
+    finally:
+        del _PROGRESS[token]
+    return out
