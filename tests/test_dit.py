@@ -194,7 +194,9 @@ def test_remat_policies_agree(tiny_base):
         loss = lambda st: jnp.sum(nnx.merge(gd, st)(x, e, t) ** 2)  # noqa: E731
         return jax.jit(jax.value_and_grad(loss))(state)
 
-    results = {p: run(p) for p in ("none", "full", "save_block_outputs")}
+    # jax.checkpoint policies other than the named one are JAX's; one remat run checks the
+    # plumbing (policy lookup, scan + remat) and the checkpoint names in the block.
+    results = {p: run(p) for p in ("none", "save_block_outputs")}
     ref_val, ref_grad = results["none"]
     for policy, (val, grad) in results.items():
         np.testing.assert_allclose(val, ref_val, rtol=1e-6, err_msg=policy)
@@ -351,7 +353,7 @@ def test_gates_at_init(tiny_ttt):
     for name in ("alpha_fwd", "alpha_bwd"):
         gate = getattr(model.blocks.mixer, name)[...]
         assert gate.shape == (cfg.model.num_layers, 2, 64)   # layers x (text, video) x D
-        np.testing.assert_array_equal(gate, 0.1)
+        np.testing.assert_array_equal(gate, np.full(gate.shape, 0.1, np.float32))
     assert abs(np.tanh(0.1) - 0.0997) < 1e-4
 
 
@@ -370,7 +372,7 @@ def test_ttt_integration_matches_reference(tiny_ttt):
     cfg, model = tiny_ttt
     model = nnx.clone(model)
     perturb(model, 4)
-    x, e, t = inputs(cfg.model, cfg.stage, batch=2)
+    x, e, t = inputs(cfg.model, cfg.stage, batch=1)
     ref = reference_forward(model, mixer_factory_for(model, cfg.model), x, e, t)
     np.testing.assert_allclose(forward(model, x, e, t), ref, rtol=5e-5, atol=5e-5)
 

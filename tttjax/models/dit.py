@@ -45,10 +45,13 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from tttjax.layers.bidirectional import GatedBidirectional
+from tttjax.layers.registry import make_mixer
 from tttjax.models import dit_config
 from tttjax.models.embeddings import (pipeline_rope_positions, rope_3d_at, sincos_3d_positions,
                                       timestep_embedding)
 from tttjax.models.video_layout import VideoLayout
+from tttjax.ops.attention import chunked_attention, full_attention, segment_attention
 from tttjax.ops.rope import apply_rope, rope_3d
 from tttjax.sharding import with_logical_constraint
 
@@ -200,14 +203,15 @@ class JointAttention(nnx.Module):
         q = jnp.concatenate([tq, vq], axis=2)
         k = jnp.concatenate([tk, vk], axis=2)
         v = jnp.concatenate([tv, vv], axis=2)
-        y = full_attention(q, k, v, impl=self.cfg.attention_impl, chunk=self.cfg.attention_chunk)
+        if self.cfg.attention_impl == "chunked":
+            y = chunked_attention(q, k, v, chunk=self.cfg.attention_chunk)
+        else:
+            y = full_attention(q, k, v, implementation=self.cfg.attention_impl)
         out = self._output(y)
         split = text.shape[1]
         return out[:, :split], out[:, split:]
 
     def _segment(self, tq, tk, tv, vq, vk, vv, layout: VideoLayout, rope):
-        from tttjax.ops.attention import segment_attention
-
         b, h, _, d = tq.shape
         n, s = layout.num_segments, layout.text_len
 
@@ -217,28 +221,9 @@ class JointAttention(nnx.Module):
         text_y, video_y = segment_attention(
             per_segment(tq), per_segment(tk), per_segment(tv), vq, vk, vv,
             frame_tokens=layout.tokens_per_frame, frames_per_window=layout.window_frames,
-            overlap_frames=layout.prefix_frames, video_rope=rope)
+            overlap_frames=layout.prefix_frames, video_rope=rope,
+            implementation=self.cfg.attention_impl)
         return self._output(text_y.reshape(b, h, n * s, d)), self._output(video_y)
-
-
-def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla",
-                   chunk: int = 1024) -> jax.Array:
-    """Non-causal softmax attention, scale 1/sqrt(d), softmax in float32.
-
-    Args:
-      q, k, v: [B, H, L, d].
-      impl: "xla" (logits materialised), "cudnn" (fused flash kernel on GPU), "chunked"
-        (online softmax over key blocks of `chunk`; memory O(L * chunk) without a kernel).
-    Returns:
-      [B, H, L, d] in q's dtype.
-    """
-    if impl == "chunked":
-        from tttjax.ops.attention import chunked_attention
-
-        return chunked_attention(q, k, v, chunk=chunk)
-    t = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  -> [B, L, H, d]
-    y = jax.nn.dot_product_attention(t(q), t(k), t(v), implementation=impl)
-    return t(y)
 
 
 # ------------------------------------------------------------------------------ block
@@ -260,9 +245,6 @@ class FeedForward(nnx.Module):
 
 
 def _make_mixer(cfg: ml_collections.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
-    from tttjax.layers.bidirectional import GatedBidirectional
-    from tttjax.layers.registry import make_mixer
-
     mixer_cfg = ml_collections.ConfigDict(dict(
         width=cfg.num_attention_heads * cfg.attention_head_dim,
         num_heads=cfg.num_attention_heads, dtype=dtype, param_dtype=param_dtype))

@@ -75,8 +75,8 @@ def cogvideox_5b() -> ml_collections.ConfigDict:
         dtype="float32",                    # activation / matmul dtype
         param_dtype="float32",
         remat_policy="none",                # per block, see REMAT_POLICIES
-        attention_impl="xla",               # "xla", "cudnn" (GPU flash) or "chunked"
-        attention_chunk=1024,               # key block of the "chunked" implementation
+        attention_impl="xla",               # "xla", "cudnn" (GPU flash), "chunked" (full only)
+        attention_chunk=1024,               # query/key block of the "chunked" implementation
     ))
 
 
@@ -100,6 +100,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(cfg.attention in ATTENTION_MODES, f"attention {cfg.attention!r} not in {ATTENTION_MODES}")
     need(cfg.attention_impl in ATTENTION_IMPLS,
          f"attention_impl {cfg.attention_impl!r} not in {ATTENTION_IMPLS}")
+    need(not (cfg.attention == "segment" and cfg.attention_impl == "chunked"),
+         "attention_impl 'chunked' exists for attention='full' only; segment attention runs one "
+         "window at a time with 'xla' or 'cudnn'")
     need(cfg.remat_policy in REMAT_POLICIES, f"remat_policy {cfg.remat_policy!r} not in {REMAT_POLICIES}")
     need(cfg.dtype in DTYPES and cfg.param_dtype in DTYPES,
          f"dtype/param_dtype must be in {DTYPES}, got {cfg.dtype!r}/{cfg.param_dtype!r}")
@@ -116,7 +119,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(cfg.mixer == "none" or cfg.attention_head_dim % 8 == 0,
          "a mixer gets 3D RoPE on video tokens: attention_head_dim must be divisible by 8")
     if cfg.mixer != "none":
-        from tttjax.layers import registry  # imported late: only configs with a mixer need it
+        from tttjax.layers import registry  # late: the registry imports every mixer
 
         names = registry.mixer_names()
         need(cfg.mixer in names, f"mixer {cfg.mixer!r} is not registered; choose one of "

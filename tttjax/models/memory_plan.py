@@ -1,15 +1,21 @@
 """Per-device memory of a DiT training step, from an ahead-of-time compile (no hardware needed).
 
     python -m tttjax.models.memory_plan --config configs/cogvideox_5b.py:63s,ttt_mlp \
-        --mesh data=1,fsdp=8,tensor=8 --batch 8 [--rules length=tensor] [--forward-only]
+        [--mesh data=1,fsdp=8,tensor=4] [--batch 8] [--rules length=tensor] [--forward-only]
+
+The default mesh (fsdp 8 x tensor 4, batch 8) gives each device the same share as the paper's
+run (global batch 64 on 256 GPUs, config.mesh data=8 x fsdp=8 x tensor=4): parameters are
+FSDP-sharded over `fsdp` only, so the `data` axis does not change per-device memory.
 
 The step (v-prediction MSE, `jax.value_and_grad`, AdamW with float32 first moments, donated
 parameters and optimizer state) is lowered with abstract inputs on a mesh of fake CPU devices
 (`--xla_force_host_platform_device_count`) and compiled for the SPMD partition of one device;
 XLA's `memory_analysis()` of that program gives argument, output and temporary bytes. These
 are the CPU compiler's figures: GPU fusion differs, so treat them as a plan, not a guarantee.
-Attention should use `attention_impl="chunked"` here (the XLA CPU compiler would otherwise
-materialise full attention logits that a GPU flash kernel never stores).
+Attention: the CPU compiler cannot use the cuDNN flash kernel, so full attention is planned
+with `attention_impl="chunked"` (online softmax) and segment attention with "xla", which
+materialises one window's logits at a time (a GPU flash kernel stores none; the printed
+`attention logits` line gives their size so it can be discounted).
 """
 
 from __future__ import annotations
@@ -215,13 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tttjax.models.memory_plan",
                                 description="Per-device memory of a DiT training step (AOT compile).")
     p.add_argument("--config", required=True, help="config file and argument, FILE[:ARG]")
-    p.add_argument("--mesh", default="data=1,fsdp=8,tensor=8", help="mesh axis sizes NAME=SIZE,...")
-    p.add_argument("--batch", type=int, default=None, help="global batch (default: data*fsdp)")
+    p.add_argument("--mesh", default="data=1,fsdp=8,tensor=4", help="mesh axis sizes NAME=SIZE,...")
+    p.add_argument("--batch", type=int, default=None,
+                   help="global batch (default: data*fsdp, one example per tensor group)")
     p.add_argument("--rules", default="", help="logical rule overrides, e.g. length=tensor "
                                                "(mesh axes joined by '+', 'none' for replicated)")
     p.add_argument("--trainable", default=None, choices=("all", "mixer_qkvo"),
-                   help="default: all for the 3s stage, mixer_qkvo later (SPEC section 5)")
-    p.add_argument("--attention-impl", default="chunked", help="attention_impl for the plan")
+                   help="default: config.train.trainable, else all for 3s and mixer_qkvo later")
+    p.add_argument("--attention-impl", default=None,
+                   help="attention_impl for the plan (default: chunked for attention='full', "
+                        "xla for segment windows)")
     p.add_argument("--remat", default=None, help="override config.model.remat_policy")
     p.add_argument("--forward-only", action="store_true", help="plan the forward pass only")
     args = p.parse_args(argv)
@@ -247,12 +256,15 @@ def main(argv: list[str] | None = None) -> int:
         rules += list(overrides.items())
         config = _load_config(args.config)
         model = config.model
-        model.attention_impl = args.attention_impl
+        model.attention_impl = args.attention_impl or (
+            "chunked" if model.attention == "full" else "xla")
         if args.remat:
             model.remat_policy = args.remat
         dit_config.validate(model)
         stage = config.stage
-        trainable = args.trainable or ("all" if stage.name == "3s" else "mixer_qkvo")
+        default_trainable = config.get("train", {}).get("trainable") or (
+            "all" if stage.name == "3s" else "mixer_qkvo")
+        trainable = args.trainable or default_trainable
         batch = args.batch or mesh_sizes.get("data", 1) * mesh_sizes.get("fsdp", 1)
         plan = plan_memory(model, latent_frames=stage.latent_frames,
                            latent_height=stage.latent_height, latent_width=stage.latent_width,
