@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from recurrence_reference import delta_rule_reference
-from tttjax.ops.delta_rule import gated_delta_rule
+from tttjax.ops.delta_rule import gated_delta_rule, unit_lower_inverse
 
 
 def make_inputs(seed, b, h, length, dk, dv, decay=0.3):
@@ -26,6 +26,7 @@ def make_inputs(seed, b, h, length, dk, dv, decay=0.3):
     ((2, 2, 37, 8, 4), 16),     # padding, d_v != d_k
     ((1, 1, 5, 4, 4), 64),      # shorter than one chunk
     ((1, 3, 100, 16, 8), 32),   # several chunks + padding
+    ((1, 2, 30, 8, 8), 12),     # chunk not a power of two
 ])
 def test_matches_per_token_recurrence(shape, chunk):
     q, k, v, g, beta, s0 = make_inputs(0, *shape)
@@ -39,6 +40,18 @@ def test_matches_per_token_recurrence(shape, chunk):
     o0 = gated_delta_rule(f32(q), f32(k), f32(v), f32(g), f32(beta), chunk_size=chunk, scale=0.5)
     np.testing.assert_allclose(o0, delta_rule_reference(q, k, v, g, beta, scale=0.5)[0],
                                rtol=1e-4, atol=2e-5)
+
+
+def test_unit_lower_inverse():
+    rng = np.random.default_rng(7)
+    for c in (1, 5, 16, 48):
+        t = np.eye(c) + np.tril(0.4 * rng.standard_normal((3, c, c)), -1)
+        np.testing.assert_allclose(unit_lower_inverse(jnp.asarray(t, jnp.float32)), np.linalg.inv(t),
+                                   rtol=1e-5, atol=1e-5 * np.abs(np.linalg.inv(t)).max())
+    # identical keys, full writes, no decay: the worst case for the delta rule's system
+    t = np.eye(64) + np.tril(np.ones((64, 64)), -1)
+    np.testing.assert_allclose(unit_lower_inverse(jnp.asarray(t, jnp.float32)), np.linalg.inv(t),
+                               atol=1e-6)
 
 
 def test_strong_decay_and_full_writes_stay_finite():
