@@ -1,0 +1,246 @@
+"""One non-causal TTT mini-batch for one (batch, head) pair: forward and hand-derived backward.
+
+These are the only numerics the kernels run; the TPU (Mosaic) and GPU (Triton) kernels are
+loops and memory plumbing around `forward_step` / `backward_step`, so both backends share this
+single reference. Everything is 2-D float32 (`b` tokens x features) and written with the
+operations both Pallas lowerings accept: 2-D matmuls (`lax.dot_general`, HIGHEST precision so
+Triton does not drop to TF32), elementwise math, and keep-dims reductions along one axis.
+
+Forward of one step (SPEC section 1, non-causal), with `w = eta / b` per token (column [b, 1]):
+
+    Z1 = K W1 + b1;  X2 = gelu(Z1);  Z2 = X2 W2 + b2             (TTT-Linear: Z2 = Z1)
+    G  = LN(Z2) - Y;  dZ2 = LN'(Z2)^T G;  dZ1 = (dZ2 W2^T) * gelu'(Z1)
+    W1' = W1 - K^T (w dZ1),  b1' = b1 - sum(w dZ1),  W2' = W2 - X2^T (w dZ2),  b2' = ...
+    z  = Q + LN(gelu(Q W1' + b1') W2' + b2')
+
+The backward is the exact VJP of that map (including the second-order terms of the inner
+gradient: the VJP of the LayerNorm backward and gelu''), derived by hand; `tests/
+test_pallas_ttt.py` checks it against `jax.vjp` of the XLA op's `_minibatch_step`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+LN_EPS = 1e-8  # SPEC section 1: inner LayerNorm epsilon
+_HI = lax.Precision.HIGHEST
+_C = math.sqrt(2.0 / math.pi)
+_A = 0.044715
+
+STATE_NAMES = {"mlp": ("W1", "b1", "W2", "b2"), "linear": ("W1", "b1")}
+
+
+def hidden_width(kind: str, d: int) -> int:
+    """F, the width of W1's output: 4d for TTT-MLP, d for TTT-Linear."""
+    return 4 * d if kind == "mlp" else d
+
+
+# --------------------------------------------------------------------------- 2-D building blocks
+
+
+def _mm(a, b):
+    """a [m, k] @ b [k, n]."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_HI)
+
+
+def _mm_tn(a, b):
+    """a^T b for a [k, m], b [k, n] (contract the token axis)."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_HI)
+
+
+def _mm_nt(a, b):
+    """a b^T for a [m, k], b [n, k]."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_HI)
+
+
+def _row_mean(x):
+    return jnp.sum(x, axis=-1, keepdims=True) * (1.0 / x.shape[-1])
+
+
+def _col_sum(x):
+    return jnp.sum(x, axis=0, keepdims=True)
+
+
+def _gelu_parts(x):
+    """gelu_tanh(x), its first and second derivatives."""
+    u = _C * (x + _A * x * x * x)
+    du = _C * (1.0 + 3.0 * _A * x * x)
+    t = jnp.tanh(u)
+    sech2 = 1.0 - t * t
+    g = 0.5 * x * (1.0 + t)
+    g1 = 0.5 * (1.0 + t) + 0.5 * x * sech2 * du
+    g2 = sech2 * (du - x * t * du * du + 3.0 * _A * _C * x * x)
+    return g, g1, g2
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + jnp.tanh(_C * (x + _A * x * x * x)))
+
+
+def _gelu_grad(x):
+    return _gelu_parts(x)[1]
+
+
+def _ln_stats(z):
+    """Normalised rows and their std (biased variance + eps), z [b, d]."""
+    zc = z - _row_mean(z)
+    std = jnp.sqrt(_row_mean(zc * zc) + LN_EPS)
+    return zc / std, std
+
+
+def _ln_input_grad(g, zhat, std):
+    """Gradient w.r.t. LN's input, given g = (cotangent of LN's output) * gamma."""
+    return (g - _row_mean(g) - zhat * _row_mean(g * zhat)) / std
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def _inner_grads(kind, state, k, y, gamma, beta):
+    """Net forward on the keys and the closed-form per-token gradients w.r.t. Z1 (and Z2)."""
+    w1, b1 = state[0], state[1]
+    z1 = _mm(k, w1) + b1
+    if kind == "linear":
+        zhat, std = _ln_stats(z1)
+        resid = gamma * zhat + beta - y
+        dz = _ln_input_grad(gamma * resid, zhat, std)
+        return dict(z1=z1, zhat=zhat, std=std, resid=resid, dz_last=dz, dz1=dz)
+    w2, b2 = state[2], state[3]
+    x2, gp, gpp = _gelu_parts(z1)
+    z2 = _mm(x2, w2) + b2
+    zhat, std = _ln_stats(z2)
+    resid = gamma * zhat + beta - y
+    dz2 = _ln_input_grad(gamma * resid, zhat, std)
+    p = _mm_nt(dz2, w2)
+    return dict(z1=z1, x2=x2, gp=gp, gpp=gpp, zhat=zhat, std=std, resid=resid,
+                dz_last=dz2, p=p, dz1=p * gp)
+
+
+def _updated(kind, state, k, w, inner):
+    a1 = w * inner["dz1"]
+    new = [state[0] - _mm_tn(k, a1), state[1] - _col_sum(a1)]
+    if kind == "mlp":
+        a2 = w * inner["dz_last"]
+        new += [state[2] - _mm_tn(inner["x2"], a2), state[3] - _col_sum(a2)]
+    return tuple(new)
+
+
+def _apply(kind, new, q):
+    zq1 = _mm(q, new[0]) + new[1]
+    if kind == "linear":
+        return zq1, None
+    xq2 = _gelu(zq1)
+    return _mm(xq2, new[2]) + new[3], (zq1, xq2)
+
+
+def forward_step(kind, state, q, k, y, w, gamma, beta):
+    """One update-then-apply step.
+
+    Args:
+      kind: "mlp" or "linear".
+      state: (W1 [d, F], b1 [1, F]) + (W2 [F, d], b2 [1, d]) for "mlp", float32.
+      q, k, y: [b, d] float32 (y: the normalised reconstruction target).
+      w: [b, 1] float32, eta / b per token.
+      gamma, beta: [1, d] float32, the inner LayerNorm's affine parameters.
+    Returns:
+      (new state tuple, z [b, d]) with z = q + LN(g(q; new state)).
+    """
+    inner = _inner_grads(kind, state, k, y, gamma, beta)
+    new = _updated(kind, state, k, w, inner)
+    zq, _ = _apply(kind, new, q)
+    zhat_q, _ = _ln_stats(zq)
+    return new, q + gamma * zhat_q + beta
+
+
+def advance_state(kind, state, k, y, w, gamma, beta):
+    """The state update alone (what the backward's group recomputation needs)."""
+    return _updated(kind, state, k, w, _inner_grads(kind, state, k, y, gamma, beta))
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def backward_step(kind, state, q, k, y, w, gamma, beta, dz, dnew):
+    """VJP of `forward_step` at `state`.
+
+    Args:
+      state, q, k, y, w, gamma, beta: as for `forward_step` (the state *before* the step).
+      dz: [b, d] cotangent of z.
+      dnew: tuple like `state`, cotangent of the new state.
+    Returns:
+      (dstate tuple, dq [b, d], dk [b, d], dy [b, d], dw [b, 1], dgamma [1, d], dbeta [1, d]).
+    """
+    mlp = kind == "mlp"
+    d = q.shape[-1]
+    inner = _inner_grads(kind, state, k, y, gamma, beta)
+    new = _updated(kind, state, k, w, inner)
+    zq, acts = _apply(kind, new, q)
+    zhat_q, std_q = _ln_stats(zq)
+
+    # ---- apply: z = q + gamma * LN(zq) + beta
+    dgamma = _col_sum(dz * zhat_q)
+    dbeta = _col_sum(dz)
+    dzq = _ln_input_grad(dz * gamma, zhat_q, std_q)
+    dnew = list(dnew)
+    if mlp:
+        zq1, xq2 = acts
+        dnew[2] = dnew[2] + _mm_tn(xq2, dzq)
+        dnew[3] = dnew[3] + _col_sum(dzq)
+        dzq1 = _mm_nt(dzq, new[2]) * _gelu_grad(zq1)
+    else:
+        dzq1 = dzq
+    dnew[0] = dnew[0] + _mm_tn(q, dzq1)
+    dnew[1] = dnew[1] + _col_sum(dzq1)
+    dq = dz + _mm_nt(dzq1, new[0])
+
+    # ---- update: W1' = W1 - K^T (w dZ1), b1' = b1 - sum(w dZ1) (and W2', b2' with X2, dZ2)
+    dz1 = inner["dz1"]
+    dz_last = inner["dz_last"]
+    dstate = list(dnew)
+    da1 = -_mm(k, dnew[0]) - dnew[1]
+    dk = -_mm_nt(w * dz1, dnew[0])
+    dw = jnp.sum(da1 * dz1, axis=-1, keepdims=True)
+    d_dz1 = w * da1                                  # cotangent of the inner gradient dZ1
+    if mlp:
+        x2, gp, gpp, p = inner["x2"], inner["gp"], inner["gpp"], inner["p"]
+        da2 = -_mm(x2, dnew[2]) - dnew[3]
+        dx2 = -_mm_nt(w * dz_last, dnew[2])
+        dw = dw + jnp.sum(da2 * dz_last, axis=-1, keepdims=True)
+        # dZ1 = (dZ2 W2^T) * gelu'(Z1)
+        dp = d_dz1 * gp
+        dz1_total = d_dz1 * p * gpp
+        u = w * da2 + _mm(dp, state[2])              # cotangent of the inner gradient dZ2
+        dstate[2] = dstate[2] + _mm_tn(dp, dz_last)
+    else:
+        u = d_dz1
+
+    # ---- dZ_last = LN_backward(resid * gamma) at Z_last; resid = gamma * zhat + beta - y
+    zhat, std, resid = inner["zhat"], inner["std"], inner["resid"]
+    h = gamma * resid
+    dh = _ln_input_grad(u, zhat, std)
+    dzhat = -(_row_mean(h * zhat) * u + _row_mean(u * zhat) * h) / std
+    dstd = -jnp.sum(u * dz_last, axis=-1, keepdims=True) / std
+    dresid = gamma * dh
+    dgamma = dgamma + _col_sum(resid * dh + zhat * dresid)
+    dbeta = dbeta + _col_sum(dresid)
+    dy = -dresid
+    dzhat = dzhat + gamma * dresid
+    # zhat = (Z - mean Z) / std, std = sqrt(mean((Z - mean Z)^2) + eps)
+    dstd = dstd - jnp.sum(dzhat * zhat, axis=-1, keepdims=True) / std
+    dzc = dzhat / std + dstd * zhat * (1.0 / d)
+    dz_net = dzc - _row_mean(dzc)                    # cotangent of Z_last through the loss
+
+    if mlp:
+        dstate[2] = dstate[2] + _mm_tn(x2, dz_net)
+        dstate[3] = dstate[3] + _col_sum(dz_net)
+        dx2 = dx2 + _mm_nt(dz_net, state[2])
+        dz1_total = dz1_total + dx2 * gp
+    else:
+        dz1_total = dz_net
+    dstate[0] = dstate[0] + _mm_tn(k, dz1_total)
+    dstate[1] = dstate[1] + _col_sum(dz1_total)
+    dk = dk + _mm_nt(dz1_total, state[0])
+    return tuple(dstate), dq, dk, dy, dw, dgamma, dbeta
