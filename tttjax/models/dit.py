@@ -28,6 +28,15 @@ sequence, so every token's eta comes from that token. (The public ttt-video-dit 
 eta before interleaving and interleaves the per-mini-batch eta rows, so text tokens of later
 segments get the eta of whichever tokens sat at their position before interleaving.)
 
+Sequence length: the interleaved sequence is rarely a multiple of TTT's mini-batch (3 s:
+226 + 13 * 1350 = 17776 tokens, b = 64). The mixer pads it at the end and slices the padding
+off (TTT gives padded tokens a zero step size, so they never change the inner state); the
+reversed pass is padded after its own last token, so in both directions real tokens only
+ever follow real tokens. The DiT itself adds no padding.
+
+Scene boundaries are part of the prompts (the storyboard's scene markers are encoded into
+each segment's text, as in the public code); the network needs no extra flag.
+
 Blocks are created with `nnx.vmap` and applied with `nnx.scan` (parameters stacked on a
 leading `layers` axis), so compile time does not grow with depth; `remat_policy` picks what
 each block saves for the backward pass.

@@ -44,6 +44,7 @@ class MemoryPlan:
     aliased: int           # outputs written in place of donated arguments
     temporaries: int       # activations, gradients, workspace
     compile_seconds: float
+    window_logits: int = 0  # one attention window's float32 logits (XLA attention path)
 
     @property
     def peak(self) -> int:
@@ -58,6 +59,7 @@ class MemoryPlan:
                 f"  temporaries     {g(self.temporaries)}",
                 f"  outputs         {g(self.outputs)} (aliased {g(self.aliased)})",
                 f"  peak            {g(self.peak)}",
+                f"  one window's attention logits (f32, in temporaries): {g(self.window_logits)}",
                 f"  (compiled in {self.compile_seconds:.0f} s)"]
 
 
@@ -82,6 +84,13 @@ def _bytes_per_device(tree) -> int:
 
     return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
                for leaf in jax.tree.leaves(tree))
+
+
+def _ways(mesh, spec) -> int:
+    """How many pieces the first dimension of a 1-D PartitionSpec is split into."""
+    entry = spec[0] if len(spec) else None
+    axes = entry if isinstance(entry, tuple) else ((entry,) if entry else ())
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def plan_memory(model_config, *, latent_frames: int, latent_height: int, latent_width: int,
@@ -167,10 +176,22 @@ def plan_memory(model_config, *, latent_frames: int, latent_height: int, latent_
             opt_bytes = _bytes_per_device(opt_abstract)
         compiled = lowered.compile()
     stats = compiled.memory_analysis()
+    # Logits of one attention window on one device, as the XLA attention path stores them.
+    local_batch = max(1, b // _ways(mesh, batch_spec))
+    heads = cfg.num_attention_heads // _ways(mesh, shd._prune_spec(
+        shd.logical_to_spec(("heads",), rules), mesh, (cfg.num_attention_heads,)))
+    grid = (latent_height // cfg.patch_size) * (latent_width // cfg.patch_size)
+    if cfg.attention == "segment":
+        tokens = text_length + (cfg.frames_per_segment + cfg.prefix_frames) * grid
+    else:
+        tokens = num_segments * text_length + latent_frames * grid
+    logits = 0 if cfg.attention_impl != "xla" else (
+        local_batch * heads * tokens * tokens * 4)
     return MemoryPlan(devices=mesh.size, mesh=dict(mesh.shape), params=params_bytes,
                       optimizer=opt_bytes, arguments=stats.argument_size_in_bytes,
                       outputs=stats.output_size_in_bytes, aliased=stats.alias_size_in_bytes,
-                      temporaries=stats.temp_size_in_bytes, compile_seconds=time.time() - start)
+                      temporaries=stats.temp_size_in_bytes, compile_seconds=time.time() - start,
+                      window_logits=logits)
 
 
 def _shard_like_params(opt_state, params, mesh):
