@@ -45,6 +45,9 @@ def test_sliding_window_equals_masked_full_attention(window, block):
     q, k, v = qkv(0, (B, H, L, D))
     out = A.sliding_window_attention(f32(q), f32(k), f32(v), window=window, block_size=block)
     np.testing.assert_allclose(out, np_attention(q, k, v, band(L, *window)), rtol=1e-5, atol=2e-6)
+    if block is None:  # jax's local_window_size (the cudnn path on GPU) means the same window
+        dense = A.sliding_window_attention(f32(q), f32(k), f32(v), window=window, implementation="xla")
+        np.testing.assert_allclose(dense, out, rtol=1e-5, atol=2e-6)
 
 
 def test_full_chunked_and_local_attention():

@@ -118,14 +118,20 @@ class FullAttention(_AttentionMixer):
 
 
 class SlidingWindowAttention(_AttentionMixer):
-    """Each query sees `window` keys: the previous `window - 1` (causal) or centred on it."""
+    """Each query sees `window` keys: the previous `window - 1` (causal) or centred on it.
+
+    `implementation`: None (blocked, any backend) or "cudnn" (fused windowed kernel on GPU).
+    """
 
     def __init__(self, width: int, num_heads: int, *, window: int = 8192,
-                 block_size: int | None = None, **kwargs):
+                 block_size: int | None = None, implementation: str | None = None, **kwargs):
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"SlidingWindowAttention: window must be a positive int, got {window!r}")
+        if implementation not in (None, "xla", "cudnn"):
+            raise ValueError(f"SlidingWindowAttention: implementation must be None (blocked), "
+                             f"'xla' or 'cudnn', got {implementation!r}")
         super().__init__(width, num_heads, **kwargs)
-        self.window, self.block_size = window, block_size
+        self.window, self.block_size, self.implementation = window, block_size, implementation
 
     @property
     def extent(self) -> tuple[int, int]:
@@ -136,7 +142,8 @@ class SlidingWindowAttention(_AttentionMixer):
 
     def _attend(self, q, k, v):
         return attention_ops.sliding_window_attention(q, k, v, window=self.extent,
-                                                      block_size=self.block_size)
+                                                      block_size=self.block_size,
+                                                      implementation=self.implementation)
 
 
 class LocalAttention(_AttentionMixer):

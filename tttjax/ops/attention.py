@@ -131,7 +131,8 @@ def _window_block_size(left: int, right: int, length: int) -> int:
 
 
 def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                             window: tuple[int, int], block_size: int | None = None) -> jax.Array:
+                             window: tuple[int, int], block_size: int | None = None,
+                             implementation: str | None = None) -> jax.Array:
     """Token i attends to keys i - left .. i + right (clipped to the sequence).
 
     `window=(left, 0)` is causal sliding-window attention; `(w, w)` a symmetric window.
@@ -139,10 +140,15 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     Args:
       q, k, v: [B, H, L, d].
       window: (left, right) non-negative ints.
-      block_size: query block size (default: about a quarter of the window, 16..1024).
+      block_size: query block size of the blocked form (default: about a quarter of the
+        window, 16..1024).
+      implementation: None (blocked, any backend), or "cudnn" / "xla" to hand the window to
+        `jax.nn.dot_product_attention(local_window_size=...)` ("cudnn": fused kernel on
+        NVIDIA GPUs; "xla" builds an L x L mask and is for checking only).
     Returns:
-      [B, H, L, d] in q's dtype. Each query block reads the `ceil(left/c) + 1 + ceil(right/c)`
-      key blocks around it, so memory is O(L * (left + right + block)).
+      [B, H, L, d] in q's dtype. In the blocked form each query block of c tokens reads the
+      `ceil(left/c) + 1 + ceil(right/c)` key blocks around it (gathered by shifted slices),
+      so memory is O(L * (left + right + c)), never L x L.
     """
     _check_qkv("sliding_window_attention", q, k, v)
     if (not isinstance(window, (tuple, list)) or len(window) != 2
@@ -150,6 +156,13 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         raise ValueError(f"sliding_window_attention: window must be (left, right) with ints >= 0, "
                          f"got {window!r}")
     left, right = int(window[0]), int(window[1])
+    if implementation not in (None, "xla", "cudnn"):
+        raise ValueError(f"sliding_window_attention: implementation must be None, 'xla' or "
+                         f"'cudnn', got {implementation!r}")
+    if implementation is not None:
+        t = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731
+        return t(jax.nn.dot_product_attention(t(q), t(k), t(v), local_window_size=(left, right),
+                                              implementation=implementation))
     bsz, heads, length, d = q.shape
     dv = v.shape[-1]
     c = _window_block_size(left, right, length) if block_size is None else int(block_size)
