@@ -1,0 +1,158 @@
+"""Fused Pallas TTT-MLP / TTT-Linear scans (non-causal), differentiable through `jax.custom_vjp`.
+
+Same contract as `tttjax.ops.ttt.ttt_mlp` / `ttt_linear` (which dispatch here with
+`impl="pallas" | "auto" | "pallas_interpret"`): z = the TTT layer's inner-loop output before
+post_norm and wo, in q's dtype, inner state and arithmetic float32.
+
+What runs where:
+- plain JAX (so autodiff covers it): casting to float32, the normalised reconstruction target
+  y of v - k, eta / b, broadcasting the initial state over the batch, padding the sequence to
+  whole remat groups (padded tokens have eta = 0, which leaves the state exactly unchanged);
+- the kernels (`ttt_tpu` on TPU, `ttt_gpu` on GPU): the sequential scan, forward and backward,
+  with the state on chip and one checkpoint per remat group.
+
+Causal (ttt-lm) form and the inner-loss diagnostics are not in the kernels: they run in the XLA
+op (`impl="auto"` falls back to it; `impl="pallas"` raises).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import ttt_gpu, ttt_step, ttt_tpu
+
+BACKENDS = {"tpu": ttt_tpu, "gpu": ttt_gpu}
+IMPLS = ("xla", "auto", "pallas", "pallas_interpret")
+_PLATFORM_BACKEND = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}
+
+
+def check_supported(kind: str, backend: str, *, d: int, mini_batch_size: int, remat_group_size: int):
+    """Raises ValueError if `backend`'s kernel cannot run this shape (remat_group_size: effective)."""
+    if kind not in ttt_step.STATE_NAMES:
+        raise ValueError(f"pallas TTT kernel: kind must be 'mlp' or 'linear', got {kind!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"pallas TTT kernel: backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    BACKENDS[backend].check_supported(kind, d, mini_batch_size, remat_group_size)
+
+
+def select(kind, impl, *, d, length, mini_batch_size, remat_group_size, causal=False,
+           return_inner_loss=False, token_idx_offset=None):
+    """Which kernel `impl` asks for at this shape: (backend, interpret), or None for the XLA op.
+
+    "xla": None. "auto": the kernel of the default backend (TPU or GPU) when it supports the
+    shape and options, else None. "pallas": that kernel or a ValueError saying why not.
+    "pallas_interpret": the TPU kernel in Pallas' TPU interpret mode (any platform; slow, for
+    tests).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"ttt_{kind}: impl must be one of {list(IMPLS)}, got {impl!r}")
+    if impl == "xla":
+        return None
+    explicit = impl != "auto"
+    unsupported = ("causal=True" if causal else "return_inner_loss=True" if return_inner_loss
+                   else "token_idx_offset" if token_idx_offset is not None else None)
+    if unsupported:
+        if explicit:
+            raise ValueError(f"ttt_{kind}: the Pallas kernels implement the non-causal scan only; "
+                             f"{unsupported} runs in the XLA op: use impl='xla' or impl='auto'")
+        return None
+    if impl == "pallas_interpret":
+        backend, interpret = "tpu", True
+    else:
+        platform = jax.default_backend()
+        backend, interpret = _PLATFORM_BACKEND.get(platform), False
+        if backend is None:
+            if explicit:
+                raise ValueError(f"ttt_{kind}: impl='pallas' needs a TPU or GPU backend but JAX runs on "
+                                 f"{platform!r}; use impl='xla', impl='auto' or (slow, for tests) "
+                                 "impl='pallas_interpret'")
+            return None
+    group = min(remat_group_size, length // mini_batch_size)
+    try:
+        check_supported(kind, backend, d=d, mini_batch_size=mini_batch_size, remat_group_size=group)
+    except ValueError:
+        if explicit:
+            raise
+        return None
+    return backend, interpret
+
+
+@functools.lru_cache(maxsize=None)
+def _scan(kind, backend, b, group, interpret):
+    """The custom-VJP scan over padded float32 inputs for one static configuration."""
+    kernels = BACKENDS[backend]
+    opts = dict(b=b, group=group, interpret=interpret)
+
+    @jax.custom_vjp
+    def scan(q, k, y, w, gamma, beta, state0):
+        z, _, final = kernels.forward(kind, q, k, y, w, gamma, beta, state0, **opts)
+        return z, final
+
+    def scan_fwd(q, k, y, w, gamma, beta, state0):
+        z, ckpts, final = kernels.forward(kind, q, k, y, w, gamma, beta, state0, **opts)
+        return (z, final), (q, k, y, w, gamma, beta, ckpts)
+
+    def scan_bwd(res, cotangents):
+        q, k, y, w, gamma, beta, ckpts = res
+        dz, dfinal = cotangents
+        dq, dk, dy, dw, dgamma, dbeta, dstate0 = kernels.backward(
+            kind, q, k, y, w, gamma, beta, ckpts, dz, tuple(dfinal), **opts)
+        # The kernels return per-(batch, head) LayerNorm gradients; gamma/beta are per head.
+        return dq, dk, dy, dw, jnp.sum(dgamma, axis=0), jnp.sum(dbeta, axis=0), tuple(dstate0)
+
+    scan.defvjp(scan_fwd, scan_bwd)
+    return scan
+
+
+def ttt_scan(kind, q, k, v, eta, params, *, mini_batch_size: int, remat_group_size: int = 16,
+             backend: str, interpret: bool = False, initial_state=None, return_state: bool = False):
+    """Non-causal TTT-MLP (kind="mlp") or TTT-Linear (kind="linear") scan in a Pallas kernel.
+
+    Args:
+      q, k, v: [B, H, L, d], any float dtype (q, k L2-normalised and rotated, v raw).
+      eta: [B, H, L] per-token step size base_lr * sigmoid(.) / d (the op applies 1/b).
+      params: W1, b1 (, W2, b2) initial state [H, ...] and ln_weight, ln_bias [H, d];
+        shapes as in `tttjax.ops.ttt.PARAM_SHAPES`.
+      mini_batch_size: b; L must be a multiple of it.
+      remat_group_size: mini-batches per checkpoint (and per kernel grid step on TPU).
+      backend: "tpu" (Mosaic) or "gpu" (Triton).
+      interpret: run the kernel in Pallas interpret mode (TPU interpret params for "tpu").
+      initial_state: optional dict of [B, H, ...] arrays replacing params' state.
+      return_state: also return the final state (dict of [B, H, ...] float32).
+    Returns:
+      z [B, H, L, d] in q's dtype, or (z, final_state) with return_state.
+    """
+    from tttjax.ops import ttt as xla_ttt  # the op module dispatches here, so import lazily
+
+    xla_ttt._validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, initial_state)
+    bsz, h, length, d = q.shape
+    b = mini_batch_size
+    n = length // b
+    group = min(remat_group_size, n)
+    check_supported(kind, backend, d=d, mini_batch_size=b, remat_group_size=group)
+
+    f32 = jnp.float32
+    names = ttt_step.STATE_NAMES[kind]
+    gamma = params["ln_weight"].astype(f32)[:, None, :]        # [H, 1, d]
+    beta = params["ln_bias"].astype(f32)[:, None, :]
+    qf, kf, vf = (x.astype(f32) for x in (q, k, v))
+    y = xla_ttt.reconstruction_target(kf, vf, gamma, beta)
+    w = (eta.astype(f32) * (1.0 / b))[..., None]               # [B, H, L, 1]
+    if initial_state is None:
+        state0 = tuple(jnp.broadcast_to(params[key].astype(f32), (bsz,) + params[key].shape)
+                       for key in names)
+    else:
+        state0 = tuple(initial_state[key].astype(f32) for key in names)
+
+    padded = -(-n // group) * group * b
+    if padded != length:
+        pad = ((0, 0), (0, 0), (0, padded - length), (0, 0))
+        qf, kf, y, w = (jnp.pad(x, pad) for x in (qf, kf, y, w))
+    z, final = _scan(kind, backend, b, group, bool(interpret))(qf, kf, y, w, gamma, beta, state0)
+    z = z[:, :, :length].astype(q.dtype)
+    if return_state:
+        return z, dict(zip(names, final))
+    return z
