@@ -73,7 +73,8 @@ def get_config(arg: str = "3s,ttt_mlp") -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict(dict(
         global_batch_size=64, grad_accum_steps=1, prompt_dropout=0.1,
         trainable=recipe["trainable"] if mixer != "none" else "all",
-        max_nonfinite_in_a_row=20, progress_bar=True))
+        max_nonfinite_in_a_row=20, progress_bar=True,
+        compiler_options={}))
     config.optim = ml_collections.ConfigDict(dict(
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4, grad_clip=0.1, mu_dtype="float32",
         pretrained=dict(lr=1e-5, schedule="constant", warmup_steps=recipe["warmup"],

@@ -51,7 +51,8 @@ def get_config(arg: str = "none") -> ml_collections.ConfigDict:
     config.checkpoint_every = 100
     config.train = ml_collections.ConfigDict(dict(
         global_batch_size=8, grad_accum_steps=1, prompt_dropout=0.1, trainable="all",
-        max_nonfinite_in_a_row=20, progress_bar=True))
+        max_nonfinite_in_a_row=20, progress_bar=True,
+        compiler_options={}))
     config.optim = ml_collections.ConfigDict(dict(
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4, grad_clip=0.1, mu_dtype="",
         pretrained=dict(lr=2e-3, schedule="constant", warmup_steps=10, final_lr_fraction=0.0),

@@ -6,7 +6,8 @@ A training config (`configs/tiny.py`, `configs/cogvideox_5b.py`) holds, besides 
     seed, steps, log_every, checkpoint_every         top level
     train       global_batch_size (examples per optimiser update), grad_accum_steps,
                 prompt_dropout, trainable ("all" | "mixer_qkvo" | "mixer"),
-                max_nonfinite_in_a_row, progress_bar
+                max_nonfinite_in_a_row, progress_bar, compiler_options (XLA options for
+                the step, e.g. {"xla_backend_optimization_level": 0} for fast CPU compiles)
     optim       b1, b2, eps, weight_decay, grad_clip, mu_dtype,
                 pretrained / new: lr, schedule ("constant" | "cosine"), warmup_steps,
                 final_lr_fraction
@@ -91,6 +92,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           f"grad_accum_steps {train.grad_accum_steps}")
     _need(0.0 <= train.prompt_dropout <= 1.0,
           f"config.train.prompt_dropout must be in [0, 1], got {train.prompt_dropout}")
+    _need(isinstance(train.get("compiler_options", {}), (dict, ml_collections.ConfigDict)),
+          "config.train.compiler_options must be a dict of XLA options")
     _need(train.trainable in TRAINABLE_SETS,
           f"config.train.trainable {train.trainable!r} not in {TRAINABLE_SETS}")
     _need(train.trainable == "all" or config.model.mixer != "none",

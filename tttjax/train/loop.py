@@ -16,10 +16,12 @@ steps in a row raise `TrainingDiverged` with the last good checkpoint in the mes
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import json
 import os
-import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -103,6 +105,75 @@ def _position_iterator(iterator, local_consumed: int, shard_index: int, shard_co
     iterator.set_state(json.dumps(state, indent=4).encode())
 
 
+@dataclasses.dataclass
+class _Plan:
+    """Everything compiled for a (config, mesh): reused by later `train` calls in a process."""
+
+    spec: Any
+    tx: Any
+    opt_shardings: Any
+    abstract_opt: Any
+    step_fn: Any
+    init_params: Any
+    init_opt: Any
+
+
+# Fields that do not change what is compiled (logging, checkpointing, where data lives).
+_NOT_COMPILED = ("log_every", "checkpoint_every", "checkpoint", "mesh.num_devices", "data.data_dir",
+                 "data.manual_dir", "data.split", "data.shuffle", "data.worker_count",
+                 "train.progress_bar", "train.max_nonfinite_in_a_row")
+_PLANS: collections.OrderedDict = collections.OrderedDict()
+
+
+def _plan_key(config, mesh, rules) -> str:
+    raw = json.loads(config.to_json())
+    for field in _NOT_COMPILED:
+        *parents, leaf = field.split(".")
+        node = raw
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    devices = [d.id for d in mesh.devices.flat]
+    return json.dumps([raw, devices, dict(mesh.shape), [list(map(str, r)) for r in rules]],
+                      sort_keys=True)
+
+
+def _plan(config, mesh, rules) -> _Plan:
+    """Model spec, optimiser and jitted functions for this config and mesh (memoised, so a
+    notebook or test that trains again with the same settings does not recompile)."""
+    key = _plan_key(config, mesh, rules)
+    batch_sh = _batch_shardings(config, mesh, rules, config.data.dataset == "latents")
+    if key in _PLANS:
+        _PLANS.move_to_end(key)
+        return _PLANS[key]
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        spec = model_spec(config.model, mesh, rules)
+    accum = config.train.grad_accum_steps
+    tx, schedules = make_optimizer(config.optim, spec.abstract, trainable=config.train.trainable,
+                                   total_steps=config.steps // accum, grad_accum_steps=accum)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(tx.init, spec.abstract)
+    opt_sh = optimizer_shardings(abstract_opt, spec.shardings, replicated)
+    abstract_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_opt, opt_sh)
+    compiler_options = dict(config.train.compiler_options) or None
+    step_fn = make_train_step(
+        spec, tx, trainable=trainable_mask(spec.abstract, config.train.trainable),
+        schedule=NoiseSchedule(**config.diffusion.to_dict()), schedules=schedules,
+        seed=config.seed, prompt_dropout=config.train.prompt_dropout, grad_accum_steps=accum,
+        param_shardings=spec.shardings, opt_shardings=opt_sh, batch_shardings=batch_sh, mesh=mesh,
+        compiler_options=compiler_options)
+    plan = _Plan(spec=spec, tx=tx, opt_shardings=opt_sh, abstract_opt=abstract_opt,
+                 step_fn=step_fn,
+                 init_params=functools.partial(init_params, spec, config.seed,
+                                               compiler_options=compiler_options),
+                 init_opt=jax.jit(tx.init, out_shardings=opt_sh, compiler_options=compiler_options))
+    _PLANS[key] = plan
+    while len(_PLANS) > 16:
+        _PLANS.popitem(last=False)
+    return plan
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None
           ) -> TrainResult:
     """Runs (or resumes) training as configured; see the module doc.
@@ -135,21 +206,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     iterator = iter(loader)
 
     # ---------------------------------------------------------------- model and optimiser
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        spec = model_spec(config.model, mesh, rules)
-    accum = config.train.grad_accum_steps
-    tx, schedules = make_optimizer(config.optim, spec.abstract, trainable=config.train.trainable,
-                                   total_steps=config.steps // accum, grad_accum_steps=accum)
+    plan = _plan(config, mesh, rules)
+    spec, tx, opt_sh, abstract_opt = plan.spec, plan.tx, plan.opt_shardings, plan.abstract_opt
+    step_fn = plan.step_fn
     replicated = NamedSharding(mesh, PartitionSpec())
-    abstract_opt = jax.eval_shape(tx.init, spec.abstract)
-    opt_sh = optimizer_shardings(abstract_opt, spec.shardings, replicated)
-    abstract_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract_opt, opt_sh)
-    step_fn = make_train_step(
-        spec, tx, trainable=trainable_mask(spec.abstract, config.train.trainable),
-        schedule=NoiseSchedule(**config.diffusion.to_dict()), schedules=schedules,
-        seed=config.seed, prompt_dropout=config.train.prompt_dropout, grad_accum_steps=accum,
-        param_shardings=spec.shardings, opt_shardings=opt_sh, batch_shardings=batch_sh, mesh=mesh)
 
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep,
                         async_save=config.checkpoint.async_save)
@@ -167,11 +227,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     else:
         with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
             if config.checkpoint.init_from:
-                params, report = load_params(spec, config.checkpoint.init_from, config.seed)
+                params, report = load_params(spec, config.checkpoint.init_from, config.seed,
+                                             dict(config.train.compiler_options) or None)
                 messages.append(report)
             else:
-                params = init_params(spec, config.seed)
-        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+                params = plan.init_params()
+        opt_state = plan.init_opt(params)
         counters = {k: jax.device_put(v, replicated) for k, v in initial_counters().items()}
     start = int(counters["step"])
 

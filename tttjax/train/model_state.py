@@ -19,6 +19,7 @@ sharding on the current mesh.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -34,7 +35,7 @@ from tttjax.train.optimizer import is_new, path_names
 Params = dict[str, Any]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # hashed by identity (memoised initialisers)
 class ModelSpec:
     """Static description of the model: graph, abstract parameters and their shardings."""
 
@@ -79,22 +80,30 @@ def _unflatten(flat: dict[str, Any]) -> Params:
     return out
 
 
-def init_params(spec: ModelSpec, seed: int, only: set[str] | None = None) -> Params:
+def init_params(spec: ModelSpec, seed: int, only: set[str] | None = None,
+                compiler_options: dict | None = None) -> Params:
     """Fresh parameters (all, or the names in `only`), created directly in their shardings.
 
     Only the requested tensors are returned from the jitted initialiser, so XLA drops the
     initialisers of the others.
     """
+    options = tuple(sorted((compiler_options or {}).items())) or None
+    return _unflatten(_initializer(spec, seed, tuple(sorted(only)) if only else None, options)())
+
+
+@functools.lru_cache(maxsize=8)
+def _initializer(spec: ModelSpec, seed: int, only: tuple[str, ...] | None,
+                 options: tuple | None = None):
     flat_sh = _names(spec.shardings)
-    keep = sorted(flat_sh if only is None else only)
+    keep = sorted(flat_sh) if only is None else list(only)
 
     def init():
         model = CogVideoXDiT(spec.config, rngs=nnx.Rngs(seed))
         flat = _names(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         return {k: flat[k] for k in keep}
 
-    values = jax.jit(init, out_shardings={k: flat_sh[k] for k in keep})()
-    return _unflatten(values)
+    return jax.jit(init, out_shardings={k: flat_sh[k] for k in keep},
+                   compiler_options=dict(options) if options else None)
 
 
 def _latest_params_dir(workdir: str) -> str | None:
@@ -122,7 +131,8 @@ def checkpoint_kind(path: str) -> tuple[str, str]:
                      "stage's --workdir")
 
 
-def load_params(spec: ModelSpec, path: str, seed: int) -> tuple[Params, str]:
+def load_params(spec: ModelSpec, path: str, seed: int, compiler_options: dict | None = None
+                ) -> tuple[Params, str]:
     """Parameters from a converted checkpoint or a previous stage (see the module doc).
 
     Returns (params, one-line report of what was loaded and what was initialised fresh).
@@ -164,7 +174,8 @@ def load_params(spec: ModelSpec, path: str, seed: int) -> tuple[Params, str]:
                                                partial_restore=True))
     flat = {k[: len(k) - len(suffix)] if suffix else k: v for k, v in _names(restored).items()}
     if missing:
-        flat.update(_names(init_params(spec, seed, only=set(missing))))
+        flat.update(_names(init_params(spec, seed, only=set(missing),
+                                       compiler_options=compiler_options)))
     ignored = len(set(stored) - {n + suffix for n in wanted})
     report = (f"initialised from {kind} checkpoint {directory}: {len(found)} tensors loaded, "
               f"{len(missing)} mixer tensors initialised fresh"

@@ -41,7 +41,8 @@ def initial_counters() -> dict[str, jax.Array]:
 def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation, *, trainable: Any,
                     schedule: NoiseSchedule, schedules: dict[str, Callable], seed: int,
                     prompt_dropout: float, grad_accum_steps: int, param_shardings: Any,
-                    opt_shardings: Any, batch_shardings: Any, mesh) -> Callable:
+                    opt_shardings: Any, batch_shardings: Any, mesh,
+                    compiler_options: dict | None = None) -> Callable:
     """The jitted step (see the module doc). `trainable` is a bool tree like the params."""
     base_key = jax.random.PRNGKey(seed)
     dtype = jnp.dtype(spec.config.dtype)
@@ -57,7 +58,7 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation, *, traina
             return loss
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
@@ -84,4 +85,4 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation, *, traina
     return jax.jit(step,
                    in_shardings=(param_shardings, opt_shardings, counter_sh, batch_shardings),
                    out_shardings=(param_shardings, opt_shardings, counter_sh, replicated),
-                   donate_argnums=(0, 1))
+                   donate_argnums=(0, 1), compiler_options=compiler_options)

@@ -1,0 +1,303 @@
+"""The training loop in-process: loss falls, exact resume, meshes, mixers, warm starts, NaNs.
+
+Runs share compiled steps: `tttjax.train.loop` memoises what it compiles per (config, mesh),
+so every run below with the tiny config on the default 8-device mesh compiles once. XLA's
+CPU backend optimisation is turned off (`compiler_options`) to keep compiles short.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import threading
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from tttjax.data import loader as data_loader
+from tttjax.layers import registry
+from tttjax.models.convert import save_checkpoint
+from tttjax.sharding import make_mesh
+from tttjax.train import TrainingDiverged, train
+from tttjax.train import config as config_lib
+from tttjax.train.checkpoints import Checkpointer, read_meta
+from tttjax.train.loop import _plan
+from tttjax.train.model_state import load_params
+from tttjax.train.optimizer import path_names
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = {"xla_backend_optimization_level": 0}
+STEPS = 24
+
+
+def load_config(arg="none"):
+    spec = importlib.util.spec_from_file_location("cfg_tiny_train", os.path.join(ROOT, "configs", "tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny(data_dir, mixer="none", **over):
+    cfg = load_config(mixer)
+    cfg.steps = STEPS
+    cfg.log_every = 1
+    cfg.checkpoint_every = 8
+    cfg.data.data_dir = data_dir
+    cfg.data.builder_overrides = dict(num_train=64, num_validation=0)
+    cfg.train.progress_bar = False
+    cfg.train.compiler_options = dict(FAST)
+    for key, value in over.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def saved_params(workdir, step):
+    return ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "params"))
+
+
+def flat(tree):
+    return {"/".join(path_names(p)): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run_a"))
+    result = train(tiny(data_dir), workdir)
+    return workdir, result
+
+
+def test_tiny_config_trains_loss_falls_and_logs(uninterrupted):
+    workdir, result = uninterrupted
+    assert result.step == STEPS and result.updates == STEPS and result.nonfinite_total == 0
+    got = losses(workdir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    first, last = np.mean([got[s] for s in range(1, 5)]), np.mean([got[s] for s in range(STEPS - 3, STEPS + 1)])
+    print(f"loss: first 4 steps {first:.4f}, last 4 steps {last:.4f}")
+    assert last < 0.85 * first
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        record = json.loads(f.readlines()[-1])
+    for key in ("step", "loss", "grad_norm", "lr_pretrained", "lr_new", "steps_per_sec",
+                "tokens_per_sec", "nonfinite_total"):
+        assert key in record
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(workdir, "tensorboard")))
+    # keep=3 of the saves at 8, 16, 24
+    assert Checkpointer(workdir).all_steps() == [8, 16, 24]
+    assert read_meta(workdir)["counters"]["step"] == STEPS
+
+
+def test_resume_is_exact_including_data_order(uninterrupted, data_dir, tmp_path):
+    workdir_a, _ = uninterrupted
+    workdir = str(tmp_path / "run_b")
+    first = train(tiny(data_dir), workdir, stop_at=10)
+    assert first.step == 10 and first.preempted and first.last_checkpoint == 10
+    second = train(tiny(data_dir), workdir)
+    assert second.step == STEPS
+    assert losses(workdir) == losses(workdir_a)          # bitwise, every step
+    a, b = flat(saved_params(workdir_a, STEPS)), flat(saved_params(workdir, STEPS))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    data = lambda w: open(os.path.join(w, "checkpoints", str(STEPS), "data",  # noqa: E731
+                                       "process_0-of-1.json")).read()
+    assert data(workdir) == data(workdir_a)
+
+
+def test_sigterm_saves_the_current_step_and_the_run_resumes_exactly(uninterrupted, data_dir,
+                                                                   tmp_path):
+    """Preemption: SIGTERM mid-run saves the step in flight; rerunning finishes identically."""
+    assert threading.current_thread() is threading.main_thread()  # the handler lives here
+    workdir_a, _ = uninterrupted
+    workdir = str(tmp_path / "sigterm")
+    metrics = os.path.join(workdir, "metrics.jsonl")
+
+    def preempt_after_six_steps():
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if os.path.exists(metrics) and len(open(metrics).readlines()) >= 6:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.005)
+
+    handler_before = signal.getsignal(signal.SIGTERM)
+    killer = threading.Thread(target=preempt_after_six_steps, daemon=True)
+    killer.start()
+    result = train(tiny(data_dir, checkpoint_every=4), workdir)
+    killer.join()
+    assert result.preempted and 6 <= result.step < STEPS, result
+    # no step is lost: the last logged step is the one saved, and it restores
+    assert Checkpointer(workdir).latest_step() == result.step == max(losses(workdir))
+    assert read_meta(workdir)["counters"]["step"] == result.step
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # the run put it back
+    train(tiny(data_dir, checkpoint_every=4), workdir)
+    assert losses(workdir) == losses(workdir_a)
+    a, b = flat(saved_params(workdir_a, STEPS)), flat(saved_params(workdir, STEPS))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_meshes_agree_and_checkpoints_restore_on_another_mesh(uninterrupted, data_dir, tmp_path):
+    workdir_a, _ = uninterrupted
+    one = str(tmp_path / "one_device")
+    train(tiny(data_dir, **{"mesh.num_devices": 1}), one, stop_at=4)
+    three_d = str(tmp_path / "data_fsdp_tensor")
+    axes = {"mesh.axes": {"data": 2, "fsdp": 2, "tensor": 2}}
+    train(tiny(data_dir, **axes), three_d, stop_at=2)
+    # resume the (2, 2, 2) checkpoint on the default (8, 1, 1) mesh
+    train(tiny(data_dir), three_d, stop_at=4)
+    ref, got, default = losses(one), losses(three_d), losses(workdir_a)
+    print("1 device vs 2x2x2 -> 8x1x1 loss differences:",
+          [abs(ref[s] - got[s]) for s in range(1, 5)])
+    for s in range(1, 5):
+        np.testing.assert_allclose(got[s], ref[s], rtol=2e-5)
+        np.testing.assert_allclose(default[s], ref[s], rtol=2e-5)
+    a, b = flat(saved_params(one, 4)), flat(saved_params(three_d, 4))
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+    # The (2, 2, 2) save restores bitwise onto a 1-device mesh and onto the 3D mesh.
+    cfg = tiny(data_dir)
+    arrays = {}
+    for name, sizes, n in (("one", {"data": 1, "fsdp": 1, "tensor": 1}, 1),
+                           ("3d", {"data": 2, "fsdp": 2, "tensor": 2}, 8)):
+        mesh = make_mesh(sizes, devices=jax.devices()[:n])
+        plan = _plan(cfg, mesh, config_lib.rules(cfg))
+        params, opt_state, meta, _ = Checkpointer(three_d).restore(2, plan.spec.abstract,
+                                                                   plan.abstract_opt)
+        assert meta["counters"]["step"] == 2
+        leaf = params["blocks"]["attn"]["to_q"]["kernel"]
+        assert leaf.sharding == plan.spec.shardings["blocks"]["attn"]["to_q"]["kernel"]
+        arrays[name] = flat(params)
+    for key in arrays["one"]:
+        np.testing.assert_array_equal(arrays["one"][key], arrays["3d"][key])
+
+
+@pytest.mark.parametrize("mixer", registry.mixer_names())
+def test_every_registered_mixer_trains_in_the_slot(mixer, data_dir, tmp_path):
+    workdir = str(tmp_path / mixer)
+    cfg = tiny(data_dir, mixer, **{"mesh.num_devices": 1, "train.global_batch_size": 2,
+                                   "checkpoint_every": 1, "train.trainable": "mixer_qkvo"})
+    result = train(cfg, workdir, stop_at=2)
+    got = losses(workdir)
+    assert result.nonfinite_total == 0 and all(np.isfinite(got[s]) for s in (1, 2))
+    p1, p2 = flat(saved_params(workdir, 1)), flat(saved_params(workdir, 2))
+    moved = {k for k in p1 if not np.array_equal(p1[k], p2[k])}
+    assert any(k.startswith("blocks/mixer/mixer/") for k in moved), moved
+    assert "blocks/mixer/alpha_fwd" in moved and "blocks/attn/to_q/kernel" in moved
+    # frozen in this stage (SPEC section 5, after 3 s): the MLP and the patch embedding
+    assert "blocks/ff/proj_in/kernel" not in moved and "patch_proj/kernel" not in moved
+
+
+def _one_device_plan(cfg):
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    return _plan(cfg, mesh, config_lib.rules(cfg)), mesh
+
+
+def test_warm_start_from_converted_checkpoint_and_previous_stage(data_dir, tmp_path):
+    # A "converted CogVideoX" checkpoint of the plain DiT (no mixer), in the convert format.
+    base_plan, _ = _one_device_plan(tiny(data_dir, "none"))
+    state = jax.tree.map(lambda x: x, base_plan.spec.template)
+    base_params = base_plan.init_params()
+    nnx.replace_by_pure_dict(state, base_params)
+    converted = save_checkpoint(nnx.merge(base_plan.spec.graphdef, state), str(tmp_path / "conv"))
+
+    cfg = tiny(data_dir, "ttt_linear", **{"mesh.num_devices": 1, "train.global_batch_size": 2,
+                                          "checkpoint_every": 1, "train.trainable": "mixer_qkvo"})
+    plan, mesh = _one_device_plan(cfg)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(config_lib.rules(cfg)):
+        params, report = load_params(plan.spec, converted, seed=cfg.seed, compiler_options=FAST)
+    assert "mixer tensors initialised fresh" in report, report
+    got, base, fresh = flat(params), flat(base_params), flat(plan.init_params())
+    for name, value in got.items():
+        # base weights from the checkpoint; the mixer exactly as a fresh initialisation
+        np.testing.assert_array_equal(value, (fresh if name.startswith("blocks/mixer/") else base)[name],
+                                      err_msg=name)
+    assert params["blocks"]["mixer"]["alpha_fwd"].sharding == plan.spec.shardings["blocks"]["mixer"]["alpha_fwd"]
+
+    # A run started from it, then stage chaining: the next stage starts from its latest params.
+    stage_dir = str(tmp_path / "stage1")
+    cfg.checkpoint.init_from = converted
+    result = train(cfg, stage_dir, stop_at=2)
+    assert result.step == 2
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(config_lib.rules(cfg)):
+        chained, report = load_params(plan.spec, stage_dir, seed=0)
+    assert "0 mixer tensors initialised fresh" in report, report
+    saved = flat(saved_params(stage_dir, 2))
+    for name, value in flat(chained).items():
+        np.testing.assert_array_equal(value, saved[name], err_msg=name)
+
+    # A checkpoint of another architecture is refused by name.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model_config.json").write_text(json.dumps(cfg.model.to_dict()))
+    writer = ocp.StandardCheckpointer()
+    writer.save(str(bad / "state"), {"patch_proj": {"kernel": {"value": np.zeros((3, 3), np.float32)}}})
+    writer.wait_until_finished()
+    with pytest.raises(ValueError, match="shape mismatches .*patch_proj/kernel"):
+        load_params(plan.spec, str(bad), seed=0)
+
+
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(data_dir, tmp_path, monkeypatch):
+    original = data_loader.ToonToModelInputs.map
+    calls = {"n": 0}
+
+    def first_batch_nan(self, example):
+        out = original(self, example)
+        calls["n"] += 1
+        if calls["n"] <= 8:  # the first global batch
+            out["latents"] = np.full_like(out["latents"], np.nan)
+        return out
+
+    monkeypatch.setattr(data_loader.ToonToModelInputs, "map", first_batch_nan)
+    workdir = str(tmp_path / "nan_once")
+    cfg = tiny(data_dir, **{"checkpoint_every": 1})
+    result = train(cfg, workdir, stop_at=3)
+    got = losses(workdir)
+    assert result.nonfinite_total == 1 and result.updates == 2
+    assert got[1] is None and np.isfinite(got[2]) and np.isfinite(got[3])
+    mesh = make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+    fresh = flat(_plan(cfg, mesh, config_lib.rules(cfg)).init_params())
+    after_bad = flat(saved_params(workdir, 1))
+    for name in fresh:  # the skipped step left the parameters untouched
+        np.testing.assert_array_equal(after_bad[name], fresh[name], err_msg=name)
+
+    monkeypatch.setattr(data_loader.ToonToModelInputs, "map",
+                        lambda self, ex: {k: np.full_like(v, np.nan) if k == "latents" else v
+                                          for k, v in original(self, ex).items()})
+    with pytest.raises(TrainingDiverged, match="3 non-finite losses in a row"):
+        train(tiny(data_dir, **{"train.max_nonfinite_in_a_row": 3}), str(tmp_path / "nan_always"))
+
+
+def test_invalid_configs_are_refused_before_compiling(data_dir):
+    cases = [
+        ({"train.trainable": "mixer"}, "trains the mixer"),
+        ({"train.global_batch_size": 6, "train.grad_accum_steps": 4}, "divisible by grad_accum_steps"),
+        ({"stage.latent_frames": 7}, "latent_frames"),
+        ({"data.builder_config": "small"}, "frames_per_segment must be 4"),
+        ({"optim.new.schedule": "linear"}, "schedule"),
+        ({"mesh.axes": {"data": -1, "fsdp": -1}}, "at most one axis"),
+        ({"diffusion.beta_end": 2.0}, "config.diffusion"),
+        ({"checkpoint.init_from": "/nonexistent/ckpt"}, "does not exist"),
+    ]
+    for over, message in cases:
+        with pytest.raises(ValueError, match=message):
+            config_lib.validate(tiny(data_dir, **over))
+    with pytest.raises(ValueError, match="divisible by the 8 batch shards"):
+        config_lib.validate_mesh(tiny(data_dir, **{"train.global_batch_size": 4}), 8)
