@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import ttt_gpu, ttt_step, ttt_tpu
+from tttjax.ops import ttt as xla_ttt
 
 BACKENDS = {"tpu": ttt_tpu, "gpu": ttt_gpu}
-IMPLS = ("xla", "auto", "pallas", "pallas_interpret")
 _PLATFORM_BACKEND = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}
 
 
@@ -47,8 +47,8 @@ def select(kind, impl, *, d, length, mini_batch_size, remat_group_size, causal=F
     "pallas_interpret": the TPU kernel in Pallas' TPU interpret mode (any platform; slow, for
     tests).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"ttt_{kind}: impl must be one of {list(IMPLS)}, got {impl!r}")
+    if impl not in xla_ttt.IMPLS:
+        raise ValueError(f"ttt_{kind}: impl must be one of {list(xla_ttt.IMPLS)}, got {impl!r}")
     if impl == "xla":
         return None
     explicit = impl != "auto"
@@ -125,8 +125,6 @@ def ttt_scan(kind, q, k, v, eta, params, *, mini_batch_size: int, remat_group_si
     Returns:
       z [B, H, L, d] in q's dtype, or (z, final_state) with return_state.
     """
-    from tttjax.ops import ttt as xla_ttt  # the op module dispatches here, so import lazily
-
     xla_ttt._validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, initial_state)
     bsz, h, length, d = q.shape
     b = mini_batch_size

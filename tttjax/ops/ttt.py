@@ -289,9 +289,40 @@ def _ttt(kind, q, k, v, eta, params, *, mini_batch_size, remat_group_size, causa
     return (z, *extras) if extras else z
 
 
+Impl = Literal["xla", "auto", "pallas", "pallas_interpret"]
+IMPLS = ("xla", "auto", "pallas", "pallas_interpret")
+
+
+def _dispatch(kind, impl, q, k, v, eta, params, *, mini_batch_size, remat_group_size, causal,
+              token_idx_offset, initial_state, return_state, return_inner_loss):
+    """Runs the XLA scan or, where `impl` asks for it and it applies, the Pallas kernel."""
+    if impl not in IMPLS:
+        raise ValueError(f"ttt_{kind}: impl must be one of {list(IMPLS)}, got {impl!r}")
+    if impl != "xla":
+        # Imported here: pallas_kernels builds on this module (validation, target).
+        from pallas_kernels import ttt as pallas_ttt
+
+        _validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, initial_state)
+        target = pallas_ttt.select(kind, impl, d=q.shape[-1], length=q.shape[2],
+                                   mini_batch_size=mini_batch_size,
+                                   remat_group_size=remat_group_size, causal=causal,
+                                   return_inner_loss=return_inner_loss,
+                                   token_idx_offset=token_idx_offset)
+        if target is not None:
+            backend, interpret = target
+            return pallas_ttt.ttt_scan(kind, q, k, v, eta, params, mini_batch_size=mini_batch_size,
+                                       remat_group_size=remat_group_size, backend=backend,
+                                       interpret=interpret, initial_state=initial_state,
+                                       return_state=return_state)
+    return _ttt(kind, q, k, v, eta, params, mini_batch_size=mini_batch_size,
+                remat_group_size=remat_group_size, causal=causal,
+                token_idx_offset=token_idx_offset, initial_state=initial_state,
+                return_state=return_state, return_inner_loss=return_inner_loss)
+
+
 def ttt_mlp(q, k, v, eta, params, *, mini_batch_size: int, remat_group_size: int = 16,
             return_state: bool = False, causal: bool = False, token_idx_offset=None,
-            initial_state=None, return_inner_loss: bool = False):
+            initial_state=None, return_inner_loss: bool = False, impl: Impl = "xla"):
     """TTT-MLP inner loop (SPEC section 1): g(x; W) = GELU_tanh(x W1 + b1) W2 + b2.
 
     Args:
@@ -309,25 +340,30 @@ def ttt_mlp(q, k, v, eta, params, *, mini_batch_size: int, remat_group_size: int
       initial_state: optional dict W1, b1, W2, b2 with a leading batch axis [B, H, ...]
         that replaces params' state, to continue a sequence processed in pieces.
       return_inner_loss: also return `InnerLoss` (per mini-batch, before/after the step).
+      impl: "xla" (this module's scan), "pallas" (the fused kernel of `pallas_kernels` for the
+        default backend, TPU or GPU; ValueError where it cannot run), "auto" (the kernel where
+        the backend, shape and options allow, else the XLA scan) or "pallas_interpret" (the TPU
+        kernel in Pallas interpret mode, any platform; slow, for tests). The kernels cover the
+        non-causal form without inner-loss diagnostics.
     Returns:
       z [B, H, L, d] in q's dtype (z_t = q_t + LN(g(q_t; W_i)), before post_norm and wo);
       with extras requested, the tuple (z, state?, inner_loss?) in that order.
     """
-    return _ttt("mlp", q, k, v, eta, params, mini_batch_size=mini_batch_size,
-                remat_group_size=remat_group_size, causal=causal,
-                token_idx_offset=token_idx_offset, initial_state=initial_state,
-                return_state=return_state, return_inner_loss=return_inner_loss)
+    return _dispatch("mlp", impl, q, k, v, eta, params, mini_batch_size=mini_batch_size,
+                     remat_group_size=remat_group_size, causal=causal,
+                     token_idx_offset=token_idx_offset, initial_state=initial_state,
+                     return_state=return_state, return_inner_loss=return_inner_loss)
 
 
 def ttt_linear(q, k, v, eta, params, *, mini_batch_size: int, remat_group_size: int = 16,
                return_state: bool = False, causal: bool = False, token_idx_offset=None,
-               initial_state=None, return_inner_loss: bool = False):
+               initial_state=None, return_inner_loss: bool = False, impl: Impl = "xla"):
     """TTT-Linear inner loop (SPEC section 1): g(x; W) = x W1 + b1.
 
     Same arguments and returns as `ttt_mlp`, with params W1 [H, d, d], b1 [H, 1, d],
     ln_weight, ln_bias [H, d] (initial_state: W1, b1 with a leading batch axis).
     """
-    return _ttt("linear", q, k, v, eta, params, mini_batch_size=mini_batch_size,
-                remat_group_size=remat_group_size, causal=causal,
-                token_idx_offset=token_idx_offset, initial_state=initial_state,
-                return_state=return_state, return_inner_loss=return_inner_loss)
+    return _dispatch("linear", impl, q, k, v, eta, params, mini_batch_size=mini_batch_size,
+                     remat_group_size=remat_group_size, causal=causal,
+                     token_idx_offset=token_idx_offset, initial_state=initial_state,
+                     return_state=return_state, return_inner_loss=return_inner_loss)
