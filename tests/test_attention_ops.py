@@ -67,6 +67,11 @@ def test_full_chunked_and_local_attention():
                                np_attention(q, k, v, same_window), rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(A.local_attention(f32(q), f32(k), f32(v), window=10, causal=True),
                                np_attention(q, k, v, same_window & causal), rtol=1e-5, atol=2e-6)
+    for chunk in (4, 7):  # windows longer than the chunk: online softmax, windows in the batch
+        np.testing.assert_allclose(A.local_attention(f32(q), f32(k), f32(v), window=10, chunk=chunk,
+                                                     causal=chunk == 7),
+                                   np_attention(q, k, v, same_window & (causal if chunk == 7 else True)),
+                                   rtol=1e-5, atol=2e-6)
 
 
 def _grads(fn, q, k, v, w):

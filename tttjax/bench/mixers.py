@@ -10,7 +10,8 @@ Each mixer is the registry's layer (`tttjax.layers.registry.make_mixer`, SPEC de
 TTT-MLP b = 64, TTT-Linear b = 16, Mamba 2 d_state 128 / chunk 256, Gated DeltaNet chunk 64)
 with all its projections, called as in the DiT slot (`mixer(x [B, L, D], rope=...)`).
 `local` is attention inside non-overlapping windows of `--local-window` tokens, the analog
-of the paper's local-attention-only model; every other mixer's cost is reported relative to
+of the paper's local-attention-only model (windows over 1024 tokens use the same online-softmax
+form as `--full-impl chunked`, so local and full attention run the same code); every other mixer's cost is reported relative to
 it at the same L (the paper's Figure 6 compares whole models, so its ratios also carry the
 MLPs and local attention that every variant shares; these are the mixers alone).
 

@@ -147,13 +147,17 @@ class SlidingWindowAttention(_AttentionMixer):
 
 
 class LocalAttention(_AttentionMixer):
-    """Attention inside consecutive non-overlapping windows of `window` tokens."""
+    """Attention inside consecutive non-overlapping windows of `window` tokens (windows
+    longer than `chunk` use the online-softmax form)."""
 
-    def __init__(self, width: int, num_heads: int, *, window: int = 8192, **kwargs):
-        if not isinstance(window, int) or window < 1:
-            raise ValueError(f"LocalAttention: window must be a positive int, got {window!r}")
+    def __init__(self, width: int, num_heads: int, *, window: int = 8192, chunk: int = 1024,
+                 **kwargs):
+        if not isinstance(window, int) or window < 1 or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"LocalAttention: window and chunk must be positive ints, got "
+                             f"{window!r}, {chunk!r}")
         super().__init__(width, num_heads, **kwargs)
-        self.window = window
+        self.window, self.chunk = window, chunk
 
     def _attend(self, q, k, v):
-        return attention_ops.local_attention(q, k, v, window=self.window, causal=self.causal)
+        return attention_ops.local_attention(q, k, v, window=self.window, causal=self.causal,
+                                             chunk=self.chunk)

@@ -73,11 +73,12 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = F
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int = 1024,
-                      causal: bool = False) -> jax.Array:
+                      causal: bool = False, key_mask: jax.Array | None = None) -> jax.Array:
     """`full_attention` with an online softmax over key blocks (flash-attention order).
 
     Args:
       q: [B, H, Lq, d]; k, v: [B, H, Lk, d]; chunk: query and key block size.
+      key_mask: optional [B, Lk] bool, False for keys no query may see (padding).
     Returns:
       [B, H, Lq, d] in q's dtype. Memory O((Lq + Lk) * d + chunk^2) per head.
     """
@@ -92,6 +93,12 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int = 
     qb = jnp.moveaxis(_pad_length(q, 0, nq * cq - lq).reshape(bsz, heads, nq, cq, d), 2, 0)
     kb = jnp.moveaxis(_pad_length(k, 0, nk * ck - lk).reshape(bsz, heads, nk, ck, d), 2, 0)
     vb = jnp.moveaxis(_pad_length(v, 0, nk * ck - lk).reshape(bsz, heads, nk, ck, v.shape[-1]), 2, 0)
+    if key_mask is not None and key_mask.shape != (bsz, lk):
+        raise ValueError(f"chunked_attention: key_mask must be [B, Lk] = {(bsz, lk)}, got {key_mask.shape}")
+    valid = jnp.arange(nk * ck) < lk
+    valid = jnp.broadcast_to(valid, (bsz, nk * ck)) if key_mask is None else (
+        jnp.pad(key_mask.astype(bool), ((0, 0), (0, nk * ck - lk))))
+    mb = jnp.moveaxis(valid.reshape(bsz, nk, ck), 1, 0)           # [nk, B, ck]
 
     def query_block(_, inputs):
         qi, q_blk = inputs
@@ -99,9 +106,9 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int = 
 
         def key_block(carry, kin):
             m, l, acc = carry
-            kj, k_blk, v_blk = kin
+            kj, k_blk, v_blk, k_valid = kin
             k_pos = kj * ck + jnp.arange(ck)
-            mask = k_pos[None, :] < lk
+            mask = k_valid[:, None, None, :]                       # [B, 1, 1, ck]
             if causal:
                 mask = mask & (k_pos[None, :] <= q_pos[:, None])
             s = jnp.einsum("bhqd,bhkd->bhqk", q_blk, k_blk, preferred_element_type=jnp.float32)
@@ -116,7 +123,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int = 
         init = (jnp.full((bsz, heads, cq), _MASKED, jnp.float32),
                 jnp.zeros((bsz, heads, cq), jnp.float32),
                 jnp.zeros((bsz, heads, cq, v.shape[-1]), jnp.float32))
-        (_, l, acc), _ = jax.lax.scan(key_block, init, (jnp.arange(nk), kb, vb))
+        (_, l, acc), _ = jax.lax.scan(key_block, init, (jnp.arange(nk), kb, vb, mb))
         return None, acc / jnp.maximum(l, 1e-30)[..., None]
 
     _, out = jax.lax.scan(jax.checkpoint(query_block), None, (jnp.arange(nq), qb))
@@ -198,22 +205,37 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int,
-                    causal: bool = False) -> jax.Array:
+                    causal: bool = False, chunk: int = 1024) -> jax.Array:
     """Attention inside consecutive non-overlapping windows of `window` tokens.
 
     Args:
       q, k, v: [B, H, L, d]; a last partial window is padded and its padding masked.
       window: tokens per window.
       causal: causal mask inside each window.
+      chunk: windows longer than this run `chunked_attention` (online softmax over blocks
+        of `chunk` keys) with the windows folded into the batch; shorter ones materialise
+        their window x window logits, one window at a time.
     Returns:
-      [B, H, L, d] in q's dtype; memory O(window^2) per head at a time.
+      [B, H, L, d] in q's dtype; memory O(min(window, chunk) * window) per head at a time.
     """
     _check_qkv("local_attention", q, k, v)
     if not isinstance(window, (int, np.integer)) or window < 1:
         raise ValueError(f"local_attention: window must be a positive int, got {window!r}")
     bsz, heads, length, d = q.shape
+    dv = v.shape[-1]
     w = min(int(window), length)
     n = -(-length // w)
+
+    if w > chunk:
+        def fold(a):  # windows into the batch: [B * n, H, w, d]
+            a = _pad_length(a, 0, n * w - length).reshape(bsz, heads, n, w, a.shape[-1])
+            return a.transpose(0, 2, 1, 3, 4).reshape(bsz * n, heads, w, a.shape[-1])
+
+        key_mask = jnp.broadcast_to((jnp.arange(n * w) < length).reshape(n, w), (bsz, n, w))
+        out = chunked_attention(fold(q), fold(k), fold(v), chunk=chunk, causal=causal,
+                                key_mask=key_mask.reshape(bsz * n, w))
+        out = out.reshape(bsz, n, heads, w, dv).transpose(0, 2, 1, 3, 4)
+        return out.reshape(bsz, heads, n * w, dv)[:, :, :length]
 
     def blocks(a):
         a = _pad_length(a, 0, n * w - length)
@@ -230,7 +252,7 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int,
         return None, _softmax_attend(q_blk, k_blk, v_blk, mask, scale)
 
     _, out = jax.lax.scan(jax.checkpoint(block), None, (jnp.arange(n), blocks(q), blocks(k), blocks(v)))
-    out = jnp.moveaxis(out, 0, 2).reshape(bsz, heads, n * w, v.shape[-1])[:, :, :length]
+    out = jnp.moveaxis(out, 0, 2).reshape(bsz, heads, n * w, dv)[:, :, :length]
     return out.astype(q.dtype)
 
 
