@@ -15,7 +15,10 @@ are the CPU compiler's figures: GPU fusion differs, so treat them as a plan, not
 Attention: the CPU compiler cannot use the cuDNN flash kernel, so full attention is planned
 with `attention_impl="chunked"` (online softmax) and segment attention with "xla", which
 materialises one window's logits at a time (a GPU flash kernel stores none; the printed
-`attention logits` line gives their size so it can be discounted).
+logits size lets one discount them: XLA keeps a few such buffers live in the backward pass).
+The CPU backend also has no native bfloat16 dynamic-update-slice: it keeps a float32 copy of
+the stacked block inputs saved for the backward pass (twice the printed `saved block
+inputs`), which a GPU compile does not need.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class MemoryPlan:
     temporaries: int       # activations, gradients, workspace
     compile_seconds: float
     window_logits: int = 0  # one attention window's float32 logits (XLA attention path)
+    saved_inputs: int = 0   # every block's input, stacked for the backward pass
 
     @property
     def peak(self) -> int:
@@ -59,7 +63,8 @@ class MemoryPlan:
                 f"  temporaries     {g(self.temporaries)}",
                 f"  outputs         {g(self.outputs)} (aliased {g(self.aliased)})",
                 f"  peak            {g(self.peak)}",
-                f"  one window's attention logits (f32, in temporaries): {g(self.window_logits)}",
+                f"  in temporaries: one attention window's f32 logits {g(self.window_logits)}, "
+                f"saved block inputs {g(self.saved_inputs)}",
                 f"  (compiled in {self.compile_seconds:.0f} s)"]
 
 
@@ -187,11 +192,18 @@ def plan_memory(model_config, *, latent_frames: int, latent_height: int, latent_
         tokens = num_segments * text_length + latent_frames * grid
     logits = 0 if cfg.attention_impl != "xla" else (
         local_batch * heads * tokens * tokens * 4)
+    act_spec = shd.logical_to_spec(("batch", "length", "embed"), rules)
+    length_ways = _ways(mesh, shd._prune_spec(jax.sharding.PartitionSpec(*act_spec[1:2]), mesh,
+                                              (1 << 30,)))
+    tokens_all = num_segments * text_length + latent_frames * grid
+    saved = 0 if forward_only else (cfg.num_layers * local_batch * -(-tokens_all // length_ways)
+                                    * cfg.num_attention_heads * cfg.attention_head_dim
+                                    * dtype.itemsize)
     return MemoryPlan(devices=mesh.size, mesh=dict(mesh.shape), params=params_bytes,
                       optimizer=opt_bytes, arguments=stats.argument_size_in_bytes,
                       outputs=stats.output_size_in_bytes, aliased=stats.alias_size_in_bytes,
                       temporaries=stats.temp_size_in_bytes, compile_seconds=time.time() - start,
-                      window_logits=logits)
+                      window_logits=logits, saved_inputs=saved)
 
 
 def _shard_like_params(opt_state, params, mesh):
