@@ -46,7 +46,7 @@ class _TTTLayer(nnx.Module):
     kind: str = ""
 
     def __init__(self, width: int, num_heads: int, *, mini_batch_size: int, base_lr: float,
-                 remat_group_size: int = 16, causal: bool = False,
+                 remat_group_size: int = 16, causal: bool = False, impl: str = "xla",
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         name = type(self).__name__
         if width % num_heads:
@@ -57,6 +57,9 @@ class _TTTLayer(nnx.Module):
         self.head_dim = d = width // num_heads
         self.mini_batch_size, self.base_lr = mini_batch_size, float(base_lr)
         self.remat_group_size, self.causal = remat_group_size, causal
+        if impl not in ttt_ops.IMPLS:
+            raise ValueError(f"{name}: impl must be one of {list(ttt_ops.IMPLS)}, got {impl!r}")
+        self.impl = impl  # "xla" scan, "pallas" kernel, or "auto" (kernel where supported)
         self.dtype = dtype
         h = num_heads
 
@@ -129,7 +132,8 @@ class _TTTLayer(nnx.Module):
         op = ttt_ops.ttt_mlp if self.kind == "mlp" else ttt_ops.ttt_linear
         offset = self.token_idx_offset[...] if self.causal else None
         z = op(q, k, v, eta, self.inner_params(), mini_batch_size=b,
-               remat_group_size=self.remat_group_size, causal=self.causal, token_idx_offset=offset)
+               remat_group_size=self.remat_group_size, causal=self.causal, token_idx_offset=offset,
+               impl=self.impl)
         z = z.transpose(0, 2, 1, 3).reshape(batch, padded, width)[:, :length]
         z = with_logical_constraint(z, ("batch", "length", "embed"))
         return self.wo(self.post_norm(z))
