@@ -31,7 +31,9 @@ from tttjax.train.model_state import load_params
 from tttjax.train.optimizer import path_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = {"xla_backend_optimization_level": 0}
+# XLA CPU options that cut compile time several-fold (slower code, same numbers).
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+        "xla_cpu_use_fusion_emitters": False}
 STEPS = 24
 
 

@@ -118,10 +118,13 @@ class _Plan:
     init_opt: Any
 
 
-# Fields that do not change what is compiled (logging, checkpointing, where data lives).
-_NOT_COMPILED = ("log_every", "checkpoint_every", "checkpoint", "mesh.num_devices", "data.data_dir",
-                 "data.manual_dir", "data.split", "data.shuffle", "data.worker_count",
-                 "train.progress_bar", "train.max_nonfinite_in_a_row")
+# Fields that do not change what is compiled (logging, checkpointing, which examples are
+# read: batch shapes come from config.stage, which stays in the key).
+_NOT_COMPILED = ("log_every", "checkpoint_every", "checkpoint", "mesh.num_devices",
+                 "data.data_dir", "data.manual_dir", "data.split", "data.shuffle",
+                 "data.worker_count", "data.builder_config", "data.builder_overrides",
+                 "data.text_encoder_seed", "data.toy_latent_seed", "train.progress_bar",
+                 "train.max_nonfinite_in_a_row")
 _PLANS: collections.OrderedDict = collections.OrderedDict()
 
 
