@@ -12,6 +12,7 @@ both, so 1e-2 x max. The hand-written step VJP is checked against jax.vjp of the
 float64 to 1e-12.
 """
 
+import csv
 import functools
 
 import jax
@@ -268,3 +269,20 @@ def test_unsupported_shapes_raise_clear_errors(backend, kind, d, b, group, match
         with pytest.raises(ValueError, match=match):
             pallas_ttt.ttt_scan(kind, q, k, v, eta, params, mini_batch_size=b,
                                 remat_group_size=group, backend=backend, interpret=True)
+
+
+def test_kernel_benchmark_smoke(tmp_path, capsys):
+    """`python -m tttjax.bench kernels --interpret` at a tiny shape (no timing asserted)."""
+    from tttjax.bench import __main__ as bench_cli
+
+    out = tmp_path / "kernels.csv"
+    assert bench_cli.main(["kernels", "--interpret", "--kinds", "linear", "--lengths", "32",
+                           "--heads", "1", "--head-dim", "16", "--mini-batch", "16",
+                           "--matmul-size", "64", "--repeats", "1", "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [(r["impl"], r["L"]) for r in rows] == [("xla", "32"), ("pallas_interpret", "32")]
+    assert float(rows[1]["z_rel_err"]) < 1e-2 and float(rows[1]["grad_rel_err"]) < 1e-2
+    assert "| linear | pallas_interpret | 32 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # on CPU the real kernels cannot run
+        bench_cli.main(["kernels", "--lengths", "32"])
+    assert exit_info.value.code == 2
