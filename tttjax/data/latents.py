@@ -55,6 +55,14 @@ class LatentsConfig(tfds.core.BuilderConfig):
     prefix_frames: int = 1
     scaling_factor: float = 0.7
 
+    def validate(self) -> None:
+        sizes = dict(latent_channels=self.latent_channels, text_length=self.text_length,
+                     text_embed_dim=self.text_embed_dim, frames_per_segment=self.frames_per_segment)
+        bad = [k for k, v in sizes.items() if not isinstance(v, int) or v < 1]
+        if bad or self.prefix_frames < 0 or self.scaling_factor <= 0:
+            raise ValueError(f"latents config {self.name!r}: {bad or 'prefix_frames/scaling_factor'} "
+                             "must be positive")
+
 
 def _check_example(arrays: dict, cfg: LatentsConfig, where: str) -> int:
     """Validates one source example against `cfg`; returns its number of segments."""

@@ -75,24 +75,35 @@ class LatentsToModelInputs(grain.transforms.Map):
 # ------------------------------------------------------------------------------ datasets
 
 
-def toon_config(name: str, overrides: dict | None = None) -> toon_storyboards.ToonStoryboardsConfig:
-    """A named `toon_storyboards` config, or a derived one when `overrides` changes fields."""
-    base = {c.name: c for c in toon_storyboards.ToonStoryboards.BUILDER_CONFIGS}
+def builder_config(builder_cls, name: str, overrides: dict | None = None):
+    """A named config of a TFDS builder, or a derived one when `overrides` changes fields.
+
+    A derived config is named `<name>_<hash of its fields>`, so each geometry gets its own
+    folder under the data dir and is generated (or packed) once.
+    """
+    base = {c.name: c for c in builder_cls.BUILDER_CONFIGS}
     if name not in base:
-        raise ValueError(f"toon_storyboards has no config {name!r}; choose one of {sorted(base)}")
-    if not overrides:
-        return base[name]
-    fields = {f: getattr(base[name], f) for f in toon_storyboards.ToonStoryboardsConfig.
-              __dataclass_fields__ if f not in ("name", "version", "release_notes",
-                                                "supported_versions", "description", "tags")}
-    unknown = sorted(set(overrides) - set(fields))
+        raise ValueError(f"{builder_cls.name} has no config {name!r}; choose one of {sorted(base)}")
+    cfg = base[name]
+    skip = ("name", "version", "release_notes", "supported_versions", "description", "tags")
+    fields = {f: getattr(cfg, f) for f in type(cfg).__dataclass_fields__ if f not in skip}
+    unknown = sorted(set(overrides or {}) - set(fields))
     if unknown:
-        raise ValueError(f"unknown toon_storyboards fields {unknown}; fields: {sorted(fields)}")
-    fields.update(overrides)
-    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
-    cfg = toon_storyboards.ToonStoryboardsConfig(name=f"{name}_{digest}", **fields)
+        raise ValueError(f"unknown {builder_cls.name} fields {unknown}; fields: {sorted(fields)}")
+    if overrides and any(fields[k] != v for k, v in overrides.items()):
+        fields.update(overrides)
+        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+        cfg = type(cfg)(name=f"{name}_{digest}", **fields)
     cfg.validate()
     return cfg
+
+
+def toon_config(name: str, overrides: dict | None = None) -> toon_storyboards.ToonStoryboardsConfig:
+    return builder_config(toon_storyboards.ToonStoryboards, name, overrides)
+
+
+def latents_config(name: str, overrides: dict | None = None) -> latents_lib.LatentsConfig:
+    return builder_config(latents_lib.Latents, name, overrides)
 
 
 def _barrier(name: str) -> None:
@@ -133,9 +144,9 @@ def open_training_source(config) -> tuple[SegmentWindows, grain.transforms.Map]:
     elif data.dataset == "latents":
         download_config = (tfds.download.DownloadConfig(manual_dir=data.manual_dir)
                            if data.manual_dir else None)
+        cfg = latents_config(data.builder_config, dict(data.builder_overrides))
         builder = prepared_builder(lambda: latents_lib.Latents(
-            config=data.builder_config, data_dir=data_dir, file_format="array_record"),
-            download_config)
+            config=cfg, data_dir=data_dir, file_format="array_record"), download_config)
         meta = builder.info.metadata
         crop = crop_latents(meta["frames_per_segment"], meta["prefix_frames"])
         transform = LatentsToModelInputs(meta["scaling_factor"])

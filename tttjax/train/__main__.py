@@ -1,7 +1,7 @@
 """Train the video DiT.
 
     python -m tttjax.train --config configs/tiny.py --workdir /tmp/run [--config.KEY=VALUE ...]
-    python -m tttjax.train --config configs/cogvideox_5b.py:9s,ttt_mlp --workdir gs://... \\
+    python -m tttjax.train --config configs/cogvideox_5b.py:9s,ttt_mlp --workdir /shared/run_9s \\
         --config.checkpoint.init_from=/ckpt/stage_3s
 
 Rerunning the same command resumes from WORKDIR/checkpoints. Exit codes: 0 done (or
@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
                                     flag_values=fv, lock_config=True)
     flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, TensorBoard",
                         flag_values=fv)
+    if any(a in ("-h", "--help", "-help") for a in argv[1:]):
+        print(__doc__.strip() + "\n\nflags:\n" + fv.get_help())
+        return 0
     try:
         fv(argv)
         config = fv.config

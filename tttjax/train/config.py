@@ -163,12 +163,9 @@ def _validate_data(config) -> None:
               f"config.stage.num_segments {stage.num_segments} > the dataset's max_segments "
               f"{cfg.max_segments}")
     else:
-        from tttjax.data.latents import Latents
+        from tttjax.data.loader import latents_config
 
-        configs = {c.name: c for c in Latents.BUILDER_CONFIGS}
-        _need(data.builder_config in configs,
-              f"latents has no config {data.builder_config!r}; choose one of {sorted(configs)}")
-        cfg = configs[data.builder_config]
+        cfg = latents_config(data.builder_config, dict(data.builder_overrides))
         _need(cfg.latent_channels == model.in_channels and cfg.text_embed_dim ==
               model.text_embed_dim and cfg.text_length == stage.text_length
               and cfg.frames_per_segment == model.frames_per_segment
