@@ -8,7 +8,6 @@ velocity; sampling then mixes the two with the guidance scale.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 
 def drop_prompts(key: jax.Array, text: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:

@@ -210,8 +210,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
 
     # ---------------------------------------------------------------- model and optimiser
     plan = _plan(config, mesh, rules)
-    spec, tx, opt_sh, abstract_opt = plan.spec, plan.tx, plan.opt_shardings, plan.abstract_opt
-    step_fn = plan.step_fn
+    spec, step_fn = plan.spec, plan.step_fn
     replicated = NamedSharding(mesh, PartitionSpec())
 
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep,
@@ -219,8 +218,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     latest = ckpt.latest_step()
     messages = []
     if latest is not None:
-        params, opt_state, meta, data_ok = ckpt.restore(latest, spec.abstract, abstract_opt,
-                                                        iterator)
+        params, opt_state, meta, data_ok = ckpt.restore(latest, spec.abstract,
+                                                        plan.abstract_opt, iterator)
         counters = {k: jax.device_put(np.int32(meta["counters"][k]), replicated)
                     for k in meta["counters"]}
         if not data_ok:
