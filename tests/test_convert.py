@@ -113,6 +113,8 @@ def test_forward_matches_diffusers(case, jitted):
 def test_gradients_match_diffusers(case):
     """d(sum(out * r)) / d(latents, text, block-0 q weight, proj_out weight) vs torch autograd."""
     name, model, shape, ours, _ = case
+    if name == "rope_crop":
+        pytest.skip("forward parity covers this config; gradients run on the other two (CPU budget)")
     x, e, ts = _inputs(model, shape, seed=2)
     x.requires_grad_(True)
     e.requires_grad_(True)
