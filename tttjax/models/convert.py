@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -320,8 +320,3 @@ def load_checkpoint(path: str, config: ml_collections.ConfigDict | None = None, 
     state = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), abstract_state)
     return nnx.merge(graphdef, state)
 
-
-def iter_parameter_names(model: CogVideoXDiT) -> Iterator[str]:
-    """'a/b/c' names of every parameter, in state order (for logs and optimiser masks)."""
-    for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        yield _path_str(p)
