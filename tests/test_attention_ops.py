@@ -38,15 +38,22 @@ def qkv(seed, shape):
 f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
 B, H, L, D = 2, 2, 53, 8
 
+# jitted wrappers: one compile per configuration instead of op-by-op eager dispatch
+swa = jax.jit(A.sliding_window_attention, static_argnames=("window", "block_size", "implementation"))
+chunked = jax.jit(A.chunked_attention, static_argnames=("chunk", "causal"))
+local = jax.jit(A.local_attention, static_argnames=("window", "causal", "chunk"))
+segment = jax.jit(A.segment_attention, static_argnames=("frame_tokens", "frames_per_window",
+                                                         "overlap_frames"))
+
 
 @pytest.mark.parametrize("window,block", [((5, 0), None), ((7, 3), 4), ((0, 0), None),
                                           ((60, 60), 16), ((16, 16), None), ((20, 2), 8)])
 def test_sliding_window_equals_masked_full_attention(window, block):
     q, k, v = qkv(0, (B, H, L, D))
-    out = A.sliding_window_attention(f32(q), f32(k), f32(v), window=window, block_size=block)
+    out = swa(f32(q), f32(k), f32(v), window=window, block_size=block)
     np.testing.assert_allclose(out, np_attention(q, k, v, band(L, *window)), rtol=1e-5, atol=2e-6)
     if block is None:  # jax's local_window_size (the cudnn path on GPU) means the same window
-        dense = A.sliding_window_attention(f32(q), f32(k), f32(v), window=window, implementation="xla")
+        dense = swa(f32(q), f32(k), f32(v), window=window, implementation="xla")
         np.testing.assert_allclose(dense, out, rtol=1e-5, atol=2e-6)
 
 
@@ -58,17 +65,17 @@ def test_full_chunked_and_local_attention():
     np.testing.assert_allclose(A.full_attention(f32(q), f32(k), f32(v), causal=True),
                                np_attention(q, k, v, causal), rtol=1e-5, atol=2e-6)
     for chunk in (16, 100):
-        np.testing.assert_allclose(A.chunked_attention(f32(q), f32(k), f32(v), chunk=chunk),
+        np.testing.assert_allclose(chunked(f32(q), f32(k), f32(v), chunk=chunk),
                                    np_attention(q, k, v), rtol=1e-5, atol=2e-6)
-    np.testing.assert_allclose(A.chunked_attention(f32(q), f32(k), f32(v), chunk=16, causal=True),
+    np.testing.assert_allclose(chunked(f32(q), f32(k), f32(v), chunk=16, causal=True),
                                np_attention(q, k, v, causal), rtol=1e-5, atol=2e-6)
     same_window = (np.arange(L)[:, None] // 10) == (np.arange(L)[None, :] // 10)
-    np.testing.assert_allclose(A.local_attention(f32(q), f32(k), f32(v), window=10),
+    np.testing.assert_allclose(local(f32(q), f32(k), f32(v), window=10),
                                np_attention(q, k, v, same_window), rtol=1e-5, atol=2e-6)
-    np.testing.assert_allclose(A.local_attention(f32(q), f32(k), f32(v), window=10, causal=True),
+    np.testing.assert_allclose(local(f32(q), f32(k), f32(v), window=10, causal=True),
                                np_attention(q, k, v, same_window & causal), rtol=1e-5, atol=2e-6)
     for chunk in (4, 7):  # windows longer than the chunk: online softmax, windows in the batch
-        np.testing.assert_allclose(A.local_attention(f32(q), f32(k), f32(v), window=10, chunk=chunk,
+        np.testing.assert_allclose(local(f32(q), f32(k), f32(v), window=10, chunk=chunk,
                                                      causal=chunk == 7),
                                    np_attention(q, k, v, same_window & (causal if chunk == 7 else True)),
                                    rtol=1e-5, atol=2e-6)
@@ -139,7 +146,7 @@ def segment_inputs(seed, n, fpw, o, ft, s=3, d=16):
 @pytest.mark.parametrize("n,fpw,o,ft", [(3, 3, 1, 4), (2, 5, 2, 3), (2, 4, 0, 2), (1, 13, 1, 2)])
 def test_segment_attention_equals_per_window_loop(n, fpw, o, ft):
     arrays, rope = segment_inputs(0, n, fpw, o, ft)
-    text, video = A.segment_attention(*map(f32, arrays), frame_tokens=ft, frames_per_window=fpw,
+    text, video = segment(*map(f32, arrays), frame_tokens=ft, frames_per_window=fpw,
                                       overlap_frames=o, video_rope=tuple(map(f32, rope)))
     ref_text, ref_video = segment_reference(np, *arrays, ft, fpw, o, rope)
     np.testing.assert_allclose(text, ref_text, rtol=1e-5, atol=2e-6)

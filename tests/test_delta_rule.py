@@ -8,6 +8,9 @@ import pytest
 from recurrence_reference import delta_rule_reference
 from tttjax.ops.delta_rule import gated_delta_rule, unit_lower_inverse
 
+# jitted once per shape: much faster to compile than op-by-op eager dispatch
+delta_rule = jax.jit(gated_delta_rule, static_argnames=("chunk_size", "scale", "return_state"))
+
 
 def make_inputs(seed, b, h, length, dk, dv, decay=0.3):
     rng = np.random.default_rng(seed)
@@ -25,48 +28,50 @@ def make_inputs(seed, b, h, length, dk, dv, decay=0.3):
     ((1, 2, 64, 8, 8), 16),     # L a multiple of the chunk
     ((2, 2, 37, 8, 4), 16),     # padding, d_v != d_k
     ((1, 1, 5, 4, 4), 64),      # shorter than one chunk
-    ((1, 3, 100, 16, 8), 32),   # several chunks + padding
-    ((1, 2, 30, 8, 8), 12),     # chunk not a power of two
+    ((1, 3, 30, 16, 8), 12),    # chunk not a power of two, several chunks + padding
 ])
 def test_matches_per_token_recurrence(shape, chunk):
     q, k, v, g, beta, s0 = make_inputs(0, *shape)
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    o, s = gated_delta_rule(f32(q), f32(k), f32(v), f32(g), f32(beta), chunk_size=chunk,
-                            initial_state=f32(s0), return_state=True)
+    o, s = delta_rule(f32(q), f32(k), f32(v), f32(g), f32(beta), chunk_size=chunk,
+                      initial_state=f32(s0), return_state=True)
     o_ref, s_ref = delta_rule_reference(q, k, v, g, beta, initial_state=s0)
     np.testing.assert_allclose(o, o_ref, rtol=1e-4, atol=2e-5)
     np.testing.assert_allclose(s, s_ref, rtol=1e-4, atol=2e-5)
-    # zero initial state and default scale without the state
-    o0 = gated_delta_rule(f32(q), f32(k), f32(v), f32(g), f32(beta), chunk_size=chunk, scale=0.5)
-    np.testing.assert_allclose(o0, delta_rule_reference(q, k, v, g, beta, scale=0.5)[0],
+
+
+def test_zero_initial_state_and_custom_scale():
+    q, k, v, g, beta, _ = make_inputs(6, 2, 2, 37, 8, 4)
+    o = delta_rule(*(jnp.asarray(a, jnp.float32) for a in (q, k, v, g, beta)), chunk_size=16, scale=0.5)
+    np.testing.assert_allclose(o, delta_rule_reference(q, k, v, g, beta, scale=0.5)[0],
                                rtol=1e-4, atol=2e-5)
 
 
 def test_unit_lower_inverse():
     rng = np.random.default_rng(7)
-    for c in (1, 5, 16, 48):
+    inverse = jax.jit(unit_lower_inverse)
+    for c in (5, 48):   # padded to 8 / 64 inside
         t = np.eye(c) + np.tril(0.4 * rng.standard_normal((3, c, c)), -1)
-        np.testing.assert_allclose(unit_lower_inverse(jnp.asarray(t, jnp.float32)), np.linalg.inv(t),
+        np.testing.assert_allclose(inverse(jnp.asarray(t, jnp.float32)), np.linalg.inv(t),
                                    rtol=1e-5, atol=1e-5 * np.abs(np.linalg.inv(t)).max())
     # identical keys, full writes, no decay: the worst case for the delta rule's system
     t = np.eye(64) + np.tril(np.ones((64, 64)), -1)
-    np.testing.assert_allclose(unit_lower_inverse(jnp.asarray(t, jnp.float32)), np.linalg.inv(t),
-                               atol=1e-6)
+    np.testing.assert_allclose(inverse(jnp.asarray(t, jnp.float32)), np.linalg.inv(t), atol=1e-6)
 
 
 def test_strong_decay_and_full_writes_stay_finite():
     # g down to -20 per token: in-chunk decay ratios span exp(-600); must not overflow.
     q, k, v, g, beta, _ = make_inputs(1, 1, 2, 40, 8, 8, decay=20.0)
     beta = np.ones_like(beta)
-    o = gated_delta_rule(*(jnp.asarray(a, jnp.float32) for a in (q, k, v, g, beta)), chunk_size=32)
+    o = delta_rule(*(jnp.asarray(a, jnp.float32) for a in (q, k, v, g, beta)), chunk_size=32)
     np.testing.assert_allclose(o, delta_rule_reference(q, k, v, g, beta)[0], rtol=1e-4, atol=2e-5)
 
 
 def test_bfloat16_inputs_accumulate_in_float32():
     q, k, v, g, beta, _ = make_inputs(2, 1, 2, 48, 8, 8)
     bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
-    o = gated_delta_rule(bf(q), bf(k), bf(v), jnp.asarray(g, jnp.float32), jnp.asarray(beta, jnp.float32),
-                         chunk_size=16)
+    o = delta_rule(bf(q), bf(k), bf(v), jnp.asarray(g, jnp.float32), jnp.asarray(beta, jnp.float32),
+                   chunk_size=16)
     assert o.dtype == jnp.bfloat16
     ref = delta_rule_reference(*(np.asarray(bf(a), np.float64) for a in (q, k, v)), g, beta)[0]
     np.testing.assert_allclose(np.asarray(o, np.float64), ref, rtol=2e-2, atol=2e-2)
