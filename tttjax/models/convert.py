@@ -41,62 +41,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
 from tttjax.models import dit_config
 from tttjax.models.dit import CogVideoXDiT
+from tttjax.safetensors_folder import (ShapeMismatch, TensorReader, model_folder, read_parameter,
+                                       weight_files)
 from tttjax.sharding import DEFAULT_RULES, LogicalRules, state_shardings
 
 Path = tuple[Any, ...]
-
-
-# ------------------------------------------------------------------------------ reading
-
-
-def _model_dir(path: str) -> str:
-    for folder in (path, os.path.join(path, "transformer")):
-        if os.path.isfile(os.path.join(folder, "config.json")):
-            return folder
-    raise ValueError(f"no config.json in {path!r} (nor in {path!r}/transformer); give the folder "
-                     "written by CogVideoXTransformer3DModel.save_pretrained")
-
-
-def weight_files(folder: str) -> dict[str, str]:
-    """{tensor key: safetensors file} from the index json, or from the single file."""
-    names = sorted(os.listdir(folder))
-    index = [n for n in names if n.endswith(".safetensors.index.json")]
-    if len(index) > 1:
-        index = [n for n in index if n == "diffusion_pytorch_model.safetensors.index.json"]
-    if index:
-        with open(os.path.join(folder, index[0]), encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        return {k: os.path.join(folder, v) for k, v in weight_map.items()}
-    files = [n for n in names if n.endswith(".safetensors")]
-    if "diffusion_pytorch_model.safetensors" in files:
-        files = ["diffusion_pytorch_model.safetensors"]
-    if len(files) != 1:
-        raise ValueError(f"expected one .safetensors file or an index json in {folder!r}, found "
-                         f"{files or 'none'}")
-    path = os.path.join(folder, files[0])
-    with safe_open(path, framework="numpy") as f:
-        return {k: path for k in f.keys()}
-
-
-class _TensorReader:
-    """Reads single tensors, keeping at most one safetensors file open."""
-
-    def __init__(self, files: dict[str, str]):
-        self.files, self._path, self._handle = files, None, None
-
-    def __call__(self, key: str) -> np.ndarray:
-        path = self.files[key]
-        if path != self._path:
-            self._path, self._handle = path, safe_open(path, framework="numpy")
-        if self._handle.get_slice(key).get_dtype() == "BF16":
-            # NumPy has no bfloat16 reader; go through JAX for this one tensor.
-            with safe_open(path, framework="flax") as fj:
-                return np.asarray(jax.device_get(fj.get_tensor(key)))
-        return self._handle.get_tensor(key)
 
 
 # ------------------------------------------------------------------------------ mapping
@@ -197,7 +149,7 @@ def from_diffusers(path: str, *, seed: int = 0, mesh: jax.sharding.Mesh | None =
       (model, config.model). Raises ValueError listing missing / unexpected keys or shape
       mismatches between config.json and the weights.
     """
-    folder = _model_dir(path)
+    folder = model_folder(path, "transformer", "CogVideoXTransformer3DModel.save_pretrained")
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         cfg = dit_config.from_diffusers_config(json.load(f), **overrides)
     abstract = nnx.eval_shape(lambda: CogVideoXDiT(cfg, rngs=nnx.Rngs(seed)))
@@ -223,41 +175,26 @@ def from_diffusers(path: str, *, seed: int = 0, mesh: jax.sharding.Mesh | None =
     if mesh is not None:
         shardings = state_shardings(state, mesh, rules)
         shard_flat = {_path_str(p): s for p, s in nnx.to_flat_state(shardings)}
-    read = _TensorReader(files)
     mixer = _fresh_mixer_params(cfg, seed) if cfg.mixer != "none" else {}
     values, mismatched = {}, []
-    for p, var in flat:
-        name = _path_str(p)
-        sharding = shard_flat.get(name)
-        if isinstance(sharding, nnx.Variable):
-            sharding = sharding.get_value()
-        if is_mixer_path(p):
-            values[p] = jax.device_put(mixer[name], sharding) if sharding is not None else mixer[name]
-            continue
-        key, transform = sources[name]
-        transform = transform or (lambda w: w)
-        layers = range(cfg.num_layers) if "{i}" in key else (None,)
-        buf, fits = np.empty(var.shape, np.dtype(var.dtype)), True
-        for i in layers:
-            k = key.format(i=i) if i is not None else key
-            want = buf.shape[1:] if i is not None else buf.shape
-            raw = read(k)
+    with TensorReader(files) as read:
+        for p, var in flat:
+            name = _path_str(p)
+            sharding = shard_flat.get(name)
+            if isinstance(sharding, nnx.Variable):
+                sharding = sharding.get_value()
+            if is_mixer_path(p):
+                values[p] = mixer[name] if sharding is None else jax.device_put(mixer[name], sharding)
+                continue
+            key, transform = sources[name]
             try:
-                arr = transform(raw)
-            except ValueError:
-                arr = None
-            if arr is None or arr.shape != want:
-                mismatched.append(f"{k}: checkpoint {raw.shape} does not fit model {want}")
-                fits = False
-                break
-            if i is None:
-                buf[...] = arr
-            else:
-                buf[i] = arr
-        if not fits:
-            continue
-        values[p] = jax.device_put(buf, sharding) if sharding is not None else jnp.asarray(buf)
-        del buf
+                buf = read_parameter(read, key, var.shape, var.dtype, transform)
+            except ShapeMismatch as err:
+                mismatched.append(f"{err.key}: checkpoint {err.stored} does not fit model "
+                                  f"{err.wanted}")
+                continue
+            values[p] = jax.device_put(buf, sharding) if sharding is not None else jnp.asarray(buf)
+            del buf
     if mismatched:
         raise ValueError("shape mismatches between config.json and the weights: "
                          + "; ".join(mismatched))

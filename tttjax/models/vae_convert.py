@@ -15,16 +15,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
 from tttjax.models.vae import CogVideoXVAE, VAEConfig
+from tttjax.safetensors_folder import model_folder, read_tensors, weight_files
 
 _CLASS_NAME = "AutoencoderKLCogVideoX"
 _CONFIG_FIELDS = ("in_channels", "out_channels", "block_out_channels", "latent_channels",
@@ -53,34 +52,13 @@ def config_from_diffusers(raw: dict[str, Any]) -> VAEConfig:
     return VAEConfig(**kwargs)
 
 
-def _vae_dir(path: str) -> str:
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    if os.path.isfile(os.path.join(path, "vae", "config.json")):
-        return os.path.join(path, "vae")
-    raise ValueError(f"from_diffusers_vae: no config.json in {path!r} (nor in {path!r}/vae); "
-                     "give the folder written by AutoencoderKLCogVideoX.save_pretrained")
-
-
-def _weight_files(folder: str) -> dict[str, str]:
-    """{tensor key: safetensors file} from the index json, or from the single file."""
-    names = sorted(os.listdir(folder))
-    index = [n for n in names if n.endswith(".safetensors.index.json")]
-    if len(index) > 1:
-        index = [n for n in index if n == "diffusion_pytorch_model.safetensors.index.json"]
-    if index:
-        with open(os.path.join(folder, index[0]), encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        return {k: os.path.join(folder, v) for k, v in weight_map.items()}
-    files = [n for n in names if n.endswith(".safetensors")]
-    if "diffusion_pytorch_model.safetensors" in files:
-        files = ["diffusion_pytorch_model.safetensors"]
-    if len(files) != 1:
-        raise ValueError(f"from_diffusers_vae: expected one .safetensors file or an index json in "
-                         f"{folder!r}, found {files or 'none'}")
-    path = os.path.join(folder, files[0])
-    with safe_open(path, framework="numpy") as f:
-        return {k: path for k in f.keys()}
+@contextlib.contextmanager
+def _named_errors():
+    """Prefixes the folder and file errors with `from_diffusers_vae:`, as its own errors."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"from_diffusers_vae: {err}") from None
 
 
 def _torch_key(path: tuple[Any, ...]) -> str:
@@ -96,24 +74,6 @@ def _to_ours(key: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
-def _read_tensors(files: dict[str, str], keys: list[str]) -> Iterator[tuple[str, Any]]:
-    """Yields (key, array) opening each file once; bfloat16 goes through jax (NumPy lacks it)."""
-    by_file: dict[str, list[str]] = {}
-    for k in keys:
-        by_file.setdefault(files[k], []).append(k)
-    for path, file_keys in by_file.items():
-        with contextlib.ExitStack() as stack:
-            f = stack.enter_context(safe_open(path, framework="numpy"))
-            f_jax = None
-            for k in file_keys:
-                if f.get_slice(k).get_dtype() == "BF16":
-                    if f_jax is None:
-                        f_jax = stack.enter_context(safe_open(path, framework="flax"))
-                    yield k, np.asarray(jax.device_get(f_jax.get_tensor(k)))
-                else:
-                    yield k, f.get_tensor(k)
-
-
 def from_diffusers_vae(path: str, *, dtype: Any = None, param_dtype: Any = jnp.float32,
                        precision: Any = None) -> tuple[CogVideoXVAE, VAEConfig]:
     """Builds a `CogVideoXVAE` from a diffusers `AutoencoderKLCogVideoX` folder.
@@ -125,7 +85,8 @@ def from_diffusers_vae(path: str, *, dtype: Any = None, param_dtype: Any = jnp.f
     Returns:
       (model, config). Raises ValueError listing missing / unexpected keys or shape mismatches.
     """
-    folder = _vae_dir(path)
+    with _named_errors():
+        folder = model_folder(path, "vae", "AutoencoderKLCogVideoX.save_pretrained")
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         config = config_from_diffusers(json.load(f))
     abstract = nnx.eval_shape(lambda: CogVideoXVAE(config, rngs=nnx.Rngs(0), dtype=dtype,
@@ -133,7 +94,8 @@ def from_diffusers_vae(path: str, *, dtype: Any = None, param_dtype: Any = jnp.f
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     expected = {_torch_key(p): (p, v) for p, v in flat}
-    files = _weight_files(folder)
+    with _named_errors():
+        files = weight_files(folder)
     missing = sorted(set(expected) - set(files))
     unexpected = sorted(set(files) - set(expected))
     if missing or unexpected:
@@ -141,7 +103,7 @@ def from_diffusers_vae(path: str, *, dtype: Any = None, param_dtype: Any = jnp.f
                          f"missing keys {missing}; unexpected keys {unexpected}")
     values: dict[tuple[Any, ...], jax.Array] = {}
     mismatched = []
-    for key, tensor in _read_tensors(files, sorted(expected)):
+    for key, tensor in read_tensors(files, sorted(expected)):
         p, var = expected[key]
         arr = _to_ours(key, np.asarray(tensor))
         if tuple(arr.shape) != tuple(var.shape):

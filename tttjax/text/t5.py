@@ -40,9 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
-from tttjax.models.convert import weight_files
+from tttjax.safetensors_folder import (ShapeMismatch, TensorReader, model_folder, read_parameter,
+                                       weight_files)
 from tttjax.text.tokenizer import SCENE_TOKENS, T5SentencePieceTokenizer
 
 _ACTIVATIONS = {
@@ -197,15 +197,6 @@ class T5Encoder(nnx.Module):
 # ------------------------------------------------------------------------------ import
 
 
-def _read_tensor(files: dict[str, str], key: str) -> np.ndarray:
-    with safe_open(files[key], framework="numpy") as f:
-        if f.get_slice(key).get_dtype() != "BF16":
-            return f.get_tensor(key)
-    # NumPy's safetensors reader has no bfloat16; go through JAX for this one tensor.
-    with safe_open(files[key], framework="flax") as f:
-        return np.asarray(jax.device_get(f.get_tensor(key)))
-
-
 def _sources(c: T5Config) -> dict[str, tuple[str, object]]:
     """{our param: (transformers key, `{i}` = layer, torch [out, in] -> our layout)}."""
     D, H, K = c.d_model, c.num_heads, c.d_kv
@@ -228,11 +219,7 @@ def _sources(c: T5Config) -> dict[str, tuple[str, object]]:
 
 
 def _model_folder(path: str) -> str:
-    for folder in (path, os.path.join(path, "text_encoder")):
-        if os.path.isfile(os.path.join(folder, "config.json")):
-            return folder
-    raise ValueError(f"no config.json in {path!r} (nor in {path!r}/text_encoder); give the folder "
-                     "written by transformers' T5EncoderModel.save_pretrained")
+    return model_folder(path, "text_encoder", "transformers' T5EncoderModel.save_pretrained")
 
 
 def load_t5_encoder(path: str, *, dtype=jnp.float32) -> T5Encoder:
@@ -258,28 +245,17 @@ def load_t5_encoder(path: str, *, dtype=jnp.float32) -> T5Encoder:
     graphdef, state = nnx.split(abstract)
     sources["embed"] = (embed_key, None)
     values = {}
-    for path_, var in nnx.to_flat_state(state):
-        name = "/".join(str(p) for p in path_)
-        key, transform = sources[name]
-        transform = transform or (lambda w: w)
-        buf = np.empty(var.shape, np.dtype(var.dtype))
-        for i in (range(config.num_layers) if "{i}" in key else [None]):
-            k = key.format(i=i) if i is not None else key
-            raw = _read_tensor(files, k)
-            want = buf.shape[1:] if i is not None else buf.shape
+    with TensorReader(files) as read:
+        for path_, var in nnx.to_flat_state(state):
+            name = "/".join(str(p) for p in path_)
+            key, transform = sources[name]
             try:
-                arr = transform(raw)
-            except ValueError:
-                arr = None
-            if arr is None or arr.shape != want:
-                raise ValueError(f"{k} in {folder!r} has shape {raw.shape}, which does not fit "
-                                 f"{want} from its config.json")
-            if i is None:
-                buf[...] = arr
-            else:
-                buf[i] = arr
-        values[path_] = jnp.asarray(buf)
-        del buf
+                buf = read_parameter(read, key, var.shape, var.dtype, transform)
+            except ShapeMismatch as err:
+                raise ValueError(f"{err.key} in {folder!r} has shape {err.stored}, which does not "
+                                 f"fit {err.wanted} from its config.json") from None
+            values[path_] = jnp.asarray(buf)
+            del buf
     flat = [(p, v.replace(values[p])) for p, v in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
