@@ -1,6 +1,9 @@
-"""Per-token float64 recurrences of the baseline mixers (NumPy), the references of the
-chunked ops in tttjax.ops.delta_rule and tttjax.ops.ssd."""
+"""Per-token recurrences of the baseline mixers, the references of the chunked ops in
+tttjax.ops.delta_rule and tttjax.ops.ssd: float64 NumPy loops for values, `lax.scan` forms
+(differentiable; float64 under `jax.enable_x64`) for gradients, and the gradient check."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -42,3 +45,63 @@ def ssd_reference(x, dt, a, b_mat, c_mat, initial_state=None):
         state = decay * state + dt[:, :, t][..., None, None] * x[:, :, t][..., :, None] * b_h[:, :, t][..., None, :]
         y[:, :, t] = np.einsum("bhpn,bhn->bhp", state, c_h[:, :, t])
     return y, state
+
+
+def _time_major(a):
+    return jnp.moveaxis(a, 2, 0)
+
+
+def delta_rule_scan(q, k, v, g, beta, s0):
+    """`delta_rule_reference` as a `lax.scan` (default scale); returns (o, S_L)."""
+    scale = q.shape[-1] ** -0.5
+
+    def step(s, xs):
+        qt, kt, vt, gt, bt = xs
+        kts = jnp.einsum("bhk,bhkv->bhv", kt, s)
+        s = jnp.exp(gt)[..., None, None] * (s - bt[..., None, None] * kt[..., :, None] * kts[..., None, :])
+        s = s + bt[..., None, None] * kt[..., :, None] * vt[..., None, :]
+        return s, scale * jnp.einsum("bhkv,bhk->bhv", s, qt)
+
+    s, o = jax.lax.scan(step, s0, tuple(map(_time_major, (q, k, v, g, beta))))
+    return jnp.moveaxis(o, 0, 2), s
+
+
+def ssd_scan(x, dt, a, b_mat, c_mat, h0):
+    """`ssd_reference` as a `lax.scan`; returns (y, h_L)."""
+    heads, groups = x.shape[1], b_mat.shape[1]
+    b_h = jnp.repeat(b_mat, heads // groups, axis=1)
+    c_h = jnp.repeat(c_mat, heads // groups, axis=1)
+
+    def step(h, xs):
+        xt, dtt, bt, ct = xs
+        h = jnp.exp(dtt * a)[..., None, None] * h + dtt[..., None, None] * xt[..., :, None] * bt[..., None, :]
+        return h, jnp.einsum("bhpn,bhn->bhp", h, ct)
+
+    h, y = jax.lax.scan(step, h0, tuple(map(_time_major, (x, dt, b_h, c_h))))
+    return jnp.moveaxis(y, 0, 2), h
+
+
+def assert_gradients_match(chunked, scan, inputs, names, seed=4):
+    """Gradients of a random linear loss on (output, final state) w.r.t. every input: the
+    chunked op in float32 (jitted) against `scan` in float64; both map `inputs` to
+    (output, final state). Tolerance rtol 1e-4, atol 1e-4 * max |gradient|."""
+    f32 = [jnp.asarray(t, jnp.float32) for t in inputs]
+    out, state = jax.eval_shape(chunked, *f32)
+    rng = np.random.default_rng(seed)
+    w_out, w_state = rng.standard_normal(out.shape), rng.standard_normal(state.shape)
+
+    def linear_loss(fn, w_o, w_s):
+        def loss(*args):
+            o, s = fn(*args)
+            return jnp.sum(o * w_o) + jnp.sum(s * w_s)
+        return loss
+
+    argnums = tuple(range(len(inputs)))
+    got = jax.jit(jax.grad(linear_loss(chunked, w_out.astype(np.float32), w_state.astype(np.float32)),
+                           argnums=argnums))(*f32)
+    with jax.enable_x64(True):
+        want = jax.grad(linear_loss(scan, w_out, w_state), argnums=argnums)(
+            *(jnp.asarray(t, jnp.float64) for t in inputs))
+        want = [np.asarray(w) for w in want]
+    for name, a, b in zip(names, got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=name)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recurrence_reference import delta_rule_reference
+from recurrence_reference import assert_gradients_match, delta_rule_reference, delta_rule_scan
 from tttjax.ops.delta_rule import gated_delta_rule, unit_lower_inverse
 
 # jitted once per shape: much faster to compile than op-by-op eager dispatch
@@ -77,43 +77,12 @@ def test_bfloat16_inputs_accumulate_in_float32():
     np.testing.assert_allclose(np.asarray(o, np.float64), ref, rtol=2e-2, atol=2e-2)
 
 
-def _scan_reference(q, k, v, g, beta, s0):
-    """jax per-token recurrence (differentiable; float64 under enable_x64)."""
-    scale = q.shape[-1] ** -0.5
-
-    def step(s, xs):
-        qt, kt, vt, gt, bt = xs
-        kts = jnp.einsum("bhk,bhkv->bhv", kt, s)
-        s = jnp.exp(gt)[..., None, None] * (s - bt[..., None, None] * kt[..., :, None] * kts[..., None, :])
-        s = s + bt[..., None, None] * kt[..., :, None] * vt[..., None, :]
-        return s, scale * jnp.einsum("bhkv,bhk->bhv", s, qt)
-
-    t = lambda a: jnp.moveaxis(a, 2, 0)  # noqa: E731
-    s, o = jax.lax.scan(step, s0, (t(q), t(k), t(v), t(g), t(beta)))
-    return jnp.moveaxis(o, 0, 2), s
-
-
 def test_gradients_match_float64_recurrence():
-    inputs = make_inputs(3, 2, 2, 37, 8, 6)
-    rng = np.random.default_rng(4)
-    w_o = rng.standard_normal(inputs[2].shape)
-    w_s = rng.standard_normal(inputs[5].shape)
+    def chunked(q, k, v, g, beta, s0):
+        return gated_delta_rule(q, k, v, g, beta, chunk_size=16, initial_state=s0, return_state=True)
 
-    def loss_chunked(q, k, v, g, beta, s0):
-        o, s = gated_delta_rule(q, k, v, g, beta, chunk_size=16, initial_state=s0, return_state=True)
-        return jnp.sum(o * w_o.astype(np.float32)) + jnp.sum(s * w_s.astype(np.float32))
-
-    def loss_ref(q, k, v, g, beta, s0):
-        o, s = _scan_reference(q, k, v, g, beta, s0)
-        return jnp.sum(o * w_o) + jnp.sum(s * w_s)
-
-    got = jax.jit(jax.grad(loss_chunked, argnums=tuple(range(6))))(
-        *(jnp.asarray(a, jnp.float32) for a in inputs))
-    with jax.enable_x64(True):
-        want = jax.grad(loss_ref, argnums=tuple(range(6)))(*(jnp.asarray(a, jnp.float64) for a in inputs))
-        want = [np.asarray(w) for w in want]
-    for name, a, b in zip(("q", "k", "v", "g", "beta", "s0"), got, want):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=name)
+    assert_gradients_match(chunked, delta_rule_scan, make_inputs(3, 2, 2, 37, 8, 6),
+                           ("q", "k", "v", "g", "beta", "s0"))
 
 
 def test_bad_shapes_raise():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recurrence_reference import ssd_reference
+from recurrence_reference import assert_gradients_match, ssd_reference, ssd_scan
 from tttjax.ops.ssd import ssd
 
 ssd_jit = jax.jit(ssd, static_argnames=("chunk_size", "return_state"))
@@ -50,41 +50,12 @@ def test_strong_decay_stays_finite():
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5 * np.abs(y_ref).max())
 
 
-def _scan_reference(x, dt, a, b_mat, c_mat, h0):
-    heads, groups = x.shape[1], b_mat.shape[1]
-    b_h = jnp.repeat(b_mat, heads // groups, axis=1)
-    c_h = jnp.repeat(c_mat, heads // groups, axis=1)
-
-    def step(h, xs):
-        xt, dtt, bt, ct = xs
-        h = jnp.exp(dtt * a)[..., None, None] * h + dtt[..., None, None] * xt[..., :, None] * bt[..., None, :]
-        return h, jnp.einsum("bhpn,bhn->bhp", h, ct)
-
-    t = lambda v: jnp.moveaxis(v, 2, 0)  # noqa: E731
-    h, y = jax.lax.scan(step, h0, (t(x), t(dt), t(b_h), t(c_h)))
-    return jnp.moveaxis(y, 0, 2), h
-
-
 def test_gradients_match_float64_recurrence():
-    inputs = make_inputs(3, 2, 4, 37, 3, 2, 5)
-    rng = np.random.default_rng(4)
-    w_y, w_h = rng.standard_normal(inputs[0].shape), rng.standard_normal(inputs[5].shape)
+    def chunked(x, dt, a, b_mat, c_mat, h0):
+        return ssd(x, dt, a, b_mat, c_mat, chunk_size=16, initial_state=h0, return_state=True)
 
-    def loss_chunked(*args):
-        y, h = ssd(*args[:5], chunk_size=16, initial_state=args[5], return_state=True)
-        return jnp.sum(y * w_y.astype(np.float32)) + jnp.sum(h * w_h.astype(np.float32))
-
-    def loss_ref(*args):
-        y, h = _scan_reference(*args)
-        return jnp.sum(y * w_y) + jnp.sum(h * w_h)
-
-    got = jax.jit(jax.grad(loss_chunked, argnums=tuple(range(6))))(
-        *(jnp.asarray(t, jnp.float32) for t in inputs))
-    with jax.enable_x64(True):
-        want = jax.grad(loss_ref, argnums=tuple(range(6)))(*(jnp.asarray(t, jnp.float64) for t in inputs))
-        want = [np.asarray(w) for w in want]
-    for name, a, b in zip(("x", "dt", "A", "B", "C", "h0"), got, want):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=name)
+    assert_gradients_match(chunked, ssd_scan, make_inputs(3, 2, 4, 37, 3, 2, 5),
+                           ("x", "dt", "A", "B", "C", "h0"))
 
 
 def test_bad_shapes_raise():
