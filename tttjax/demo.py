@@ -1,80 +1,130 @@
-"""`python -m tttjax.demo`: a TTT-MLP layer learning in context on a synthetic sequence.
+"""`python -m tttjax.demo`: train the tiny TTT-MLP video DiT on the toon world, then film a storyboard.
 
-The sequence hides a fixed random map: every value is `v_t = k_t + f(k_t)` for one linear
-`f` (a product of two random matrices) shared by all tokens, so the target `v - k` is learnable from context. The inner
-loop of the TTT layer sees the tokens mini-batch by mini-batch; its self-supervised loss
-before each update (on tokens it has not seen yet) falls as the inner network learns f,
-which is the in-context learning the TTT layer is built on. CPU, a few seconds.
+On a CPU this takes a few minutes, all of it on this machine (no downloads):
 
-The keys here are random unit vectors rather than learned projections, so the demo uses a
-much larger `base_lr` (256, i.e. eta_t = 4 per token) than the paper's video layers (0.1);
-`--base-lr 0.1` shows how little a single untrained layer learns at the paper's rate.
+  1. generate the `toon_storyboards/tiny` dataset (procedural cartoon episodes, 64 x 64,
+     a few seconds, first run only; `tttjax.data.toon_storyboards`);
+  2. train `configs/tiny.py:ttt_mlp,3` (2 DiT blocks of width 64 with a bidirectional
+     TTT-MLP layer, 3 segments per clip, prompts cut to `--text-length` words) for `--steps`
+     steps into `OUT/run` with the real trainer (`tttjax.train`: progress bar, metrics,
+     Orbax checkpoints; rerunning resumes, and skips training once it is done);
+  3. sample the 3-segment storyboard below (written to `OUT/storyboard.json`) with
+     DPM-Solver++(2M) SDE and rising classifier-free guidance (`tttjax.generation`);
+  4. decode with the toon world's fixed toy codec and write `OUT/demo.mp4`, `OUT/demo.gif`
+     and `OUT/contact_sheet.png` (one frame per segment with its caption).
 
-This is the foundation-stage main job; it prints the inner loss per mini-batch.
+The toy codec keeps one colour per 4 frames x 8 x 8 pixels, so the video is an 8 x 8
+mosaic at 2.7 frames per second: it shows the room, the characters' colours and where
+they are, not detail. The same commands scale to real data (`python -m tttjax.precompute`,
+`configs/cogvideox_5b.py`). Sample the trained run again with
+
+    python -m tttjax.sample --workdir OUT/run --storyboard OUT/storyboard.json --out x.mp4
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 
-import jax
-import jax.numpy as jnp
+STORYBOARD = [
+    {"text": "The orange cat walks slowly over to the right side of the kitchen. "
+             "The kitchen has yellow walls and a wooden floor.",
+     "neg_text": ""},
+    {"text": "The little white mouse scurries over to the left side of the kitchen. "
+             "The kitchen has yellow walls and a wooden floor."},
+    {"text": "The black cat jumps high into the air and lands to the left. "
+             "The cellar has blue walls and a gray stone floor.",
+     "requires_scene_transition": True},
+]
 
-from tttjax.ops.ttt import PARAM_SHAPES, ttt_mlp
-
-
-def synthetic_sequence(key, heads: int, length: int, d: int):
-    """Unit-norm keys and queries; values `k + f(k)` with one random linear map f per head."""
-    kk, kq, k1, k2 = jax.random.split(key, 4)
-    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
-    k = unit(jax.random.normal(kk, (1, heads, length, d)))
-    q = unit(jax.random.normal(kq, (1, heads, length, d)))
-    a = jax.random.normal(k1, (heads, d, 2 * d)) / jnp.sqrt(d)
-    b = jax.random.normal(k2, (heads, 2 * d, d)) / jnp.sqrt(2 * d)
-    v = k + jnp.einsum("hlf,hfd->hld", jnp.einsum("hld,hdf->hlf", k[0], a), b)[None]
-    return q, k, v
+_PROG = "python -m tttjax.demo"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tttjax.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=32)
-    parser.add_argument("--mini-batch", type=int, default=16)
-    parser.add_argument("--mini-batches", type=int, default=48)
-    parser.add_argument("--base-lr", type=float, default=256.0)
-    parser.add_argument("--seed", type=int, default=0)
+def demo_config(steps: int, text_length: int):
+    """`configs/tiny.py:ttt_mlp,3` trained for `steps` steps, prompts of `text_length` words."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                        "tiny.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: run the demo from an editable install of a "
+                                "tttjax checkout (`pip install -e .`), which has configs/")
+    spec = importlib.util.spec_from_file_location("tttjax_configs_tiny", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("ttt_mlp,3")
+    config.steps = steps
+    config.log_every = max(1, min(50, steps))
+    config.checkpoint_every = max(1, steps // 2)
+    config.stage.text_length = text_length
+    config.optim.new.warmup_steps = config.optim.pretrained.warmup_steps = min(50, steps)
+    return config
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"{_PROG}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog=_PROG, description=__doc__.split("\n\n")[0],
+                     epilog=__doc__.split("\n\n", 1)[1],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="tttjax_demo", help="output folder (default ./tttjax_demo)")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    parser.add_argument("--sample-steps", type=int, default=50, help="sampler steps (default 50)")
+    parser.add_argument("--text-length", type=int, default=24,
+                        help="prompt words the model reads (default 24)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--data-dir", default="",
+                        help="TFDS data dir for toon_storyboards (default: ~/tensorflow_datasets)")
     args = parser.parse_args(argv)
-    if min(args.heads, args.head_dim, args.mini_batch, args.mini_batches) < 1 or args.base_lr <= 0:
-        print("error: sizes must be positive integers and --base-lr > 0", file=sys.stderr)
+    if min(args.steps, args.sample_steps, args.text_length) < 1:
+        parser.error("--steps, --sample-steps and --text-length must be >= 1")
+
+    from tqdm import tqdm
+
+    from tttjax.generation import generate, load_generator
+    from tttjax.sample import write_outputs
+    from tttjax.storyboard import parse_storyboard
+    from tttjax.train import config as config_lib
+    from tttjax.train.loop import train
+
+    start = time.time()
+    out = os.path.abspath(args.out)
+    workdir = os.path.join(out, "run")
+    try:
+        config = demo_config(args.steps, args.text_length)
+        config.data.data_dir = args.data_dir
+        config = config_lib.validate(config)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"{_PROG}: error: {err}", file=sys.stderr)
         return 2
+    print(f"[1/3] training {config.steps} steps of the tiny TTT-MLP DiT on toon_storyboards/tiny "
+          f"-> {workdir}", flush=True)
+    result = train(config, workdir)
+    print(f"      trained to step {result.step} ({time.time() - start:.0f} s so far)", flush=True)
 
-    h, d, b = args.heads, args.head_dim, args.mini_batch
-    length = b * args.mini_batches
-    key = jax.random.key(args.seed)
-    q, k, v = synthetic_sequence(key, h, length, d)
-    init = jax.random.split(key, 2)[1]
-    params = {name: 0.02 * jax.random.normal(init, fn(h, d)) for name, fn in PARAM_SHAPES["mlp"].items()}
-    params["ln_weight"] = jnp.ones((h, d))
-    params["ln_bias"] = jnp.zeros((h, d))
-    # The layer's eta is base_lr * sigmoid(gate) / d; at an untrained gate sigmoid = 1/2.
-    eta = jnp.full((1, h, length), args.base_lr * 0.5 / d)
-
-    run = jax.jit(lambda q, k, v, eta, p: ttt_mlp(q, k, v, eta, p, mini_batch_size=b,
-                                                  return_inner_loss=True))
-    _, loss = run(q, k, v, eta, params)
-    before = jnp.mean(loss.before[0], axis=0)   # mean over heads, [n_mini_batches]
-    after = jnp.mean(loss.after[0], axis=0)
-
-    print(f"TTT-MLP in-context learning: H={h}, d={d}, mini-batch {b}, L={length}, "
-          f"base_lr {args.base_lr}, backend {jax.default_backend()}")
-    print("mini-batch | inner loss before update (unseen tokens) | after update")
-    for i in range(args.mini_batches):
-        bar = "#" * int(round(40 * float(before[i]) / float(before[0])))
-        print(f"{i:10d} | {float(before[i]):9.4f} {bar:<40s} | {float(after[i]):9.4f}")
-    print(f"inner loss on unseen tokens fell from {float(before[0]):.4f} to "
-          f"{float(before[-1]):.4f} ({float(before[-1] / before[0]):.1%} of the start)")
+    storyboard = parse_storyboard(STORYBOARD, source="demo storyboard")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "storyboard.json"), "w", encoding="utf-8") as f:
+        json.dump(STORYBOARD, f, indent=2)
+    gen = load_generator(workdir)
+    n = storyboard.num_segments
+    print(f"[2/3] sampling {n} segments ({gen.num_frames(n)} frames at {gen.fps:.2g} fps), "
+          f"{args.sample_steps} steps", flush=True)
+    with tqdm(total=args.sample_steps, desc="sample", unit="step", file=sys.stdout) as bar:
+        video = generate(gen, storyboard, seed=args.seed, steps=args.sample_steps,
+                         progress=lambda _: bar.update(1))
+    paths = write_outputs(video, os.path.join(out, "demo.mp4"), os.path.join(out, "demo.gif"),
+                          os.path.join(out, "contact_sheet.png"))
+    print(f"[3/3] wrote (in {time.time() - start:.0f} s):", flush=True)
+    for p in paths + [os.path.join(out, "storyboard.json")]:
+        print(f"      {p}", flush=True)
     return 0
 
 

@@ -13,6 +13,7 @@ last row / column.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -81,7 +82,12 @@ def write_mp4(frames: np.ndarray | Iterable[np.ndarray], path: str, fps: float =
                     path, (size[1], size[0]), fps=fps, codec="libx264", quality=quality,
                     macro_block_size=1, ffmpeg_log_level="error", pix_fmt_in="rgb24",
                     pix_fmt_out="yuv420p")
-                writer.send(None)
+                with warnings.catch_warnings():
+                    # JAX warns on every fork; this child execs ffmpeg at once, so the
+                    # threads it warns about are never used there.
+                    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
+                                            category=RuntimeWarning)
+                    writer.send(None)
             elif frame.shape[:2] != size:
                 raise ValueError(f"frame {count} has size {frame.shape[:2]}, the first had {size}")
             writer.send(np.ascontiguousarray(frame))
@@ -168,6 +174,7 @@ def contact_sheet(frames: np.ndarray, captions: Sequence[str], frames_per_segmen
       path: PNG file to write (skipped when None).
       prefix_frames: frames before the first segment (1: CogVideoX's causal first frame).
       columns: thumbnails per row (default: up to 4).
+      thumb_width: thumbnail width in pixels (frames are scaled to it, up or down).
     Returns:
       uint8 [H', W', 3] the sheet.
     """
@@ -181,8 +188,10 @@ def contact_sheet(frames: np.ndarray, captions: Sequence[str], frames_per_segmen
     columns = columns or min(n, 4)
     rows = -(-n // columns)
     h, w = frames.shape[1:3]
-    tw = min(thumb_width, w)
+    tw = thumb_width
     th = max(1, round(h * tw / w))
+    # Small videos are enlarged with hard pixel edges (a blurred 8 x 8 mosaic shows nothing).
+    resample = Image.NEAREST if tw > w else Image.BILINEAR
     font, pad = _font(font_size), 8
     line_h = font.getbbox("Hg")[3] + 4
     texts = [_wrap(c, font, tw, max_lines) for c in captions]
@@ -194,7 +203,7 @@ def contact_sheet(frames: np.ndarray, captions: Sequence[str], frames_per_segmen
     for i, idx in enumerate(segment_frame_indices(len(frames), n, frames_per_segment,
                                                   prefix_frames)):
         x0, y0 = (i % columns) * cell_w + pad, (i // columns) * cell_h + pad
-        sheet.paste(Image.fromarray(frames[idx]).resize((tw, th), Image.BILINEAR), (x0, y0))
+        sheet.paste(Image.fromarray(frames[idx]).resize((tw, th), resample), (x0, y0))
         y = y0 + th + pad
         label = f"{i + 1}   {i * seconds:.0f}-{(i + 1) * seconds:.0f} s"
         draw.text((x0, y), label, fill=(90, 90, 90), font=font)

@@ -1,0 +1,249 @@
+"""Storyboard -> video: a trained (or converted) DiT with its text encoder and latent decoder.
+
+    gen = load_generator("/runs/tiny")                          # a training workdir
+    gen = load_generator("/ckpt/cogvideox5b_ttt",               # a converted checkpoint
+                         vae="/weights/CogVideoX-5b/vae",
+                         text_encoder="/weights/CogVideoX-5b/text_encoder")
+    video = generate(gen, load_storyboard("story.json"), seed=0, steps=50)
+    write_mp4(video.frames, "out.mp4", fps=video.fps)
+
+What a checkpoint is paired with follows from how it was trained:
+
+  - a workdir trained on `toon_storyboards` (the tiny configs) uses the same download-free
+    pieces as its training data: the hashed-word text encoder and the toy latent codec, with
+    the seeds of its `config.json`; nothing else is needed;
+  - a workdir trained on `latents`, or a converted CogVideoX checkpoint, needs the CogVideoX
+    VAE folder (`vae=`, diffusers `AutoencoderKLCogVideoX`) and a T5 encoder folder
+    (`text_encoder=`, transformers `T5EncoderModel` + tokenizer).
+
+The video length follows the storyboard: n segments are `prefix + n * frames_per_segment`
+latent frames (SPEC section 6), decoded to `(T - 1) * temporal + 1` frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from tttjax.diffusion.guidance import Guidance
+from tttjax.diffusion.samplers import sample
+from tttjax.diffusion.schedule import DEFAULT_SCHEDULE, NoiseSchedule
+from tttjax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
+from tttjax.storyboard import SEGMENT_SECONDS, Storyboard, embed_storyboard, num_latent_frames
+
+
+class LatentDecoder(Protocol):
+    """Latents in the DiT's scale -> video frames."""
+
+    temporal: int                                      # video frames per latent frame (after the first)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """float32 [T, C, h, w] -> uint8 [(T - 1) * temporal + 1, H, W, 3]."""
+
+
+class TextEncoder(Protocol):
+    def encode(self, texts: list[str], max_length: int) -> np.ndarray: ...
+
+
+class ToyDecoder:
+    """The toon world's fixed linear codec (`tttjax.data.toy_latents`) as a decoder."""
+
+    def __init__(self, channels: int, seed: int):
+        from tttjax.data.toy_latents import ToyLatentCodec
+
+        self.codec = ToyLatentCodec(channels, seed=seed)
+        self.temporal = self.codec.temporal
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        return self.codec.decode(np.asarray(latents, np.float32))
+
+
+class VAEDecoder:
+    """CogVideoX's VAE decoding DiT-scale latents (divided by the VAE's scaling factor)."""
+
+    def __init__(self, vae, *, tile_batches: int = 2):
+        self.vae, self.tile_batches = vae, tile_batches
+        self.temporal = 2 ** vae.config.temporal_compress_level
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        from tttjax.video_io import to_uint8
+
+        z = np.asarray(latents, np.float32)[None] / self.vae.scaling_factor
+        chunks = [np.asarray(c[0]) for c in self.vae.decode_chunks(z, tile_batches=self.tile_batches)]
+        video = np.concatenate(chunks, axis=0)          # [F, C, H, W]
+        return to_uint8(np.transpose(video, (0, 2, 3, 1)))
+
+
+@dataclasses.dataclass
+class Generator:
+    """Everything `generate` needs; build it with `load_generator`."""
+
+    model: nnx.Module                 # CogVideoXDiT holding the loaded parameters
+    model_config: ml_collections.ConfigDict
+    text_encoder: TextEncoder
+    decoder: LatentDecoder
+    latent_hw: tuple[int, int]        # (h, w) latent frame size
+    text_length: int                  # tokens per prompt
+    schedule: NoiseSchedule
+    mesh: jax.sharding.Mesh
+    rules: LogicalRules
+    source: str                       # one line: what was loaded
+
+    @property
+    def frames_per_segment(self) -> int:
+        """Video frames per 3-second segment."""
+        return self.model_config.frames_per_segment * self.decoder.temporal
+
+    @property
+    def fps(self) -> float:
+        return self.frames_per_segment / SEGMENT_SECONDS
+
+    def num_frames(self, num_segments: int) -> int:
+        """Video frames of an n-segment storyboard."""
+        t = num_latent_frames(num_segments, self.model_config.frames_per_segment,
+                              self.model_config.prefix_frames)
+        return (t - 1) * self.decoder.temporal + 1
+
+
+@dataclasses.dataclass
+class Video:
+    frames: np.ndarray                # uint8 [F, H, W, 3]
+    latents: np.ndarray               # float32 [T, C, h, w] (DiT scale)
+    captions: list[str]               # one per segment, as written in the storyboard
+    fps: float
+    frames_per_segment: int           # video frames per segment
+    prefix_frames: int                # video frames before the first segment
+
+
+def _read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{workdir!r} has no config.json; give a training --workdir (written "
+                         "by `python -m tttjax.train`) or a converted checkpoint folder")
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def _vae_decoder(vae: str | None, what: str) -> VAEDecoder:
+    if not vae:
+        raise ValueError(f"{what} needs the CogVideoX VAE to decode its latents: pass --vae "
+                         "DIR (a diffusers AutoencoderKLCogVideoX folder)")
+    from tttjax.models.vae_convert import from_diffusers_vae
+
+    model, _ = from_diffusers_vae(vae)
+    return VAEDecoder(model)
+
+
+def _t5(text_encoder: str | None, what: str) -> TextEncoder:
+    if not text_encoder:
+        raise ValueError(f"{what} was trained on T5 prompt embeddings: pass --text-encoder DIR "
+                         "(a transformers T5EncoderModel folder with its tokenizer)")
+    from tttjax.text.t5 import T5TextEncoder
+
+    return T5TextEncoder.from_pretrained(text_encoder)
+
+
+def load_generator(path: str, *, vae: str | None = None, text_encoder: str | None = None,
+                   mesh_axes: dict[str, int] | None = None, rules: LogicalRules = DEFAULT_RULES,
+                   seed: int = 0) -> Generator:
+    """Loads a training workdir or a converted checkpoint for sampling (see the module doc).
+
+    Args:
+      path: a `python -m tttjax.train` workdir (latest checkpoint) or a folder written by
+        `python -m tttjax.convert` (model_config.json + state/).
+      vae, text_encoder: folders for checkpoints trained on real latents (module doc).
+      mesh_axes: mesh for the parameters, default all devices on `fsdp` (parameters sharded,
+        the batch of 2 (CFG) replicated).
+      seed: initialises mixer parameters a converted checkpoint lacks (SPEC section 1/2).
+    Raises:
+      ValueError naming what is missing or inconsistent.
+    """
+    from tttjax.models.convert import read_checkpoint_config
+    from tttjax.train.model_state import checkpoint_kind, load_params, model_spec
+
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint folder {path!r} not found")
+    try:
+        kind, _ = checkpoint_kind(path)
+    except ValueError:
+        raise ValueError(f"{path!r} is neither a training workdir (config.json + checkpoints/, "
+                         "from `python -m tttjax.train`) nor a converted checkpoint "
+                         "(model_config.json + state/, from `python -m tttjax.convert`)") from None
+    if kind == "converted":
+        model_config = read_checkpoint_config(path)
+        schedule, what = DEFAULT_SCHEDULE, f"converted checkpoint {path}"
+        text = _t5(text_encoder, what)
+        decoder = _vae_decoder(vae, what)
+        latent_hw = (model_config.sample_height, model_config.sample_width)
+        text_length = 226
+    else:
+        config = _read_workdir_config(path)
+        from tttjax.models import dit_config
+
+        model_config = dit_config.validate(config.model)
+        schedule = NoiseSchedule(**config.diffusion.to_dict())
+        latent_hw = (config.stage.latent_height, config.stage.latent_width)
+        text_length = config.stage.text_length
+        what = f"workdir {path}"
+        if config.data.dataset == "toon_storyboards":
+            from tttjax.data.text_encoder import HashedTextEncoder
+
+            text = HashedTextEncoder(model_config.text_embed_dim, seed=config.data.text_encoder_seed)
+            decoder = ToyDecoder(model_config.in_channels, config.data.toy_latent_seed)
+        else:
+            text = _t5(text_encoder, what)
+            decoder = _vae_decoder(vae, what)
+    dim = getattr(text, "dim", model_config.text_embed_dim)
+    if dim != model_config.text_embed_dim:
+        raise ValueError(f"the text encoder gives {dim}-dim embeddings but the model expects "
+                         f"{model_config.text_embed_dim}; pass the model's own text encoder")
+
+    mesh = make_mesh(mesh_axes or {"data": 1, "fsdp": -1, "tensor": 1})
+    spec = model_spec(model_config, mesh, rules)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        params, report = load_params(spec, path, seed)
+    state = jax.tree.map(lambda x: x, spec.template)
+    nnx.replace_by_pure_dict(state, params)
+    model = nnx.merge(spec.graphdef, state)
+    return Generator(model=model, model_config=model_config, text_encoder=text, decoder=decoder,
+                     latent_hw=tuple(latent_hw), text_length=int(text_length), schedule=schedule,
+                     mesh=mesh, rules=rules, source=report)
+
+
+def generate(gen: Generator, storyboard: Storyboard, *, seed: int = 0, steps: int = 50,
+             sampler: str = "dpm++2m_sde", guidance: Guidance | float | None = Guidance(),
+             progress: Callable[[int], Any] | None = None) -> Video:
+    """Samples one video for `storyboard` (deterministic in `seed`) and decodes it.
+
+    Args:
+      gen: from `load_generator`.
+      storyboard: a validated storyboard (`tttjax.storyboard.load_storyboard`).
+      seed: the initial noise and SDE noise come from `jax.random.key(seed)`.
+      steps, sampler, guidance: as `tttjax.diffusion.sample` (50 steps, DPM-Solver++(2M) SDE,
+        guidance rising 1 -> 4 by default).
+      progress: optional `progress(step)` after each sampler step.
+    Returns:
+      the `Video` (uint8 frames [F, H, W, 3] with F = `gen.num_frames(n)`).
+    """
+    cfg = gen.model_config
+    n = storyboard.num_segments
+    cond, uncond, _ = embed_storyboard(storyboard, gen.text_encoder, gen.text_length)
+    t = num_latent_frames(n, cfg.frames_per_segment, cfg.prefix_frames)
+    shape = (1, t, cfg.in_channels, *gen.latent_hw)
+    with jax.set_mesh(gen.mesh), nnx.logical_axis_rules(gen.rules):
+        latents = sample(gen.model, shape, cond[None], uncond[None], key=jax.random.key(seed),
+                         steps=steps, sampler=sampler, guidance=guidance, schedule=gen.schedule,
+                         progress=progress)
+    latents = np.asarray(jax.device_get(latents))[0]
+    frames = gen.decoder.decode(latents)
+    return Video(frames=frames, latents=latents, captions=storyboard.captions, fps=gen.fps,
+                 frames_per_segment=gen.frames_per_segment, prefix_frames=1)

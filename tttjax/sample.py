@@ -1,0 +1,148 @@
+"""Sample a video for a storyboard from a checkpoint.
+
+    python -m tttjax.sample --workdir DIR --storyboard FILE.json --out OUT.mp4 \\
+        [--seed S] [--steps N] [--sampler dpm++2m_sde|ddim] [--guidance 4.0] \\
+        [--gif OUT.gif] [--contact-sheet OUT.png] [--vae DIR] [--text-encoder DIR]
+
+--workdir is a training workdir (its latest checkpoint; `python -m tttjax.train`) or a
+converted checkpoint (`python -m tttjax.convert`). Checkpoints trained on real latents and
+converted CogVideoX checkpoints also need --vae and --text-encoder (see
+`tttjax.generation`). The storyboard (SPEC section 6, `tttjax.storyboard`) sets the length:
+n segments give (prefix + n * frames_per_segment - 1) * 4 + 1 frames (48n + 1 at 16 fps for
+CogVideoX). The storyboard and output paths are checked before anything is loaded; a bad
+one exits with code 2 and a one-line message and writes nothing. Outputs are written to a
+temporary name and renamed, so an interrupted run leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_PROG = "python -m tttjax.sample"
+
+
+class UsageError(ValueError):
+    """A command-line problem: one line, exit code 2."""
+
+
+def _fail(message: str) -> int:
+    print(f"{_PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+def _check_output(path: str | None, suffix: str, flag: str) -> str | None:
+    if path is None:
+        return None
+    if not path.lower().endswith(suffix):
+        raise UsageError(f"{flag} {path!r} must end in {suffix}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path!r}: {parent!r} is not a folder")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a folder; give a file name")
+    return path
+
+
+def _atomic(write, path: str, *args, **kwargs):
+    """Writes through a temporary sibling file renamed into place."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.partial{ext}"
+    try:
+        out = write(*args, tmp, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def write_outputs(video, out: str, gif: str | None = None, sheet: str | None = None
+                  ) -> list[str]:
+    """Writes the MP4 (and optional GIF / contact sheet) of a `tttjax.generation.Video`."""
+    from tttjax import video_io
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    _atomic(lambda frames, p: video_io.write_mp4(frames, p, fps=video.fps), out, video.frames)
+    written = [out]
+    if gif:
+        every = max(1, round(video.fps / 8))          # GIFs above ~8 fps only grow the file
+        _atomic(lambda frames, p: video_io.write_gif(frames, p, fps=video.fps, every=every,
+                                                      max_width=480), gif, video.frames)
+        written.append(gif)
+    if sheet:
+        _atomic(lambda frames, p: video_io.contact_sheet(
+            frames, video.captions, video.frames_per_segment, p, prefix_frames=video.prefix_frames,
+            fps=video.fps), sheet, video.frames)
+        written.append(sheet)
+    return written
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        sys.exit(_fail(f"{message} (see --help)"))
+
+
+def parse_args(argv):
+    parser = _Parser(prog=_PROG, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True,
+                        help="training workdir or converted checkpoint folder")
+    parser.add_argument("--storyboard", required=True, help="storyboard JSON (SPEC section 6)")
+    parser.add_argument("--out", required=True, help="output MP4 file")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    parser.add_argument("--sampler", default="dpm++2m_sde", choices=("dpm++2m_sde", "ddim"))
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="constant guidance scale (default: rising 1 -> 4, the paper's)")
+    parser.add_argument("--gif", default=None, help="also write a GIF here")
+    parser.add_argument("--contact-sheet", default=None,
+                        help="also write a PNG with one frame and the caption per segment")
+    parser.add_argument("--vae", default=None, help="diffusers AutoencoderKLCogVideoX folder")
+    parser.add_argument("--text-encoder", default=None,
+                        help="transformers T5EncoderModel folder (with its tokenizer)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from tttjax.storyboard import StoryboardError, load_storyboard
+
+    try:
+        if args.steps < 1:
+            raise UsageError(f"--steps must be >= 1, got {args.steps}")
+        if args.guidance is not None and args.guidance < 0:
+            raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
+        _check_output(args.out, ".mp4", "--out")
+        _check_output(args.gif, ".gif", "--gif")
+        _check_output(args.contact_sheet, ".png", "--contact-sheet")
+        if not os.path.isdir(args.workdir):
+            raise UsageError(f"--workdir {args.workdir!r} is not a folder")
+        storyboard = load_storyboard(args.storyboard)
+    except (UsageError, StoryboardError) as err:
+        return _fail(err)
+
+    from tqdm import tqdm
+
+    from tttjax.diffusion.guidance import Guidance
+    from tttjax.generation import generate, load_generator
+
+    try:
+        gen = load_generator(args.workdir, vae=args.vae, text_encoder=args.text_encoder)
+    except ValueError as err:
+        return _fail(err)
+    n = storyboard.num_segments
+    print(f"{gen.source}\nsampling {n} segment(s), {gen.num_frames(n)} frames at {gen.fps:g} fps, "
+          f"{args.steps} {args.sampler} steps, seed {args.seed}", flush=True)
+    guidance = Guidance() if args.guidance is None else args.guidance
+    with tqdm(total=args.steps, desc="sample", unit="step", file=sys.stdout) as bar:
+        video = generate(gen, storyboard, seed=args.seed, steps=args.steps, sampler=args.sampler,
+                         guidance=guidance, progress=lambda _: bar.update(1))
+    written = write_outputs(video, args.out, args.gif, args.contact_sheet)
+    print(f"wrote {len(video.frames)} frames: {', '.join(written)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
