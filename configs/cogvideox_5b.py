@@ -13,6 +13,8 @@ import ml_collections
 from tttjax.models import dit_config
 
 # Per-mixer settings of the paper (SPEC section 1); other mixers use their registry defaults.
+# Stored as config.model.mixer_config.<mixer> for every mixer: the chosen mixer reads the
+# sub-dict of its own name, so `--config.model.mixer=...` picks its settings up too.
 MIXER_CONFIGS = {
     "ttt_mlp": dict(mini_batch_size=64, base_lr=0.1, remat_group_size=16),
     "ttt_linear": dict(mini_batch_size=16, base_lr=1.0, remat_group_size=16),
@@ -47,7 +49,7 @@ def get_config(arg: str = "3s,ttt_mlp") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     model = dit_config.cogvideox_5b()
     model.mixer = mixer
-    model.mixer_config = ml_collections.ConfigDict(MIXER_CONFIGS.get(mixer, {}))
+    model.mixer_config = ml_collections.ConfigDict(MIXER_CONFIGS)
     model.attention = "segment"
     model.dtype = "bfloat16"
     model.param_dtype = "bfloat16"

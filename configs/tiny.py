@@ -11,6 +11,8 @@ import ml_collections
 
 from tttjax.models import dit_config
 
+# Per-mixer settings, stored as config.model.mixer_config.<mixer>: the mixer reads the sub-dict
+# of its own name, so `tiny.py:ttt_mlp` and `tiny.py --config.model.mixer=ttt_mlp` are one config.
 MIXER_CONFIGS = {
     "ttt_mlp": dict(mini_batch_size=16, base_lr=0.1, remat_group_size=2),
     "ttt_linear": dict(mini_batch_size=16, base_lr=1.0, remat_group_size=2),
@@ -31,7 +33,7 @@ def get_config(arg: str = "none") -> ml_collections.ConfigDict:
         out_channels=4, text_embed_dim=32, time_embed_dim=32, sample_height=8, sample_width=8,
         frames_per_segment=2, prefix_frames=1, mixer=mixer, attention="segment",
     ))
-    model.mixer_config = ml_collections.ConfigDict(MIXER_CONFIGS.get(mixer, {}))
+    model.mixer_config = ml_collections.ConfigDict(MIXER_CONFIGS)
     config.model = dit_config.validate(model)
 
     config.stage = ml_collections.ConfigDict(dict(

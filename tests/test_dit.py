@@ -150,7 +150,7 @@ def test_stage_configs():
         cfg = load_config("cogvideox_5b", f"{stage},ttt_mlp")
         assert cfg.stage.latent_frames == frames
         assert cfg.stage.latent_frames == 1 + 12 * cfg.stage.num_segments
-        assert cfg.model.mixer_config.mini_batch_size == 64
+        assert cfg.model.mixer_config.ttt_mlp.mini_batch_size == 64
     with pytest.raises(ValueError, match="unknown stage"):
         load_config("cogvideox_5b", "5s,ttt_mlp")
     with pytest.raises(ValueError, match="STAGE,MIXER"):

@@ -8,9 +8,11 @@ Names: `ttt_mlp, ttt_linear, gated_deltanet, mamba2, swa, full` and `none` (no m
   direction   "forward" (default) | "causal" | "bidirectional"
   dtype, param_dtype                      names or dtypes, default float32
   <name>      optional sub-dict of the chosen mixer's options (e.g. config.swa.window)
-and any other top-level key is also passed to the chosen mixer as an option (the DiT's
-`mixer_config` is flat); top-level keys win over the sub-dict. Options a mixer does not take
-are refused by name. `default_mixer_config(width, num_heads)` has every default.
+and any other top-level key is also passed to the chosen mixer as an option (so a flat
+config works); top-level keys win over the sub-dict, and the sub-dicts of the other mixers
+are ignored (one config can carry every mixer's settings, as the DiT's `mixer_config` in
+configs/ does). Options a mixer does not take are refused by name.
+`default_mixer_config(width, num_heads)` has every default.
 
 Directions:
   forward        one pass in sequence order: recurrent mixers scan forward, TTT uses the

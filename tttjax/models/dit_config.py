@@ -66,7 +66,9 @@ def cogvideox_5b() -> ml_collections.ConfigDict:
         temporal_interpolation_scale=1.0,
         # --- the paper's integration (SPEC section 2) ---
         mixer="none",                       # "none" or a name from tttjax.layers.registry
-        mixer_config=ml_collections.ConfigDict(),  # extra kwargs for make_mixer
+        # make_mixer options: flat, and/or per mixer under its name ({ttt_mlp: {...}, ...});
+        # only the sub-dict named like `mixer` is read, so settings follow the mixer.
+        mixer_config=ml_collections.ConfigDict(),
         attention="full",                   # "full": joint over all tokens; "segment": 3 s windows
         frames_per_segment=FRAMES_PER_SEGMENT,
         prefix_frames=PREFIX_FRAMES,

@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv if argv is None else argv)
     fv = flags.FlagValues()
+    # sys_argv: config_flags reads the --config.KEY overrides from it (sys.argv by default).
     config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:ARG])",
-                                    flag_values=fv, lock_config=True)
+                                    flag_values=fv, lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, TensorBoard",
                         flag_values=fv)
     if any(a in ("-h", "--help", "-help") for a in argv[1:]):
