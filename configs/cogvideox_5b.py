@@ -72,6 +72,9 @@ def get_config(arg: str = "3s,ttt_mlp") -> ml_collections.ConfigDict:
     config.steps = recipe["steps"]
     config.log_every = 10
     config.checkpoint_every = 250
+    # The plain DiT (mixer none) trains everything at every stage. This follows the config
+    # argument only: from 9s on, choose the mixer there (9s,ttt_mlp), or also pass
+    # --config.train.trainable=mixer_qkvo with --config.model.mixer.
     config.train = ml_collections.ConfigDict(dict(
         global_batch_size=64, grad_accum_steps=1, prompt_dropout=0.1,
         trainable=recipe["trainable"] if mixer != "none" else "all",
