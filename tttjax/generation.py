@@ -152,14 +152,16 @@ def _t5(text_encoder: str | None, what: str) -> TextEncoder:
 
 
 def load_generator(path: str, *, vae: str | None = None, text_encoder: str | None = None,
-                   mesh_axes: dict[str, int] | None = None, rules: LogicalRules = DEFAULT_RULES,
-                   seed: int = 0) -> Generator:
+                   text_length: int | None = None, mesh_axes: dict[str, int] | None = None,
+                   rules: LogicalRules = DEFAULT_RULES, seed: int = 0) -> Generator:
     """Loads a training workdir or a converted checkpoint for sampling (see the module doc).
 
     Args:
       path: a `python -m tttjax.train` workdir (latest checkpoint) or a folder written by
         `python -m tttjax.convert` (model_config.json + state/).
       vae, text_encoder: folders for checkpoints trained on real latents (module doc).
+      text_length: tokens per prompt; default the workdir's `stage.text_length`, or 226
+        (CogVideoX's) for a converted checkpoint.
       mesh_axes: mesh for the parameters, default all devices on `fsdp` (parameters sharded,
         the batch of 2 (CFG) replicated).
       seed: initialises mixer parameters a converted checkpoint lacks (SPEC section 1/2).
@@ -184,7 +186,7 @@ def load_generator(path: str, *, vae: str | None = None, text_encoder: str | Non
         text = _t5(text_encoder, what)
         decoder = _vae_decoder(vae, what)
         latent_hw = (model_config.sample_height, model_config.sample_width)
-        text_length = 226
+        text_length = text_length or 226
     else:
         config = _read_workdir_config(path)
         from tttjax.models import dit_config
@@ -192,7 +194,7 @@ def load_generator(path: str, *, vae: str | None = None, text_encoder: str | Non
         model_config = dit_config.validate(config.model)
         schedule = NoiseSchedule(**config.diffusion.to_dict())
         latent_hw = (config.stage.latent_height, config.stage.latent_width)
-        text_length = config.stage.text_length
+        text_length = text_length or config.stage.text_length
         what = f"workdir {path}"
         if config.data.dataset == "toon_storyboards":
             from tttjax.data.text_encoder import HashedTextEncoder
@@ -202,6 +204,8 @@ def load_generator(path: str, *, vae: str | None = None, text_encoder: str | Non
         else:
             text = _t5(text_encoder, what)
             decoder = _vae_decoder(vae, what)
+    if text_length < 1:
+        raise ValueError(f"text_length must be >= 1, got {text_length}")
     dim = getattr(text, "dim", model_config.text_embed_dim)
     if dim != model_config.text_embed_dim:
         raise ValueError(f"the text encoder gives {dim}-dim embeddings but the model expects "

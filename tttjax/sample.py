@@ -99,6 +99,8 @@ def parse_args(argv):
     parser.add_argument("--gif", default=None, help="also write a GIF here")
     parser.add_argument("--contact-sheet", default=None,
                         help="also write a PNG with one frame and the caption per segment")
+    parser.add_argument("--text-length", type=int, default=None,
+                        help="tokens per prompt (default: the workdir's, 226 for converted)")
     parser.add_argument("--vae", default=None, help="diffusers AutoencoderKLCogVideoX folder")
     parser.add_argument("--text-encoder", default=None,
                         help="transformers T5EncoderModel folder (with its tokenizer)")
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.steps < 1:
             raise UsageError(f"--steps must be >= 1, got {args.steps}")
+        if args.text_length is not None and args.text_length < 1:
+            raise UsageError(f"--text-length must be >= 1, got {args.text_length}")
         if args.guidance is not None and args.guidance < 0:
             raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
         _check_output(args.out, ".mp4", "--out")
@@ -129,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     from tttjax.generation import generate, load_generator
 
     try:
-        gen = load_generator(args.workdir, vae=args.vae, text_encoder=args.text_encoder)
+        gen = load_generator(args.workdir, vae=args.vae, text_encoder=args.text_encoder,
+                             text_length=args.text_length)
     except ValueError as err:
         return _fail(err)
     n = storyboard.num_segments
