@@ -5,10 +5,23 @@
              to local attention (the paper's Figure 6 analog)           (tttjax.bench.mixers)
     kernels  Pallas TTT kernels vs the XLA ops at the 5B layer shape: fwd and
              fwd+bwd time, fraction of the bf16 matmul rate            (tttjax.bench.kernels)
+    train    the real training step of a config: step time, tokens/s, model
+             FLOPs (analytic and XLA's), MFU                            (tttjax.bench.train)
+    sample   one denoising step of the DiT at n segments (CFG batch as
+             generation runs it): time, tokens/s, FLOPs, MFU           (tttjax.bench.sample)
+    aot      per-device memory of a step compiled ahead of time on a described
+             mesh of fake devices                          (tttjax.models.memory_plan)
+
+Shared pieces: `timing` (median wall time, compiled peak memory), `table` (Markdown rows and
+CSV), `flops` (analytic DiT FLOPs), `mfu` (peak rates by device), `run_config` (config-file
+command line of train/sample).
 """
 
 SUBCOMMANDS = {
     "ops": "TTT ops: time, tokens/s and compiled memory vs sequence length",
     "mixers": "every mixer at one DiT layer's shape, relative to local attention, CSV + PNG",
     "kernels": "Pallas TTT kernels vs XLA ops: fwd, fwd+bwd, fraction of bf16 matmul rate",
+    "train": "the real train step of a config: step time, tokens/s, model FLOPs, MFU",
+    "sample": "one denoising step at n segments: time, tokens/s, model FLOPs, MFU",
+    "aot": "per-device memory of a step compiled ahead of time on a mesh of fake devices",
 }

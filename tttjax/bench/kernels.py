@@ -18,26 +18,23 @@ not what either impl recomputes. Out-of-memory configurations are reported, not 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+from tttjax.bench.flops import ttt_inner_flops
+from tttjax.bench.table import MarkdownTable, write_csv
+from tttjax.bench.timing import median_time
 from tttjax.ops import ttt
 
 _OPS = {"mlp": (ttt.ttt_mlp, 64), "linear": (ttt.ttt_linear, 16)}
-_FWD_MATMULS = {"mlp": 7, "linear": 3}   # per mini-batch: see pallas_kernels.ttt_step
 _STAGE_TOKENS = "17550,49950,98550,163350,341550"  # 13/37/73/121/253 latent frames x 1350
 
 
 def matmul_flops(kind, length, heads, d, b, backward):
-    f = 4 * d if kind == "mlp" else d
-    per_step = _FWD_MATMULS[kind] * 2 * b * d * f
-    return (3 if backward else 1) * per_step * heads * (length // b)
+    return (3 if backward else 1) * ttt_inner_flops(kind, length // b * b, heads, d)
 
 
 def measure_matmul_rate(n, repeats, dtype=jnp.bfloat16):
@@ -46,17 +43,7 @@ def measure_matmul_rate(n, repeats, dtype=jnp.bfloat16):
     a = jax.random.normal(keys[0], (n, n), dtype)
     b = jax.random.normal(keys[1], (n, n), dtype)
     fn = jax.jit(jnp.matmul).lower(a, b).compile()
-    return 2 * n**3 / _median_time(fn, (a, b), repeats)
-
-
-def _median_time(fn, args, repeats):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return 2 * n**3 / median_time(fn, (a, b), repeats)
 
 
 def _inputs(kind, length, heads, d, dtype):
@@ -103,7 +90,7 @@ def run(kinds, lengths, heads, d, repeats, *, mini_batch=None, remat_group_size=
                 try:
                     f = jax.jit(fwd).lower(*args).compile()
                     fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile()
-                    t_f, t_fb = _median_time(f, args, repeats), _median_time(fb, args, repeats)
+                    t_f, t_fb = median_time(f, args, repeats), median_time(fb, args, repeats)
                     results[impl] = (f(*args), fb(*args))
                     times[impl] = (t_f, t_fb)
                 except Exception as err:  # noqa: BLE001 - report OOM and carry on
@@ -161,29 +148,19 @@ def main(argv=None):
     matmul_rate = measure_matmul_rate(args.matmul_size, args.repeats)
     print(f"# {datetime.date.today()} device: {device.device_kind} ({platform}), jax {jax.__version__}")
     print(f"# bf16 matmul {args.matmul_size}^3: {matmul_rate / 1e12:.1f} TFLOP/s measured")
-    header = ("kind", "impl", "L", "b", "fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops",
-              "fwd_frac_of_matmul", "fwd_bwd_frac_of_matmul", "speedup_fwd", "speedup_fwd_bwd",
-              "z_rel_err", "grad_rel_err", "note")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    table = MarkdownTable(("kind", "impl", "L", "b", "fwd_ms", "fwd_bwd_ms", "fwd_tflops",
+                           "fwd_bwd_tflops", "fwd_frac_of_matmul", "fwd_bwd_frac_of_matmul",
+                           "speedup_fwd", "speedup_fwd_bwd", "z_rel_err", "grad_rel_err", "note"),
+                          float_format=".3g")
     rows = []
     kernel_impl = "pallas_interpret" if args.interpret else "pallas"
     for row in run(kinds, lengths, args.heads, args.head_dim, args.repeats,
                    mini_batch=args.mini_batch, remat_group_size=args.remat_group_size,
                    kernel_impl=kernel_impl, matmul_rate=matmul_rate):
         rows.append(row)
-        cells = []
-        for h in header:
-            value = row.get(h, "")
-            cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
-        print("| " + " | ".join(cells) + " |", flush=True)
+        table.row(row)
     if args.csv:
-        fields = list(dict.fromkeys(key for row in rows for key in row))
-        with open(args.csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"# wrote {args.csv}")
+        write_csv(rows, args.csv)
     return 0
 
 

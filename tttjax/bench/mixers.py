@@ -25,16 +25,15 @@ machine runs. Full attention above `--full-max-length` is skipped (its cost grow
 from __future__ import annotations
 
 import argparse
-import csv
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tttjax.bench.table import MarkdownTable, write_csv
+from tttjax.bench.timing import median_time, peak_bytes
 from tttjax.layers import registry
 from tttjax.layers.attention_mixers import LocalAttention
 from tttjax.ops.rope import rope_1d
@@ -57,24 +56,6 @@ def build(name: str, width: int, heads: int, *, direction: str, dtype, local_win
     return registry.make_mixer(name, cfg, rngs=nnx.Rngs(seed))
 
 
-def _time(fn, args, repeats):
-    jax.block_until_ready(fn(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _peak_bytes(compiled):
-    mem = compiled.memory_analysis()
-    if mem is None:
-        return float("nan")
-    return (mem.argument_size_in_bytes + mem.output_size_in_bytes
-            + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-
-
 def measure(mixer: nnx.Module, batch: int, length: int, repeats: int, dtype) -> dict:
     """Forward and forward+backward time (s) and compiled peak memory (bytes) of one mixer."""
     width = mixer.mixer.width if isinstance(mixer, registry.SumBidirectional) else mixer.width
@@ -95,8 +76,8 @@ def measure(mixer: nnx.Module, batch: int, length: int, repeats: int, dtype) -> 
     fb = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
     params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state))
     return {"params": params,
-            "fwd_s": _time(f, args, repeats), "fwd_bwd_s": _time(fb, args, repeats),
-            "fwd_peak_bytes": _peak_bytes(f), "fwd_bwd_peak_bytes": _peak_bytes(fb)}
+            "fwd_s": median_time(f, args, repeats), "fwd_bwd_s": median_time(fb, args, repeats),
+            "fwd_peak_bytes": peak_bytes(f), "fwd_bwd_peak_bytes": peak_bytes(fb)}
 
 
 def run(mixers, lengths, *, width, heads, batch=1, repeats=3, direction="forward",
@@ -203,28 +184,19 @@ def main(argv=None):
     print(f"# device: {device.device_kind} ({jax.default_backend()}), D={args.width}, "
           f"H={args.heads}, B={args.batch}, {args.dtype}, direction={args.direction}, "
           f"local window {args.local_window}, swa window {args.swa_window}")
-    header = ("mixer", "L", "fwd_ms", "fwd_bwd_ms", "fwd_rel_local", "fwd_bwd_rel_local",
-              "fwd_peak_MiB", "fwd_bwd_peak_MiB")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    table = MarkdownTable(("mixer", "L", "fwd_ms", "fwd_bwd_ms", "fwd_rel_local",
+                           "fwd_bwd_rel_local", "fwd_peak_MiB", "fwd_bwd_peak_MiB"))
     rows = []
     for row in run(mixers, lengths, width=args.width, heads=args.heads, batch=args.batch,
                    repeats=args.repeats, direction=args.direction, local_window=args.local_window,
                    swa_window=args.swa_window, full_impl=args.full_impl,
                    full_max_length=args.full_max_length, dtype=jnp.dtype(args.dtype)):
         rows.append(row)
-        if row["skipped"]:
-            cells = [row["mixer"], str(row["L"])] + ["skipped"] * (len(header) - 2)
-        else:
-            cells = [f"{row[h]:.2f}" if isinstance(row[h], float) else str(row[h]) for h in header]
-        print("| " + " | ".join(cells) + " |", flush=True)
+        # A skipped row has only its labels; its measurement columns read "skipped".
+        table.row({**{c: "skipped" for c in table.columns}, "mixer": row["mixer"], "L": row["L"]}
+                  if row["skipped"] else row)
     if args.csv:
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        with open(args.csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"# wrote {args.csv}")
+        write_csv(rows, args.csv)
     if args.plot:
         plot(rows, args.plot, f"mixers at D={args.width}, H={args.heads} on {device.device_kind}; "
                               f"local attention window {args.local_window}")

@@ -11,14 +11,13 @@ else the machine is running. Times are medians of `--repeats` runs after a warm-
 from __future__ import annotations
 
 import argparse
-import csv
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+from tttjax.bench.table import MarkdownTable, write_csv
+from tttjax.bench.timing import median_time, peak_bytes
 from tttjax.ops import ttt
 
 _OPS = {"ttt_mlp": (ttt.ttt_mlp, "mlp", 64), "ttt_linear": (ttt.ttt_linear, "linear", 16)}
@@ -38,24 +37,6 @@ def _inputs(kind, length, heads, d, dtype):
     return q, k, v, eta, params
 
 
-def _time(fn, args, repeats):
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _peak_bytes(compiled, args):
-    mem = compiled.memory_analysis()
-    if mem is None:
-        return float("nan")
-    return (mem.argument_size_in_bytes + mem.output_size_in_bytes
-            + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-
-
 def run(lengths, heads, d, repeats, remat_group_size=16, dtype=jnp.float32):
     """Yields one dict per (op, L) with times (s), tokens/s and memory (MiB)."""
     for name, (op, kind, b) in _OPS.items():
@@ -71,15 +52,15 @@ def run(lengths, heads, d, repeats, remat_group_size=16, dtype=jnp.float32):
             # One compile per function serves both the timing and the memory analysis.
             f = jax.jit(fwd).lower(*args).compile()
             fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile()
-            t_f, t_fb = _time(f, args, repeats), _time(fb, args, repeats)
+            t_f, t_fb = median_time(f, args, repeats), median_time(fb, args, repeats)
             io_bytes = sum(x.nbytes for x in jax.tree.leaves(args))
             yield {
                 "op": name, "L": length, "H": heads, "d": d, "b": b,
                 "fwd_ms": 1e3 * t_f, "fwd_bwd_ms": 1e3 * t_fb,
                 "fwd_tok_s": length / t_f, "fwd_bwd_tok_s": length / t_fb,
                 "inputs_MiB": io_bytes / 2**20,
-                "fwd_peak_MiB": _peak_bytes(f, args) / 2**20,
-                "fwd_bwd_peak_MiB": _peak_bytes(fb, args) / 2**20,
+                "fwd_peak_MiB": peak_bytes(f) / 2**20,
+                "fwd_bwd_peak_MiB": peak_bytes(fb) / 2**20,
             }
 
 
@@ -99,21 +80,14 @@ def main(argv=None):
         parser.exit(2, f"error: --lengths must be comma-separated integers, got {args.lengths!r}\n")
 
     print(f"# device: {jax.devices()[0].device_kind} x{jax.device_count()}, backend {jax.default_backend()}")
-    header = ("op", "L", "b", "fwd_ms", "fwd_bwd_ms", "fwd_tok_s", "fwd_bwd_tok_s",
-              "inputs_MiB", "fwd_peak_MiB", "fwd_bwd_peak_MiB")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    table = MarkdownTable(("op", "L", "b", "fwd_ms", "fwd_bwd_ms", "fwd_tok_s", "fwd_bwd_tok_s",
+                           "inputs_MiB", "fwd_peak_MiB", "fwd_bwd_peak_MiB"), float_format=".1f")
     rows = []
     for row in run(lengths, args.heads, args.head_dim, args.repeats, args.remat_group_size):
         rows.append(row)
-        cells = [f"{row[h]:.1f}" if isinstance(row[h], float) else str(row[h]) for h in header]
-        print("| " + " | ".join(cells) + " |", flush=True)
+        table.row(row)
     if args.csv:
-        with open(args.csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"# wrote {args.csv}")
+        write_csv(rows, args.csv)
     return 0
 
 

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import os
+import typing
 from typing import Any
 
 import jax
@@ -175,6 +176,26 @@ def _plan(config, mesh, rules) -> _Plan:
     while len(_PLANS) > 16:
         _PLANS.popitem(last=False)
     return plan
+
+
+class StepSetup(typing.NamedTuple):
+    """The step `train` runs for a config and mesh, with the batch it takes."""
+
+    plan: _Plan
+    batch_shardings: dict[str, NamedSharding]
+    batch_shapes: dict[str, tuple[int, ...]]     # global shapes of one micro-batch
+    tokens_per_step: int                         # video + text tokens of one micro-batch
+
+
+def train_step_setup(config: ml_collections.ConfigDict, mesh, rules) -> StepSetup:
+    """The memoised plan of `train` for this config and mesh (the same jitted step), and the
+    global shapes and shardings of its batch, for tools that drive the step on batches of
+    their own (`python -m tttjax.bench train`)."""
+    with_logvar = config.data.dataset == "latents"
+    micro = config_lib.micro_batch_size(config)
+    return StepSetup(_plan(config, mesh, rules),
+                     _batch_shardings(config, mesh, rules, with_logvar),
+                     _global_shapes(config, micro, with_logvar), _tokens_per_step(config, micro))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None

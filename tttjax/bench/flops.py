@@ -1,0 +1,137 @@
+"""Analytic matmul FLOPs of the video DiT (model FLOPs, the numerator of MFU).
+
+Counted: every matrix multiply of the forward pass, 2 FLOPs per multiply-add; not counted:
+elementwise work (norms, GELU, RoPE, softmax, modulation, residuals), the sampler or loss,
+and anything an implementation recomputes (remat, TTT's remat groups). Training is three
+forward passes' worth (the backward pass multiplies twice as much: gradients with respect to
+activations and to weights), the usual convention for MFU.
+
+Per example, with D = heads * head_dim, N_v = T * (H/p) * (W/p) video tokens, N_t = n * S
+text tokens (n segments of S prompt tokens), N = N_t + N_v, E = time_embed_dim:
+
+    embeddings   2 N_v (C p^2) D + 2 N_t D_text D + 2 D E + 2 E^2       (patch, text, time MLP)
+    per block    2 E (12 D)                      adaLN modulation (2 x 6 vectors of width D)
+                 8 N D^2                         attention q, k, v, o projections
+                 4 D sum_w N_w^2                 q k^T and softmax(.) v; one window of all N
+                                                 tokens for attention="full", else n windows
+                                                 of S + (frames_per_segment + prefix) hw tokens
+                 16 N D^2                        MLP D -> 4D -> D
+                 mixer, twice (the gated forward and reversed passes), over L tokens:
+                   TTT:   8 L D^2 (q, k, v, o) + 2 L D H (learning-rate gate)
+                          + L D c d, c = 56 (TTT-MLP, F = 4d) or 6 (TTT-Linear)
+                          per token and head: TTT-MLP's 7 matmuls of 2 d F per mini-batch
+                          row (inner forward on k: 2, gradient through W2: 1, updates of W1
+                          and W2: 2, forward on q with the updated weights: 2); TTT-Linear's 3
+                          matmuls of 2 d^2; L is N rounded up to whole mini-batches (the layer
+                          pads, and the padded rows are computed)
+                   full:  8 L D^2 + 4 L^2 D          swa: 8 L D^2 + 4 L min(window, L) D
+    head         2 E (2 D) + 2 N_v D (C_out p^2)
+
+XLA's `cost_analysis()` counts more (every elementwise op, recomputation under remat) and,
+on the compilers here, counts the body of a loop once, not once per iteration: the DiT scans
+its blocks, TTT scans mini-batches and segment attention scans windows. Its figure is
+therefore comparable only where every loop runs once (one block, one segment, one
+mini-batch), which is how the tests check this count.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Forward matmuls per mini-batch row of the non-causal TTT inner loop (see module doc).
+TTT_FWD_MATMULS = {"mlp": 7, "linear": 3}
+# Mixers with an analytic count; other registered mixers have none (the benchmark prints n/a).
+COUNTED_MIXERS = ("none", "ttt_mlp", "ttt_linear", "full", "swa")
+
+
+def ttt_inner_flops(kind: str, tokens: int, heads: int, head_dim: int) -> int:
+    """Forward FLOPs of the TTT inner loop over `tokens` rows (a whole number of mini-batches)."""
+    hidden = 4 * head_dim if kind == "mlp" else head_dim
+    return TTT_FWD_MATMULS[kind] * 2 * head_dim * hidden * heads * tokens
+
+
+def _mixer_option(cfg: ml_collections.ConfigDict, name: str, option: str, default):
+    """A mixer option as the registry resolves it: top level of mixer_config, then the
+    mixer's own sub-dict, then the registry default."""
+    mc = cfg.mixer_config
+    if option in mc and not isinstance(mc[option], (dict, ml_collections.ConfigDict)):
+        return mc[option]
+    sub = mc.get(name)
+    if sub is not None and option in sub:
+        return sub[option]
+    return default
+
+
+def mixer_flops(cfg: ml_collections.ConfigDict, tokens: int) -> int:
+    """Forward FLOPs of one block's gated bidirectional mixer over `tokens` tokens."""
+    from tttjax.layers import registry
+
+    name = cfg.mixer
+    if name == "none":
+        return 0
+    if name not in COUNTED_MIXERS:
+        raise ValueError(f"no analytic FLOP count for mixer {name!r}; counted: {COUNTED_MIXERS}")
+    h, d = cfg.num_attention_heads, cfg.attention_head_dim
+    width = h * d
+    defaults = registry.default_mixer_config(width, h)[name]
+    proj = 8 * width * width
+    if name in ("ttt_mlp", "ttt_linear"):
+        b = _mixer_option(cfg, name, "mini_batch_size", defaults.mini_batch_size)
+        padded = -(-tokens // b) * b
+        one_pass = (proj * padded + 2 * padded * width * h
+                    + ttt_inner_flops(name[len("ttt_"):], padded, h, d))
+    elif name == "full":
+        one_pass = proj * tokens + 4 * tokens * tokens * width
+    else:
+        window = _mixer_option(cfg, name, "window", defaults.window)
+        one_pass = proj * tokens + 4 * tokens * min(window, tokens) * width
+    return 2 * one_pass
+
+
+def dit_forward_flops(cfg: ml_collections.ConfigDict, *, latent_frames: int, latent_height: int,
+                      latent_width: int, num_segments: int, text_length: int) -> dict[str, int]:
+    """Forward matmul FLOPs of one example, by part (see the module doc), and their `total`.
+
+    Args:
+      cfg: `config.model`.
+      latent_frames, latent_height, latent_width: the latent video [T, C, H, W] of one example.
+      num_segments, text_length: prompts n and tokens per prompt S.
+    """
+    p = cfg.patch_size
+    width = cfg.num_attention_heads * cfg.attention_head_dim
+    e = cfg.time_embed_dim
+    hw = (latent_height // p) * (latent_width // p)
+    n_video = latent_frames * hw
+    n_text = num_segments * text_length
+    n = n_video + n_text
+    if cfg.attention == "full":
+        windows = [n]
+    else:
+        windows = [text_length + (cfg.frames_per_segment + cfg.prefix_frames) * hw] * num_segments
+    per_block = {
+        "modulation": 2 * e * 12 * width,
+        "attention_projections": 8 * n * width * width,
+        "attention_scores": 4 * width * sum(w * w for w in windows),
+        "mlp": 16 * n * width * width,
+        "mixer": mixer_flops(cfg, n),
+    }
+    parts = {
+        "embeddings": (2 * n_video * cfg.in_channels * p * p * width + 2 * n_text
+                       * cfg.text_embed_dim * width + 2 * width * e + 2 * e * e),
+        **{k: cfg.num_layers * v for k, v in per_block.items()},
+        "head": 2 * e * 2 * width + 2 * n_video * width * cfg.out_channels * p * p,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def stage_forward_flops(config: ml_collections.ConfigDict, num_segments: int | None = None
+                        ) -> dict[str, int]:
+    """`dit_forward_flops` of one example of a run config's stage (optionally with another
+    number of segments, latent frames following: prefix + n * frames_per_segment)."""
+    m, s = config.model, config.stage
+    n = num_segments or s.num_segments
+    frames = s.latent_frames if n == s.num_segments else m.prefix_frames + n * m.frames_per_segment
+    return dit_forward_flops(m, latent_frames=frames, latent_height=s.latent_height,
+                             latent_width=s.latent_width, num_segments=n,
+                             text_length=s.text_length)

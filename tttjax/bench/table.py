@@ -1,0 +1,38 @@
+"""Benchmark results as a Markdown table on stdout (one row as soon as it is measured) and CSV.
+
+A row is a dict; a table prints the values of its `columns`, floats with `float_format`,
+absent values as `missing`. The CSV holds every key of every row (first-seen order), so it
+keeps fields the printed table leaves out.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Sequence
+
+
+class MarkdownTable:
+    """Prints a header on creation and a line per `row(...)`, flushed, so long runs show progress."""
+
+    def __init__(self, columns: Sequence[str], *, float_format: str = ".2f", missing: str = ""):
+        self.columns, self.float_format, self.missing = tuple(columns), float_format, missing
+        print("| " + " | ".join(self.columns) + " |")
+        print("|" + "---|" * len(self.columns))
+
+    def cell(self, value) -> str:
+        return format(value, self.float_format) if isinstance(value, float) else str(value)
+
+    def row(self, row: dict) -> None:
+        cells = [self.cell(row[c]) if c in row else self.missing for c in self.columns]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def write_csv(rows: Iterable[dict], path: str) -> None:
+    """Writes `rows` to `path` (columns: every key, in first-seen order) and says so."""
+    rows = list(rows)
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"# wrote {path}")
