@@ -17,13 +17,13 @@ text tokens (n segments of S prompt tokens), N = N_t + N_v, E = time_embed_dim:
                                                  of S + (frames_per_segment + prefix) hw tokens
                  16 N D^2                        MLP D -> 4D -> D
                  mixer, twice (the gated forward and reversed passes), over L tokens:
-                   TTT:   8 L D^2 (q, k, v, o) + 2 L D H (learning-rate gate)
+                   TTT:   6 L D^2 (q, k, v) + 2 N D^2 (o) + 2 L D H (learning-rate gate)
                           + L D c d, c = 56 (TTT-MLP, F = 4d) or 6 (TTT-Linear)
                           per token and head: TTT-MLP's 7 matmuls of 2 d F per mini-batch
                           row (inner forward on k: 2, gradient through W2: 1, updates of W1
                           and W2: 2, forward on q with the updated weights: 2); TTT-Linear's 3
                           matmuls of 2 d^2; L is N rounded up to whole mini-batches (the layer
-                          pads, and the padded rows are computed)
+                          pads, and the padded rows are computed up to the o projection)
                    full:  8 L D^2 + 4 L^2 D          swa: 8 L D^2 + 4 L min(window, L) D
     head         2 E (2 D) + 2 N_v D (C_out p^2)
 
@@ -31,10 +31,14 @@ XLA's `cost_analysis()` counts more (every elementwise op, recomputation under r
 on the compilers here, counts the body of a loop once, not once per iteration: the DiT scans
 its blocks, TTT scans mini-batches and segment attention scans windows. Its figure is
 therefore comparable only where every loop runs once (one block, one segment, one
-mini-batch), which is how the tests check this count.
+mini-batch), which is how the tests check this count. `traced_matmul_flops` counts the
+matmuls of the traced program itself (jaxpr `dot_general`s, scan bodies times their length),
+so it checks the formula at any size; in training it also holds what remat recomputes.
 """
 
 from __future__ import annotations
+
+import math
 
 import ml_collections
 
@@ -78,8 +82,8 @@ def mixer_flops(cfg: ml_collections.ConfigDict, tokens: int) -> int:
     if name in ("ttt_mlp", "ttt_linear"):
         b = _mixer_option(cfg, name, "mini_batch_size", defaults.mini_batch_size)
         padded = -(-tokens // b) * b
-        one_pass = (proj * padded + 2 * padded * width * h
-                    + ttt_inner_flops(name[len("ttt_"):], padded, h, d))
+        one_pass = (6 * padded * width * width + 2 * tokens * width * width
+                    + 2 * padded * width * h + ttt_inner_flops(name[len("ttt_"):], padded, h, d))
     elif name == "full":
         one_pass = proj * tokens + 4 * tokens * tokens * width
     else:
@@ -135,3 +139,44 @@ def stage_forward_flops(config: ml_collections.ConfigDict, num_segments: int | N
     return dit_forward_flops(m, latent_frames=frames, latent_height=s.latent_height,
                              latent_width=s.latent_width, num_segments=n,
                              text_length=s.text_length)
+
+
+def _sub_jaxprs(value):
+    """Jaxprs held by an equation parameter (a jaxpr, closed jaxpr, or a tuple of them)."""
+    from jax.extend import core
+
+    if isinstance(value, core.ClosedJaxpr):
+        return [value.jaxpr]
+    if isinstance(value, core.Jaxpr):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [j for v in value for j in _sub_jaxprs(v)]
+    return []
+
+
+def jaxpr_matmul_flops(jaxpr) -> int:
+    """2 x multiply-adds of every `dot_general` in `jaxpr`: a scan body counts `length` times,
+    a `cond` its costliest branch, a `while` body once (its trip count is not static)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+            lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+            rhs_free = [n for i, n in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
+            total += 2 * math.prod(lhs) * math.prod(rhs_free)
+            continue
+        subs = [(key, j) for key, v in eqn.params.items() for j in _sub_jaxprs(v)]
+        if name == "cond":
+            total += max((jaxpr_matmul_flops(j) for _, j in subs), default=0)
+            continue
+        times = eqn.params["length"] if name == "scan" else 1
+        total += times * sum(jaxpr_matmul_flops(j) for key, j in subs if key != "cond_jaxpr")
+    return total
+
+
+def traced_matmul_flops(fn, *args) -> int:
+    """`jaxpr_matmul_flops` of `fn(*args)` as traced (args may be ShapeDtypeStructs)."""
+    import jax
+
+    return jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)

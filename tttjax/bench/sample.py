@@ -14,8 +14,8 @@ generation's default rising 1 -> 4 schedule) every step evaluates the model once
 
 Printed as `bench train` does: time per step, tokens/s (video + text tokens of the model's
 batch per step), model FLOPs per step (`tttjax.bench.flops`, forward only, x the model's
-batch), XLA's `cost_analysis()` FLOPs of one compiled forward pass at that batch (per device x
-devices), their ratio, and MFU.
+batch), the matmul FLOPs of the traced forward pass at that batch and XLA's `cost_analysis()`
+FLOPs of it compiled (per device x devices), their ratios to the analytic count, and MFU.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def measure(config, *, segments: int, steps_per_call: int, repeats: int, cfg: bo
     import jax.numpy as jnp
     from flax import nnx
 
-    from tttjax.bench.flops import COUNTED_MIXERS, stage_forward_flops
+    from tttjax.bench.flops import COUNTED_MIXERS, stage_forward_flops, traced_matmul_flops
     from tttjax.bench.timing import median_time
     from tttjax.bench.train import xla_flops
     from tttjax.diffusion.guidance import Guidance
@@ -89,17 +89,20 @@ def measure(config, *, segments: int, steps_per_call: int, repeats: int, cfg: bo
         # The model's own forward at the batch one step evaluates, for XLA's FLOP count.
         batch = 2 if cfg else 1
         graphdef, params = nnx.split(model)
-        forward = jax.jit(lambda p, x, t, ts: nnx.merge(graphdef, p)(x, t, ts)).lower(
-            params, jax.ShapeDtypeStruct((batch,) + shape[1:], jnp.float32),
-            jax.ShapeDtypeStruct((batch,) + cond.shape[1:], jnp.float32),
-            jax.ShapeDtypeStruct((batch,), jnp.int32)).compile()
+        forward = jax.jit(lambda p, x, t, ts: nnx.merge(graphdef, p)(x, t, ts))
+        inputs = (params, jax.ShapeDtypeStruct((batch,) + shape[1:], jnp.float32),
+                  jax.ShapeDtypeStruct((batch,) + cond.shape[1:], jnp.float32),
+                  jax.ShapeDtypeStruct((batch,), jnp.int32))
+        traced = traced_matmul_flops(forward, *inputs)
+        compiled = forward.lower(*inputs).compile()
     video = frames * (s.latent_height // m.patch_size) * (s.latent_width // m.patch_size)
     fwd = (stage_forward_flops(config, segments)["total"] if m.mixer in COUNTED_MIXERS
            else float("nan"))
     return {"devices": mesh.size, "batch": batch, "frames": frames,
             "tokens_per_step": batch * (video + segments * s.text_length),
             "compile_s": compile_s, "step_s": call_s / steps_per_call,
-            "model_flops": batch * fwd, "xla_flops": xla_flops(forward) * mesh.size}
+            "model_flops": batch * fwd, "xla_flops": xla_flops(compiled) * mesh.size,
+            "traced_flops": traced}
 
 
 def main(argv=None) -> int:

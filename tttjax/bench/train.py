@@ -12,8 +12,10 @@ timed one by one (each waited for) and the median is reported.
 
 Printed: step time, tokens/s (video + text tokens of the micro-batch per step, as the train
 loop logs), analytic model FLOPs per step (`tttjax.bench.flops`: 3 x forward matmul FLOPs x
-micro-batch), XLA's `cost_analysis()` FLOPs of the compiled step (per device x devices) and
-their ratio, and MFU = model FLOP/s / (devices x peak): the peak comes from the device kind
+micro-batch), the matmul FLOPs of the traced step (`flops.traced_matmul_flops`: with what
+remat recomputes), XLA's `cost_analysis()` FLOPs of the compiled step (per device x devices;
+XLA counts each loop body once, see `tttjax.bench.flops`), their ratios to the analytic
+count, and MFU = model FLOP/s / (devices x peak): the peak comes from the device kind
 (`tttjax.bench.mfu`) or `--peak-tflops`, and on CPU or an unknown device MFU is n/a.
 """
 
@@ -66,7 +68,7 @@ def measure(config, *, steps: int, warmup: int, seed: int = 0) -> dict:
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from tttjax.bench.flops import stage_forward_flops
+    from tttjax.bench.flops import stage_forward_flops, traced_matmul_flops
     from tttjax.bench.run_config import mesh_for
     from tttjax.train import config as config_lib
     from tttjax.train.loop import train_step_setup
@@ -81,6 +83,7 @@ def measure(config, *, steps: int, warmup: int, seed: int = 0) -> dict:
         opt_state = plan.init_opt(params)
         counters = {k: jax.device_put(v, replicated) for k, v in initial_counters().items()}
         batch = synthetic_batch(setup.batch_shapes, setup.batch_shardings, seed)
+        traced = traced_matmul_flops(plan.step_fn, params, opt_state, counters, batch)
         start = time.perf_counter()
         step = plan.step_fn.lower(params, opt_state, counters, batch).compile()
         compile_s = time.perf_counter() - start
@@ -96,6 +99,7 @@ def measure(config, *, steps: int, warmup: int, seed: int = 0) -> dict:
     return {"devices": mesh.size, "micro_batch": micro, "tokens_per_step": setup.tokens_per_step,
             "compile_s": compile_s, "step_s": statistics.median(times),
             "model_flops": 3 * micro * forward, "xla_flops": xla_flops(step) * mesh.size,
+            "traced_flops": traced,
             "loss": float(metrics["loss"])}
 
 
@@ -117,8 +121,10 @@ def report(r: dict, *, what: str, device_kind: str, peak: float | None) -> None:
         ("tokens / step", f"{r['tokens_per_step']}"),
         ("tokens / s", f"{r['tokens_per_step'] / r['step_s']:.4g}"),
         (f"model FLOPs / step (analytic, {what})", f"{r['model_flops']:.4g}"),
+        ("traced matmul FLOPs / step (jaxpr)", f"{r['traced_flops']:.4g}"),
+        ("traced / analytic", f"{r['traced_flops'] / r['model_flops']:.3f}"),
         ("XLA cost_analysis FLOPs / step", f"{r['xla_flops']:.4g}"),
-        ("XLA / analytic", f"{r['xla_flops'] / r['model_flops']:.3f}"),
+        ("XLA / analytic (loop bodies counted once)", f"{r['xla_flops'] / r['model_flops']:.3f}"),
         ("model TFLOP/s", f"{rate / 1e12:.4g}"),
         ("peak TFLOP/s per device", "n/a" if peak is None else f"{peak:g}"),
         ("MFU", "n/a" if util != util else f"{100 * util:.2f}%"),
