@@ -82,3 +82,22 @@ def mesh_for(config):
     num_devices = config_lib.mesh_device_count(config, jax.device_count(), jax.process_count())
     sizes = config_lib.validate_mesh(config, num_devices)
     return make_mesh(sizes, devices=jax.devices()[:num_devices]), config_lib.rules(config)
+
+
+def define_peak_flag(fv) -> None:
+    from absl import flags
+
+    flags.DEFINE_float("peak_tflops", None, "peak dense TFLOP/s of one device (default: by "
+                       "device kind; none on CPU)", flag_values=fv)
+
+
+def device_peak(fv) -> tuple[str, float | None]:
+    """(device kind, peak TFLOP/s of one device or None) from `--peak-tflops` or the kind."""
+    import jax
+
+    from tttjax.bench.mfu import peak_tflops
+
+    if fv.peak_tflops is not None and not fv.peak_tflops > 0:
+        raise UsageError(f"--peak-tflops must be positive, got {fv.peak_tflops}")
+    kind = jax.devices()[0].device_kind
+    return kind, peak_tflops(kind, fv.peak_tflops)

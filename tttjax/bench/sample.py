@@ -29,6 +29,9 @@ _PROG = "python -m tttjax.bench sample"
 def define_flags(fv) -> None:
     from absl import flags
 
+    from tttjax.bench.run_config import define_peak_flag
+
+    define_peak_flag(fv)
     from tttjax.diffusion.samplers import SAMPLERS
 
     flags.DEFINE_integer("segments", None, "storyboard segments (default: config.stage's)",
@@ -38,8 +41,6 @@ def define_flags(fv) -> None:
     flags.DEFINE_boolean("cfg", True, "classifier-free guidance (model batch 2 per step)",
                          flag_values=fv)
     flags.DEFINE_enum("sampler", SAMPLERS[0], SAMPLERS, "sampler", flag_values=fv)
-    flags.DEFINE_float("peak_tflops", None, "peak dense TFLOP/s of one device (default: by "
-                       "device kind; none on CPU)", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "seed of the parameters, prompts and noise", flag_values=fv)
 
 
@@ -106,7 +107,10 @@ def measure(config, *, segments: int, steps_per_call: int, repeats: int, cfg: bo
 
 
 def main(argv=None) -> int:
-    from tttjax.bench.run_config import fail, parse, positive
+    import jax
+
+    from tttjax.bench.run_config import device_peak, fail, parse, positive
+    from tttjax.bench.train import report
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -118,15 +122,7 @@ def main(argv=None) -> int:
         segments = config.stage.num_segments if fv.segments is None else fv.segments
         if segments < 1:
             raise ValueError(f"--segments must be a positive integer, got {segments}")
-        if fv.peak_tflops is not None and not fv.peak_tflops > 0:
-            raise ValueError(f"--peak-tflops must be positive, got {fv.peak_tflops}")
-        import jax
-
-        from tttjax.bench.mfu import peak_tflops
-        from tttjax.bench.train import report
-
-        device_kind = jax.devices()[0].device_kind
-        peak = peak_tflops(device_kind, fv.peak_tflops)
+        device_kind, peak = device_peak(fv)
         r = measure(config, segments=segments, steps_per_call=fv.steps_per_call,
                     repeats=fv.repeats, cfg=fv.cfg, sampler=fv.sampler, seed=fv.seed)
     except ValueError as err:

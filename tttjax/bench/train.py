@@ -31,11 +31,12 @@ _PROG = "python -m tttjax.bench train"
 def define_flags(fv) -> None:
     from absl import flags
 
+    from tttjax.bench.run_config import define_peak_flag
+
+    define_peak_flag(fv)
     flags.DEFINE_integer("steps", 10, "timed steps", flag_values=fv)
     flags.DEFINE_integer("warmup", 2, "untimed steps before timing (after the compile)",
                          flag_values=fv)
-    flags.DEFINE_float("peak_tflops", None, "peak dense TFLOP/s of one device (default: by "
-                       "device kind; none on CPU)", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "seed of the synthetic batch", flag_values=fv)
 
 
@@ -136,7 +137,9 @@ def report(r: dict, *, what: str, device_kind: str, peak: float | None) -> None:
 
 
 def main(argv=None) -> int:
-    from tttjax.bench.run_config import fail, parse, positive
+    import jax
+
+    from tttjax.bench.run_config import device_peak, fail, parse, positive
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -147,14 +150,7 @@ def main(argv=None) -> int:
         positive(fv, "steps")
         if fv.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {fv.warmup}")
-        if fv.peak_tflops is not None and not fv.peak_tflops > 0:
-            raise ValueError(f"--peak-tflops must be positive, got {fv.peak_tflops}")
-        import jax
-
-        from tttjax.bench.mfu import peak_tflops
-
-        device_kind = jax.devices()[0].device_kind
-        peak = peak_tflops(device_kind, fv.peak_tflops)
+        device_kind, peak = device_peak(fv)
         r = measure(config, steps=fv.steps, warmup=fv.warmup, seed=fv.seed)
     except ValueError as err:
         return fail(_PROG, err)
