@@ -6,10 +6,7 @@ and the prompt embeddings are checked against diffusers / transformers on the sa
 and prompts.
 """
 
-import io
 import json
-import os
-import random
 
 import imageio_ffmpeg
 import numpy as np
@@ -18,6 +15,7 @@ import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
+from tiny_hf_models import spiece_lines, train_spiece
 from tttjax import sample as sample_cli
 from tttjax.convert import main as convert_main
 from tttjax.generation import generate, load_generator
@@ -30,17 +28,8 @@ STORY = [{"text": "The cat jumps over the table.", "neg_text": "blurry"},
 
 
 def _spiece(folder):
-    import sentencepiece as spm
-
-    rng = random.Random(0)
     words = "the a cat mouse jumps runs over table kitchen hides wall blurry in".split()
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + "." for _ in range(400)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=32,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   character_coverage=1.0, minloglevel=2)
-    with open(os.path.join(folder, "spiece.model"), "wb") as f:
-        f.write(buf.getvalue())
+    train_spiece(folder, spiece_lines(words, 400, 3, 9), vocab_size=32)
     T5Tokenizer.from_pretrained(folder, extra_ids=4).save_pretrained(folder)
 
 

@@ -1,19 +1,17 @@
 """T5 encoder and tokenizer against transformers on tiny random models."""
 
-import io
 import json
 import os
-import random
 import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import T5Config as HFT5Config
-from transformers import T5EncoderModel, T5Tokenizer
+from transformers import T5Tokenizer
 from transformers.models.t5.modeling_t5 import T5Attention
 
+from tiny_hf_models import save_tiny_t5, spiece_lines, train_spiece
 from tttjax.text.t5 import T5Config, T5TextEncoder, load_t5_encoder, relative_position_buckets
 from tttjax.text.tokenizer import SCENE_TOKENS, T5SentencePieceTokenizer
 
@@ -33,21 +31,13 @@ PROMPTS = [
 ]
 
 
-def _train_spiece(folder):
-    import sentencepiece as spm
+SPIECE_WORDS = ("the a cat mouse jumps runs over under table kitchen cheese hides chases blue gray "
+                "brown small big quickly slowly room wall hole door jerry tom sunny beach wave").split()
 
-    rng = random.Random(0)
-    words = ("the a cat mouse jumps runs over under table kitchen cheese hides chases blue gray "
-             "brown small big quickly slowly room wall hole door jerry tom sunny beach wave").split()
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))).capitalize()
-             + rng.choice(".!?,") for _ in range(1500)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=100,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   character_coverage=1.0, minloglevel=2)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "spiece.model"), "wb") as f:
-        f.write(buf.getvalue())
+
+def _train_spiece(folder):
+    train_spiece(folder, spiece_lines(SPIECE_WORDS, 1500, 3, 12, capitalize=True, ends=".!?,"),
+                 vocab_size=100)
 
 
 @pytest.fixture(scope="module")
@@ -68,20 +58,8 @@ def hf_tokenizer(tok_dir):
 
 
 def _save_t5(folder, tok_dir, dtype=torch.float32, max_shard_size=None, **overrides):
-    torch.manual_seed(0)
-    model = T5EncoderModel(HFT5Config(**{**TINY, **overrides})).eval()
-    # Random init gives the tiny relative-bias table near-zero values; make it matter.
-    with torch.no_grad():
-        att = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
-        att.weight.normal_(0.0, 1.0)
-        for n, p in model.named_parameters():
-            if "layer_norm" in n:
-                p.add_(0.3 * torch.randn_like(p))
-    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.to(dtype).save_pretrained(folder, **kw)
-    for name in os.listdir(tok_dir):
-        shutil.copy(os.path.join(tok_dir, name), folder)
-    return model.to(dtype).float()
+    return save_tiny_t5(folder, {**TINY, **overrides}, tok_dir=tok_dir, dtype=dtype,
+                        max_shard_size=max_shard_size)
 
 
 # ------------------------------------------------------------------------------ tokenizer

@@ -18,6 +18,7 @@ from diffusers import AutoencoderKLCogVideoX
 from flax import nnx
 from safetensors.torch import load_file, save_file
 
+from tiny_hf_models import save_tiny_vae
 from tttjax.models.vae import SpatialTiling, VAEConfig, frame_batches, sample_posterior
 from tttjax.models.vae_convert import config_from_diffusers, from_diffusers_vae
 
@@ -47,14 +48,8 @@ def _rel_err(ours, ref):
 
 
 def _build(tmp_path_factory, name, cfg, seed):
-    torch.manual_seed(seed)
-    model = AutoencoderKLCogVideoX(**cfg).eval()
-    with torch.no_grad():  # norms start at (1, 0); perturb them so their import is tested
-        for key, p in model.named_parameters():
-            if "norm" in key:
-                p.add_(0.2 * torch.randn_like(p))
     folder = str(tmp_path_factory.mktemp(name))
-    model.save_pretrained(folder)
+    model = save_tiny_vae(folder, cfg, seed)
     vae, config = from_diffusers_vae(folder)
     return model, vae, config, folder
 
