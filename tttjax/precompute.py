@@ -41,8 +41,8 @@ Multi-host: process i of N encodes the videos whose index in name order is i mod
 `jax.distributed` start-up from the environment, see `tttjax.distributed`). When the shard
 comes from JAX, all processes meet at a barrier and process 0 builds the dataset. With
 explicit shards the build runs on shard 0 only if every source file is present; otherwise it
-lists what is missing, and `--build-only` (no encoding, no models) builds it once every shard
-is done.
+lists what is missing, and `--build-only` (no encoding; it reads only the VAE's and text
+encoder's config.json, for the dataset's shapes) builds it once every shard is done.
 
 Resumable: a source file is written to a temporary name and renamed, so an existing
 `<id>.npz` is complete and is skipped (delete it to recompute).
@@ -58,7 +58,9 @@ does not wait for them; they are checked again on the next run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -90,10 +92,11 @@ def parse_args(argv):
     p = _Parser(prog=_PROG, description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", required=True, help="folder of <id>.mp4 videos + <id>.json storyboards")
-    p.add_argument("--vae", help="diffusers AutoencoderKLCogVideoX folder (required unless "
-                                 "--build-only)")
+    p.add_argument("--vae", help="diffusers AutoencoderKLCogVideoX folder or CogVideoX pipeline "
+                                 "folder (required; --build-only reads only its config)")
     text = p.add_mutually_exclusive_group()
-    text.add_argument("--text-encoder", help="transformers T5EncoderModel folder with its tokenizer")
+    text.add_argument("--text-encoder", help="transformers T5EncoderModel folder with its tokenizer "
+                                             "(or a CogVideoX pipeline folder)")
     text.add_argument("--hashed-text-dim", type=int,
                       help="use the download-free hashed text encoder with this embedding size")
     p.add_argument("--hashed-text-seed", type=int, default=0, help="seed of the hashed encoder")
@@ -334,12 +337,17 @@ def build_dataset(manual_dir: str, data_dir: str, config) -> str:
     reader never sees a half-built dataset and a rebuild picks up new source files (TFDS
     itself would keep an existing version untouched).
     """
+    import tensorflow_datasets as tfds
+
     from tttjax.data.latents import build_latents_dataset
 
+    tfds.disable_progress_bar()
     scratch = os.path.join(data_dir, f".precompute_build_{config.name}")
     shutil.rmtree(scratch, ignore_errors=True)
     try:
-        built = build_latents_dataset(manual_dir, scratch, config)
+        # TFDS prints where it built, i.e. the scratch folder that is moved away below
+        with contextlib.redirect_stdout(io.StringIO()):
+            built = build_latents_dataset(manual_dir, scratch, config)
         src = str(built.data_dir)
         version = os.path.relpath(src, scratch)
         dst = os.path.join(data_dir, version)
@@ -493,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         multihost_utils.sync_global_devices("tttjax.precompute: source files written")
     summary = (f"shard {shard_index}/{shard_count}: encoded {encoded}, skipped {len(done)} "
                f"already done, {len(bad)} bad")
-    if shard_index != 0 and not args.build_only:
+    if shard_index != 0 and (from_jax or not args.build_only):  # one builder per dataset
         print(f"{summary}; shard 0 (or --build-only) builds the dataset", flush=True)
         return 0
     ids = [v for v, _, _ in pairs]
