@@ -251,3 +251,15 @@ def test_skip_bad_leaves_a_note_and_builds_the_rest(folders, tmp_path, capsys):
     assert "skipping a" in out.err and "encoded 1" in out.out
     assert sorted(os.listdir(manual / "train")) == ["a.skipped", "b.npz"]
     assert len(_source(data, text_dim=12)[1]) == 1
+
+
+def test_jax_processes_shard_and_only_process_0_builds(folders, tmp_path, monkeypatch, capsys):
+    import tttjax.distributed
+
+    manual, data = tmp_path / "manual", tmp_path / "data"
+    monkeypatch.setattr(tttjax.distributed, "initialize_from_env", lambda: (1, 2))
+    argv = _argv(folders, manual, data, text=["--hashed-text-dim", "12"])
+    assert precompute.main(argv) == 0
+    assert os.listdir(manual / "train") == ["b.npz"]
+    assert precompute.main(argv + ["--build-only"]) == 0  # process 1 never builds
+    assert "shard 1/2" in capsys.readouterr().out and not data.exists()
