@@ -51,3 +51,19 @@ def test_train_command_applies_config_overrides(tmp_path, capsys):
                        "--workdir", str(tmp_path)])
     assert code == 2
     assert "config.steps must be an int >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--config=configs/no_such.py"], "--config: no file 'configs/no_such.py'"),
+    ([f"--config={CONFIGS}/tiny.py:no_such_mixer"], "no_such_mixer"),
+    ([f"--config={CONFIGS}/tiny.py", "--config.model.no_such_key=1"], "no_such_key"),
+    ([f"--config={CONFIGS}/tiny.py", "--config.steps=two"], "steps"),
+    ([], "--config is required"),
+    ([f"--config={CONFIGS}/tiny.py"], "--workdir is required"),
+])
+def test_train_command_line_errors_are_one_line_with_exit_2(argv, message, capsys):
+    code = train_main(["prog", *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("python -m tttjax.train: error: "), err
+    assert message in err, err

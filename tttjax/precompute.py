@@ -70,17 +70,14 @@ import warnings
 
 import numpy as np
 
+from tttjax.command_line import UsageError, fail
+
 _PROG = "python -m tttjax.precompute"
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif")
 
 
-class UsageError(ValueError):
-    """A command-line or input problem: one line, exit code 2."""
-
-
 def _fail(message) -> int:
-    print(f"{_PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
+    return fail(_PROG, message)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -20,16 +20,13 @@ import argparse
 import os
 import sys
 
+from tttjax.command_line import UsageError, fail
+
 _PROG = "python -m tttjax.sample"
 
 
-class UsageError(ValueError):
-    """A command-line problem: one line, exit code 2."""
-
-
-def _fail(message: str) -> int:
-    print(f"{_PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
+def _fail(message) -> int:
+    return fail(_PROG, message)
 
 
 def _check_output(path: str | None, suffix: str, flag: str) -> str | None:
