@@ -177,7 +177,7 @@ def test_cli_writes_checkpoint_and_reports_errors(tmp_path, capsys):
 
     assert main(["--diffusers", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("tttjax.convert: error:") and "config.json" in err and "\n" not in err
+    assert err.startswith("python -m tttjax.convert: error:") and "config.json" in err and "\n" not in err
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path):

@@ -9,6 +9,7 @@ is compiled or written.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -87,3 +88,11 @@ def parse_config_flags(prog: str, doc: str, argv: list[str], define: Callable | 
     except ValueError as err:
         raise UsageError(err) from None
     return config, fv
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """`argparse.ArgumentParser` whose errors are one line (`<prog>: error: ... (see --help)`)
+    with exit code 2, instead of argparse's usage block."""
+
+    def error(self, message):
+        sys.exit(fail(self.prog, f"{message} (see --help)"))

@@ -15,9 +15,11 @@ import argparse
 import sys
 import time
 
+from tttjax.command_line import ArgumentParser, fail
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tttjax.convert", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m tttjax.convert", description=__doc__.split("\n")[0])
     p.add_argument("--diffusers", required=True,
                    help="diffusers CogVideoXTransformer3DModel folder (or a pipeline folder)")
     p.add_argument("--out", required=True, help="output checkpoint folder")
@@ -46,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         n = count_params(nnx.state(model, nnx.Param))
         out = save_checkpoint(model, args.out)
     except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"tttjax.convert: error: {err}", file=sys.stderr)
-        return 2
+        return fail("python -m tttjax.convert", err)
     print(f"wrote {out}: {n:,} parameters, mixer {cfg.mixer!r}, {time.time() - start:.1f} s")
     return 0
 

@@ -29,6 +29,8 @@ import os
 import sys
 import time
 
+from tttjax.command_line import ArgumentParser, fail
+
 STORYBOARD = [
     {"text": "The orange cat walks slowly over to the right side of the kitchen. "
              "The kitchen has yellow walls and a wooden floor.",
@@ -64,14 +66,8 @@ def demo_config(steps: int, text_length: int):
     return config
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"{_PROG}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog=_PROG, description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog=_PROG, description=__doc__.split("\n\n")[0],
                      epilog=__doc__.split("\n\n", 1)[1],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="tttjax_demo", help="output folder (default ./tttjax_demo)")
@@ -102,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         config.data.data_dir = args.data_dir
         config = config_lib.validate(config)
     except (FileNotFoundError, ValueError) as err:
-        print(f"{_PROG}: error: {err}", file=sys.stderr)
-        return 2
+        return fail(_PROG, err)
     print(f"[1/3] training {config.steps} steps of the tiny TTT-MLP DiT on toon_storyboards/tiny "
           f"-> {workdir}", flush=True)
     result = train(config, workdir)

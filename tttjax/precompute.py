@@ -70,7 +70,7 @@ import warnings
 
 import numpy as np
 
-from tttjax.command_line import UsageError, fail
+from tttjax.command_line import ArgumentParser, UsageError, fail
 
 _PROG = "python -m tttjax.precompute"
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif")
@@ -80,13 +80,8 @@ def _fail(message) -> int:
     return fail(_PROG, message)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        sys.exit(_fail(f"{message} (see --help)"))
-
-
 def parse_args(argv):
-    p = _Parser(prog=_PROG, description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog=_PROG, description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", required=True, help="folder of <id>.mp4 videos + <id>.json storyboards")
     p.add_argument("--vae", help="diffusers AutoencoderKLCogVideoX folder or CogVideoX pipeline "

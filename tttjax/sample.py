@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 
-from tttjax.command_line import UsageError, fail
+from tttjax.command_line import ArgumentParser, UsageError, fail
 
 _PROG = "python -m tttjax.sample"
 
@@ -76,13 +76,8 @@ def write_outputs(video, out: str, gif: str | None = None, sheet: str | None = N
     return written
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        sys.exit(_fail(f"{message} (see --help)"))
-
-
 def parse_args(argv):
-    parser = _Parser(prog=_PROG, description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog=_PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True,
                         help="training workdir or converted checkpoint folder")

@@ -5,11 +5,12 @@ import importlib
 import sys
 
 from tttjax.bench import SUBCOMMANDS
+from tttjax.command_line import ArgumentParser
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m tttjax.bench",
         description="tttjax benchmarks; `python -m tttjax.bench NAME --help` for a benchmark's options.",
         epilog="\n".join(f"  {name:8s} {text}" for name, text in SUBCOMMANDS.items()),

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from tttjax.bench.flops import ttt_inner_flops
 from tttjax.bench.table import MarkdownTable, write_csv
 from tttjax.bench.timing import median_time
+from tttjax.command_line import ArgumentParser
 from tttjax.ops import ttt
 
 _OPS = {"mlp": (ttt.ttt_mlp, 64), "linear": (ttt.ttt_linear, 16)}
@@ -115,7 +116,7 @@ def run(kinds, lengths, heads, d, repeats, *, mini_batch=None, remat_group_size=
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tttjax.bench kernels", description=__doc__,
+    parser = ArgumentParser(prog="python -m tttjax.bench kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default="mlp,linear")
     parser.add_argument("--lengths", default=_STAGE_TOKENS,
@@ -135,14 +136,14 @@ def main(argv=None):
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x]
     except ValueError:
-        parser.exit(2, f"error: --lengths must be comma-separated integers, got {args.lengths!r}\n")
+        parser.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
     kinds = [x for x in args.kinds.split(",") if x]
     if not kinds or any(x not in _OPS for x in kinds):
-        parser.exit(2, f"error: --kinds must be a comma-separated subset of mlp,linear, got {args.kinds!r}\n")
+        parser.error(f"--kinds must be a comma-separated subset of mlp,linear, got {args.kinds!r}")
     platform = jax.default_backend()
     if not args.interpret and platform not in ("tpu", "gpu", "cuda", "rocm"):
-        parser.exit(2, f"error: the Pallas kernels need a TPU or GPU, JAX runs on {platform!r}; "
-                       "pass --interpret for a (slow) smoke run\n")
+        parser.error(f"the Pallas kernels need a TPU or GPU, JAX runs on {platform!r}; "
+                     "pass --interpret for a (slow) smoke run")
 
     device = jax.devices()[0]
     matmul_rate = measure_matmul_rate(args.matmul_size, args.repeats)

@@ -34,6 +34,7 @@ from flax import nnx
 
 from tttjax.bench.table import MarkdownTable, write_csv
 from tttjax.bench.timing import median_time, peak_bytes
+from tttjax.command_line import ArgumentParser
 from tttjax.layers import registry
 from tttjax.layers.attention_mixers import LocalAttention
 from tttjax.ops.rope import rope_1d
@@ -141,12 +142,12 @@ def _ints(text, flag, parser):
     except ValueError:
         values = []
     if not values or min(values) < 1:
-        parser.exit(2, f"error: {flag} must be comma-separated positive integers, got {text!r}\n")
+        parser.error(f"{flag} must be comma-separated positive integers, got {text!r}")
     return values
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tttjax.bench mixers", description=__doc__,
+    parser = ArgumentParser(prog="python -m tttjax.bench mixers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=256, help="model width D (5B: 3072)")
     parser.add_argument("--heads", type=int, default=4, help="heads (5B: 48, head dim 64)")
@@ -172,13 +173,13 @@ def main(argv=None):
     mixers = [m for m in args.mixers.split(",") if m]
     unknown = [m for m in mixers if m not in ALL_MIXERS]
     if unknown or not mixers:
-        parser.exit(2, f"error: unknown mixer(s) {unknown}; choose from {','.join(ALL_MIXERS)}\n")
+        parser.error(f"unknown mixer(s) {unknown}; choose from {','.join(ALL_MIXERS)}")
     if "local" in mixers:  # the baseline first, so every row of a length has its ratio
         mixers = ["local"] + [m for m in mixers if m != "local"]
     if args.width % args.heads:
-        parser.exit(2, f"error: --width {args.width} must be divisible by --heads {args.heads}\n")
+        parser.error(f"--width {args.width} must be divisible by --heads {args.heads}")
     if min(args.batch, args.repeats, args.local_window, args.swa_window) < 1:
-        parser.exit(2, "error: --batch, --repeats, --local-window and --swa-window must be >= 1\n")
+        parser.error("--batch, --repeats, --local-window and --swa-window must be >= 1")
 
     device = jax.devices()[0]
     print(f"# device: {device.device_kind} ({jax.default_backend()}), D={args.width}, "

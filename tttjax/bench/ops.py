@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from tttjax.bench.table import MarkdownTable, write_csv
 from tttjax.bench.timing import median_time, peak_bytes
+from tttjax.command_line import ArgumentParser
 from tttjax.ops import ttt
 
 _OPS = {"ttt_mlp": (ttt.ttt_mlp, "mlp", 64), "ttt_linear": (ttt.ttt_linear, "linear", 16)}
@@ -65,7 +66,7 @@ def run(lengths, heads, d, repeats, remat_group_size=16, dtype=jnp.float32):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tttjax.bench ops", description=__doc__,
+    parser = ArgumentParser(prog="python -m tttjax.bench ops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="4096,16384,65536")
     parser.add_argument("--heads", type=int, default=4)
@@ -77,7 +78,7 @@ def main(argv=None):
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x]
     except ValueError:
-        parser.exit(2, f"error: --lengths must be comma-separated integers, got {args.lengths!r}\n")
+        parser.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
 
     print(f"# device: {jax.devices()[0].device_kind} x{jax.device_count()}, backend {jax.default_backend()}")
     table = MarkdownTable(("op", "L", "b", "fwd_ms", "fwd_bwd_ms", "fwd_tok_s", "fwd_bwd_tok_s",

@@ -23,13 +23,14 @@ inputs`), which a GPU compile does not need.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import math
 import os
 import sys
 from typing import Any
+
+from tttjax.command_line import ArgumentParser
 
 GIB = 1024 ** 3
 
@@ -251,7 +252,7 @@ def _load_config(spec: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tttjax.models.memory_plan",
+    p = ArgumentParser(prog="python -m tttjax.models.memory_plan",
                                 description="Per-device memory of a DiT training step (AOT compile).")
     p.add_argument("--config", required=True, help="config file and argument, FILE[:ARG]")
     p.add_argument("--mesh", default="data=1,fsdp=8,tensor=4", help="mesh axis sizes NAME=SIZE,...")
