@@ -150,6 +150,15 @@ def test_gated_bidirectional_matches_formula_and_keeps_positions():
     # An explicit permutation that equals the flip gives the same result.
     out_idx = gated_bidirectional(fn, x, gf, gb, rope=(cos, sin), reverse_index=jnp.arange(5, -1, -1))
     np.testing.assert_allclose(np.asarray(out_idx), np.asarray(out), atol=1e-6)
+    # A general permutation, as a traced array and as a host (NumPy) array whose inverse is
+    # computed on the host: both equal the formula with the permutation applied explicitly.
+    perm = rng.permutation(6).astype(np.int32)
+    undo = np.argsort(perm)
+    ref = z + np.tanh(-0.7) * (np.cumsum(z[:, perm], 1) * c[perm])[:, undo]
+    for index in (jnp.asarray(perm), perm):
+        out_perm = jax.jit(lambda x, i=index: gated_bidirectional(fn, x, gf, gb, rope=(cos, sin),
+                                                                 reverse_index=i))(x)
+        np.testing.assert_allclose(np.asarray(out_perm), ref, atol=1e-5)
 
 
 def test_gated_bidirectional_module_with_ttt_and_modalities():

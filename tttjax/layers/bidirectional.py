@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Rope = tuple[jax.Array, jax.Array]
@@ -41,6 +42,9 @@ def gated_bidirectional(fn: Callable[..., jax.Array], x: jax.Array, gate_fwd: ja
       gate_fwd, gate_bwd: pre-tanh gates broadcastable to [B, L, D] (e.g. [D] or [L, D] for
         per-token text/video gates).
       reverse_index: optional [L] int permutation giving the reversed order; default flip.
+        Give a NumPy array when it is known at trace time (the DiT's layout): its inverse is
+        then computed once on the host instead of by an argsort that XLA constant-folds at
+        every compile (9.5 s of CPU compile time at the 63 s stage's 346k tokens).
       rope: optional (cos, sin) [L, d] or [B, L, d] for the forward order.
     Returns:
       Z' [B, L, D] in x's dtype.
@@ -48,8 +52,9 @@ def gated_bidirectional(fn: Callable[..., jax.Array], x: jax.Array, gate_fwd: ja
     z = x + jnp.tanh(gate_fwd).astype(x.dtype) * fn(x, rope=rope)
     if reverse_index is None:
         undo = None
+    elif isinstance(reverse_index, np.ndarray):
+        undo = np.argsort(reverse_index).astype(reverse_index.dtype)
     else:
-        reverse_index = jnp.asarray(reverse_index)
         undo = jnp.argsort(reverse_index)
     y_rev = fn(_permute(z, reverse_index, 1), rope=_permute_rope(rope, reverse_index))
     return z + jnp.tanh(gate_bwd).astype(x.dtype) * _permute(y_rev, undo, 1)

@@ -295,7 +295,7 @@ class DiTBlock(nnx.Module):
             seq = layout.interleave(at.reshape(b, layout.num_segments, layout.text_len, d), av)
             seq = with_logical_constraint(seq, ("batch", "length", "embed"))
             seq = self.mixer(seq, modality=jnp.asarray(layout.modality),
-                             reverse_index=jnp.asarray(layout.reverse_index),
+                             reverse_index=layout.reverse_index,
                              rope=tables.get("mixer_rope"))
             seq = checkpoint_name(seq, "mixer_out")
             at, av = layout.deinterleave(seq)
