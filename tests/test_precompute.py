@@ -109,8 +109,15 @@ def _decoded(path):
 def test_frames_are_resampled_to_fps_and_resized(folders):
     b = os.path.join(folders["videos"], "b.mp4")
     frames = precompute.read_video(b, 9, 16, 16, 16)
-    ref = _decoded(b)[0:17:2].astype(np.float32) / 127.5 - 1  # 32 fps -> every other frame
-    np.testing.assert_array_equal(frames, np.moveaxis(ref, -1, 1))
+    ref = _decoded(b)[0:17:2]  # 32 fps -> every other frame
+    np.testing.assert_array_equal(frames, ref)
+    # the VAE's view of the frames: [1, T, 3, H, W] in [-1, 1], converted per slice
+    view = precompute.VAEInputView(frames)
+    full = np.moveaxis(ref.astype(np.float32) / 127.5 - 1, -1, 1)[None]
+    assert view.shape == full.shape
+    for index in [(slice(None), slice(0, 9), slice(None), slice(None), slice(None)),
+                  (slice(None), slice(2, 5), slice(None), slice(3, 11), slice(0, 7))]:
+        np.testing.assert_array_equal(view[index], full[index])
     np.testing.assert_array_equal(precompute.source_frame_indices(5, 30, 16), [0, 1, 3, 5, 7])
     # scale to cover (20x40 -> 16x32), crop the middle 16 columns: the bright band
     img = np.zeros((20, 40, 3), np.uint8)
@@ -135,7 +142,8 @@ def test_sources_match_diffusers_and_transformers(folders, t5_run):
                                        16, 16, 16)
         with torch.no_grad():
             dist = folders["torch_vae"].encode(
-                torch.from_numpy(np.moveaxis(frames, 1, 0)[None].copy())).latent_dist
+                torch.from_numpy(np.moveaxis(precompute.unit_range(frames), 1, 0)[None].copy())
+            ).latent_dist
         ref_mean = dist.mean[0].numpy().transpose(1, 0, 2, 3)
         ref_logvar = dist.logvar[0].numpy().transpose(1, 0, 2, 3)
         assert src["latents_mean"].shape == (1 + 2 * n, 4, 4, 4)

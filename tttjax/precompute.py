@@ -164,7 +164,7 @@ def video_header(path: str) -> dict:
 
 
 def read_video(path: str, num_frames: int, fps: float, height: int, width: int) -> np.ndarray:
-    """The first `num_frames` frames of `path` at `fps`, resized: float32 [T, 3, H, W] in [-1, 1].
+    """The first `num_frames` frames of `path` at `fps`, resized: uint8 [T, H, W, 3].
 
     Raises UsageError naming the file when the video is shorter.
     """
@@ -178,7 +178,7 @@ def read_video(path: str, num_frames: int, fps: float, height: int, width: int) 
             raise UsageError(f"{path}: ffmpeg reports no frame rate; re-encode the video")
         w, h = meta["size"]
         wanted = source_frame_indices(num_frames, src_fps, fps)
-        out = np.empty((num_frames, 3, height, width), np.float32)
+        out = np.empty((num_frames, height, width, 3), np.uint8)
         k, index = 0, 0
         for raw in reader:
             if k == num_frames:
@@ -187,8 +187,7 @@ def read_video(path: str, num_frames: int, fps: float, height: int, width: int) 
             while k < num_frames and wanted[k] == index:
                 if frame is None:
                     rgb = np.frombuffer(raw, np.uint8).reshape(h, w, 3)
-                    frame = resize_center_crop(rgb, height, width).astype(np.float32)
-                    frame = np.moveaxis(frame / 127.5 - 1.0, -1, 0)
+                    frame = resize_center_crop(rgb, height, width)
                 out[k] = frame
                 k += 1
             index += 1
@@ -197,6 +196,29 @@ def read_video(path: str, num_frames: int, fps: float, height: int, width: int) 
     if k < num_frames:
         raise UsageError(_too_short(path, index, src_fps, num_frames, fps))
     return out
+
+
+def unit_range(frames: np.ndarray) -> np.ndarray:
+    """uint8 [..., T, H, W, 3] -> float32 [..., T, 3, H, W] in [-1, 1] (the VAE's input)."""
+    return np.moveaxis(frames.astype(np.float32) / 127.5 - 1.0, -1, -3)
+
+
+class VAEInputView:
+    """uint8 frames [T, H, W, 3] seen as the VAE's input [1, T, 3, H, W] float32 in [-1, 1].
+
+    `CogVideoXVAE.encode` slices its input one temporal (and spatial) tile at a time, so only
+    the tile being encoded is converted to float: a 63 s video at 480 x 720 is held as 1 GB of
+    uint8 instead of 4 GB of float32.
+    """
+
+    def __init__(self, frames: np.ndarray):
+        self.frames = frames
+        t, h, w, c = frames.shape
+        self.shape = (1, t, c, h, w)
+
+    def __getitem__(self, index: tuple) -> np.ndarray:
+        b, t, c, h, w = index
+        return unit_range(self.frames[None][b, t, h, w])[:, :, c]
 
 
 def _too_short(path, have, src_fps, need, fps) -> str:
@@ -403,7 +425,7 @@ def encode_item(item: Item, vae, text_encoder, plan: Plan, text_length: int, til
     board = item.storyboard
     frames = read_video(item.video, plan.video_frames(board.num_segments), plan.fps,
                         plan.height, plan.width)
-    mean, logvar = vae.encode(frames[None], tile_batches=tile_batches)
+    mean, logvar = vae.encode(VAEInputView(frames), tile_batches=tile_batches)
     text = np.asarray(text_encoder.encode(board.prompts, max_length=text_length), np.float32)
     return np.asarray(mean[0]), np.asarray(logvar[0]), text
 

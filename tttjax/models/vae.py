@@ -574,8 +574,9 @@ class CogVideoXVAE(nnx.Module):
         """Encodes videos to their diagonal Gaussian posterior.
 
         Args:
-          video: [B, T, C, H, W] float in [-1, 1]; a NumPy array is moved to the device one
-            tile at a time. T = 1 + 8k frames gives 1 + 2k latent frames (CogVideoX).
+          video: [B, T, C, H, W] float in [-1, 1]; a NumPy array (or any object with
+            `.shape` and NumPy basic slicing `x[:, t0:t1, :, h0:h1, w0:w1]`, such as a lazy
+            uint8 view) is read and moved to the device one tile at a time. T = 1 + 8k frames gives 1 + 2k latent frames (CogVideoX).
           tile_batches: frame batches per jitted call (8 frames each, the first also takes
             the T % 8 remainder); None = the whole video in one call. The result does not
             depend on it; memory grows with it.
