@@ -5,7 +5,6 @@ training steps, 2 sampler steps, a 32-episode dataset and cheap XLA options.
 """
 
 import json
-import os
 
 import imageio.v3 as iio
 import numpy as np

@@ -67,7 +67,7 @@ def np_gated_deltanet(layer, x):
 
 
 def np_mamba2(layer, x):
-    h, p, g, n = layer.num_heads, layer.head_dim, layer.ngroups, layer.d_state
+    h, g = layer.num_heads, layer.ngroups
     b, length, _ = x.shape
     lin = lambda m: x @ P(m.kernel)  # noqa: E731
     xs = silu(np_conv(lin(layer.x_proj), P(layer.x_conv), P(layer.x_conv_bias)))

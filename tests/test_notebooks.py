@@ -1,6 +1,5 @@
 """The notebooks execute top to bottom (small settings: TTTJAX_NOTEBOOK_FAST=1)."""
 
-import os
 from pathlib import Path
 
 import pytest

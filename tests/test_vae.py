@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKLCogVideoX
 from flax import nnx
 from safetensors.torch import load_file, save_file
 

@@ -142,17 +142,28 @@ def _vae_decoder(vae: str | None, what: str) -> VAEDecoder:
     return VAEDecoder(model)
 
 
-def _t5(text_encoder: str | None, what: str) -> TextEncoder:
+def _text_encoder(text_encoder: str | None, hashed_text_seed: int | None, dim: int,
+                  what: str) -> TextEncoder:
+    """The T5 folder's encoder, or the hashed one when the data was pre-computed with it."""
+    if text_encoder and hashed_text_seed is not None:
+        raise ValueError("give either --text-encoder or --hashed-text-seed, not both")
+    if hashed_text_seed is not None:
+        from tttjax.data.text_encoder import HashedTextEncoder
+
+        return HashedTextEncoder(dim, seed=hashed_text_seed)
     if not text_encoder:
-        raise ValueError(f"{what} was trained on T5 prompt embeddings: pass --text-encoder DIR "
-                         "(a transformers T5EncoderModel folder with its tokenizer)")
+        raise ValueError(f"{what} was trained on pre-computed prompt embeddings: pass "
+                         "--text-encoder DIR (a transformers T5EncoderModel folder with its "
+                         "tokenizer), or --hashed-text-seed S if they came from `python -m "
+                         "tttjax.precompute --hashed-text-dim`")
     from tttjax.text.t5 import T5TextEncoder
 
     return T5TextEncoder.from_pretrained(text_encoder)
 
 
 def load_generator(path: str, *, vae: str | None = None, text_encoder: str | None = None,
-                   text_length: int | None = None, mesh_axes: dict[str, int] | None = None,
+                   hashed_text_seed: int | None = None, text_length: int | None = None,
+                   mesh_axes: dict[str, int] | None = None,
                    rules: LogicalRules = DEFAULT_RULES, seed: int = 0) -> Generator:
     """Loads a training workdir or a converted checkpoint for sampling (see the module doc).
 
@@ -160,6 +171,8 @@ def load_generator(path: str, *, vae: str | None = None, text_encoder: str | Non
       path: a `python -m tttjax.train` workdir (latest checkpoint) or a folder written by
         `python -m tttjax.convert` (model_config.json + state/).
       vae, text_encoder: folders for checkpoints trained on real latents (module doc).
+      hashed_text_seed: instead of `text_encoder`, the seed of the download-free hashed
+        encoder the `latents` data was pre-computed with (`precompute --hashed-text-dim`).
       text_length: tokens per prompt; default the workdir's `stage.text_length`, or 226
         (CogVideoX's) for a converted checkpoint.
       mesh_axes: mesh for the parameters, default all devices on `fsdp` (parameters sharded,
@@ -183,7 +196,7 @@ def load_generator(path: str, *, vae: str | None = None, text_encoder: str | Non
     if kind == "converted":
         model_config = read_checkpoint_config(path)
         schedule, what = DEFAULT_SCHEDULE, f"converted checkpoint {path}"
-        text = _t5(text_encoder, what)
+        text = _text_encoder(text_encoder, hashed_text_seed, model_config.text_embed_dim, what)
         decoder = _vae_decoder(vae, what)
         latent_hw = (model_config.sample_height, model_config.sample_width)
         text_length = text_length or 226
@@ -202,7 +215,8 @@ def load_generator(path: str, *, vae: str | None = None, text_encoder: str | Non
             text = HashedTextEncoder(model_config.text_embed_dim, seed=config.data.text_encoder_seed)
             decoder = ToyDecoder(model_config.in_channels, config.data.toy_latent_seed)
         else:
-            text = _t5(text_encoder, what)
+            text = _text_encoder(text_encoder, hashed_text_seed, model_config.text_embed_dim,
+                                 what)
             decoder = _vae_decoder(vae, what)
     if text_length < 1:
         raise ValueError(f"text_length must be >= 1, got {text_length}")

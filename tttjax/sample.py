@@ -2,12 +2,14 @@
 
     python -m tttjax.sample --workdir DIR --storyboard FILE.json --out OUT.mp4 \\
         [--seed S] [--steps N] [--sampler dpm++2m_sde|ddim] [--guidance 4.0] \\
-        [--gif OUT.gif] [--contact-sheet OUT.png] [--vae DIR] [--text-encoder DIR]
+        [--gif OUT.gif] [--contact-sheet OUT.png] [--vae DIR]
+        [--text-encoder DIR | --hashed-text-seed S]
 
 --workdir is a training workdir (its latest checkpoint; `python -m tttjax.train`) or a
 converted checkpoint (`python -m tttjax.convert`). Checkpoints trained on real latents and
-converted CogVideoX checkpoints also need --vae and --text-encoder (see
-`tttjax.generation`). The storyboard (SPEC section 6, `tttjax.storyboard`) sets the length:
+converted CogVideoX checkpoints also need --vae and --text-encoder (or --hashed-text-seed
+when their data was pre-computed with the hashed encoder; see `tttjax.generation`). The
+storyboard (SPEC section 6, `tttjax.storyboard`) sets the length:
 n segments give (prefix + n * frames_per_segment - 1) * 4 + 1 frames (48n + 1 at 16 fps for
 CogVideoX). The storyboard and output paths are checked before anything is loaded; a bad
 one exits with code 2 and a one-line message and writes nothing. Outputs are written to a
@@ -96,6 +98,9 @@ def parse_args(argv):
     parser.add_argument("--vae", default=None, help="diffusers AutoencoderKLCogVideoX folder")
     parser.add_argument("--text-encoder", default=None,
                         help="transformers T5EncoderModel folder (with its tokenizer)")
+    parser.add_argument("--hashed-text-seed", type=int, default=None,
+                        help="use the download-free hashed text encoder with this seed (data "
+                             "pre-computed with `python -m tttjax.precompute --hashed-text-dim`)")
     return parser.parse_args(argv)
 
 
@@ -126,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         gen = load_generator(args.workdir, vae=args.vae, text_encoder=args.text_encoder,
+                             hashed_text_seed=args.hashed_text_seed,
                              text_length=args.text_length)
     except ValueError as err:
         return _fail(err)

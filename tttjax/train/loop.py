@@ -80,6 +80,21 @@ def _global_shapes(config, micro: int, with_logvar: bool) -> dict[str, tuple[int
     return shapes
 
 
+def _check_example_shapes(source, transform, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Reads one example so that a dataset made for other shapes (e.g. another VAE or text
+    encoder) fails here with a message naming the config fields, not in the first step."""
+    if len(source) == 0:
+        return
+    example = transform.map(source[0])
+    for key, shape in shapes.items():
+        got = tuple(np.shape(example[key]))
+        if got != shape[1:]:
+            raise ValueError(
+                f"{source!r}: an example's {key} is {got} but the config expects {shape[1:]} "
+                "(config.stage.latent_frames / latent_height / latent_width / text_length, "
+                "config.model.in_channels / text_embed_dim); set them to the dataset's shapes")
+
+
 def _tokens_per_step(config, micro: int) -> int:
     m, s = config.model, config.stage
     video = s.latent_frames * (s.latent_height // m.patch_size) * (s.latent_width // m.patch_size)
@@ -223,6 +238,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     micro = config_lib.micro_batch_size(config)
     batch_sh = _batch_shardings(config, mesh, rules, with_logvar)
     shapes = _global_shapes(config, micro, with_logvar)
+    _check_example_shapes(source, transform, shapes)
     shard_index, shard_count = data_loader.host_rows(batch_sh["latents"], shapes["latents"])
     loader = data_loader.make_loader(
         source, transform, global_batch=micro, shard_index=shard_index, shard_count=shard_count,
