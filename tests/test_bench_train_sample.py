@@ -128,16 +128,25 @@ def test_analytic_flops_by_hand():
                                 + 3 * 2 * d * d * H * L) == 168_960
     assert ttt["total"] == plain["total"] + ttt["mixer"]
     with pytest.raises(ValueError, match="no analytic FLOP count"):
-        flops.dit_forward_flops(_one_layer("mamba2"), **geometry)
+        flops.dit_forward_flops(_one_layer("lstm"), **geometry)
 
 
-@pytest.mark.parametrize("arg, overrides", [
-    ("ttt_mlp", {}), ("ttt_linear,3", {}), ("none", {"attention": "full"}),
-    ("full", {"attention": "full"}),
+def test_unit_lower_inverse_flops_by_hand():
+    # C = 3 pads to 4: level s = 1 has 2 blocks, s = 2 one block, each 2 products of 2 s^3.
+    assert flops.unit_lower_inverse_flops(3) == 2 * 2 * 2 + 1 * 2 * 2 * 8 == 40
+    assert flops.unit_lower_inverse_flops(1) == 0
+
+
+@pytest.mark.parametrize("arg, overrides, mixer_options", [
+    ("ttt_mlp", {}, {}), ("ttt_linear,3", {}, {}), ("none", {"attention": "full"}, {}),
+    ("full", {"attention": "full"}, {}), ("gated_deltanet", {}, {}),
+    ("gated_deltanet", {}, {"chunk_size": 12, "expand_v": 2.0}), ("mamba2", {}, {}),
+    ("mamba2", {}, {"chunk_size": 20, "d_state": 8, "ngroups": 2, "head_dim": 8}),
 ])
-def test_analytic_flops_equal_traced_model(arg, overrides):
+def test_analytic_flops_equal_traced_model(arg, overrides, mixer_options):
     """The formula equals the matmuls of the traced DiT forward (scans x their length) on
-    the tiny configs: several blocks, segments, windows and TTT mini-batches."""
+    the tiny configs: several blocks, segments, windows, TTT mini-batches and chunks (a last
+    chunk padded, a chunk that is not a power of two)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -147,6 +156,8 @@ def test_analytic_flops_equal_traced_model(arg, overrides):
 
     config = importlib.import_module("configs.tiny").get_config(arg)
     config.model.update(overrides)
+    if mixer_options:
+        config.model.mixer_config[arg] = ml_collections.ConfigDict(mixer_options)
     m, s = config.model, config.stage
     frames = num_latent_frames(s.num_segments, m.frames_per_segment, m.prefix_frames)
     model = nnx.eval_shape(lambda: CogVideoXDiT(m, rngs=nnx.Rngs(0)))

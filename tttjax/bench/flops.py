@@ -25,6 +25,19 @@ text tokens (n segments of S prompt tokens), N = N_t + N_v, E = time_embed_dim:
                           matmuls of 2 d^2; L is N rounded up to whole mini-batches (the layer
                           pads, and the padded rows are computed up to the o projection)
                    full:  8 L D^2 + 4 L^2 D          swa: 8 L D^2 + 4 L min(window, L) D
+                   gated_deltanet (K = H d_k, V = H d_v): 2 L D (2K + 2V + 2H) + 2 L V D
+                          + H n_c (6 C^2 d_k + 4 C^2 d_v + 6 C d_k d_v + inv(C))
+                          over n_c = ceil(L / C) chunks of C: K K^T, Q K^T, T^-1 [V | K], the
+                          in-chunk output, and the three state matmuls of the chunk recurrence;
+                          inv(C) is the recursive block inversion of T (C padded to a power of
+                          two s_max: sum over s = 1, 2, .., s_max / 2 of 2 s_max s^2)
+                   mamba2 (I = expand D inner width, P head dim, H' = I / P heads, G groups,
+                          N state): 2 L D (2I + 2GN + H') + 2 L I D
+                          + n_c (G 2 C^2 N + H' (2 C^2 P + 4 C P N))
+                          C B^T per group; the in-chunk output, each chunk's state and the
+                          read-out of the carried state per head
+                   The chunked mixers count what their chunked form multiplies (padding of
+                   the last chunk included), as TTT counts its padded mini-batches.
     head         2 E (2 D) + 2 N_v D (C_out p^2)
 
 XLA's `cost_analysis()` counts more (every elementwise op, recomputation under remat) and,
@@ -44,14 +57,39 @@ import ml_collections
 
 # Forward matmuls per mini-batch row of the non-causal TTT inner loop (see module doc).
 TTT_FWD_MATMULS = {"mlp": 7, "linear": 3}
-# Mixers with an analytic count; other registered mixers have none (the benchmark prints n/a).
-COUNTED_MIXERS = ("none", "ttt_mlp", "ttt_linear", "full", "swa")
+# Mixers with an analytic count: every registered mixer, and `none`.
+COUNTED_MIXERS = ("none", "ttt_mlp", "ttt_linear", "full", "swa", "gated_deltanet", "mamba2")
 
 
 def ttt_inner_flops(kind: str, tokens: int, heads: int, head_dim: int) -> int:
     """Forward FLOPs of the TTT inner loop over `tokens` rows (a whole number of mini-batches)."""
     hidden = 4 * head_dim if kind == "mlp" else head_dim
     return TTT_FWD_MATMULS[kind] * 2 * head_dim * hidden * heads * tokens
+
+
+def unit_lower_inverse_flops(c: int) -> int:
+    """Matmul FLOPs of `tttjax.ops.delta_rule.unit_lower_inverse` on one C x C matrix."""
+    size, s, total = 1 << max(0, (c - 1).bit_length()), 1, 0
+    while s < size:
+        total += (size // (2 * s)) * 2 * (2 * s ** 3)   # two s x s x s products per block
+        s *= 2
+    return total
+
+
+def delta_rule_flops(tokens: int, heads: int, d_k: int, d_v: int, chunk: int) -> int:
+    """Forward FLOPs of `tttjax.ops.delta_rule.gated_delta_rule` (one batch row)."""
+    c, n = chunk, -(-tokens // chunk)
+    per_chunk = (6 * c * c * d_k + 4 * c * c * d_v + 6 * c * d_k * d_v
+                 + unit_lower_inverse_flops(c))
+    return heads * n * per_chunk
+
+
+def ssd_flops(tokens: int, heads: int, groups: int, head_dim: int, d_state: int,
+              chunk: int) -> int:
+    """Forward FLOPs of `tttjax.ops.ssd.ssd` (one batch row)."""
+    c, n = chunk, -(-tokens // chunk)
+    return n * (groups * 2 * c * c * d_state
+                + heads * (2 * c * c * head_dim + 4 * c * head_dim * d_state))
 
 
 def _mixer_option(cfg: ml_collections.ConfigDict, name: str, option: str, default):
@@ -86,6 +124,23 @@ def mixer_flops(cfg: ml_collections.ConfigDict, tokens: int) -> int:
                     + 2 * padded * width * h + ttt_inner_flops(name[len("ttt_"):], padded, h, d))
     elif name == "full":
         one_pass = proj * tokens + 4 * tokens * tokens * width
+    elif name == "gated_deltanet":
+        d_k = _mixer_option(cfg, name, "head_dim", None) or width // h
+        d_v = int(d_k * _mixer_option(cfg, name, "expand_v", defaults.expand_v))
+        chunk = _mixer_option(cfg, name, "chunk_size", defaults.chunk_size)
+        key, value = h * d_k, h * d_v
+        one_pass = (2 * tokens * width * (2 * key + 2 * value + 2 * h) + 2 * tokens * value * width
+                    + delta_rule_flops(tokens, h, d_k, d_v, chunk))
+    elif name == "mamba2":
+        p = _mixer_option(cfg, name, "head_dim", None) or width // h
+        inner = _mixer_option(cfg, name, "expand", defaults.expand) * width
+        groups = _mixer_option(cfg, name, "ngroups", defaults.ngroups)
+        state = _mixer_option(cfg, name, "d_state", defaults.d_state)
+        chunk = _mixer_option(cfg, name, "chunk_size", defaults.chunk_size)
+        heads = inner // p
+        one_pass = (2 * tokens * width * (2 * inner + 2 * groups * state + heads)
+                    + 2 * tokens * inner * width
+                    + ssd_flops(tokens, heads, groups, p, state, chunk))
     else:
         window = _mixer_option(cfg, name, "window", defaults.window)
         one_pass = proj * tokens + 4 * tokens * min(window, tokens) * width
