@@ -43,7 +43,10 @@ swa = jax.jit(A.sliding_window_attention, static_argnames=("window", "block_size
 chunked = jax.jit(A.chunked_attention, static_argnames=("chunk", "causal"))
 local = jax.jit(A.local_attention, static_argnames=("window", "causal", "chunk"))
 segment = jax.jit(A.segment_attention, static_argnames=("frame_tokens", "frames_per_window",
-                                                         "overlap_frames"))
+                                                         "overlap_frames", "implementation",
+                                                         "chunk"))
+# "chunked" with a block that divides no window length (S + fpw * ft) below: padded key blocks.
+SEGMENT_IMPLS = [dict(), dict(implementation="chunked", chunk=4)]
 
 
 @pytest.mark.parametrize("window,block", [((5, 0), None), ((7, 3), 4), ((0, 0), None),
@@ -143,17 +146,19 @@ def segment_inputs(seed, n, fpw, o, ft, s=3, d=16):
     return text + video, rope
 
 
+@pytest.mark.parametrize("impl", SEGMENT_IMPLS)
 @pytest.mark.parametrize("n,fpw,o,ft", [(3, 3, 1, 4), (2, 5, 2, 3), (2, 4, 0, 2), (1, 13, 1, 2)])
-def test_segment_attention_equals_per_window_loop(n, fpw, o, ft):
+def test_segment_attention_equals_per_window_loop(n, fpw, o, ft, impl):
     arrays, rope = segment_inputs(0, n, fpw, o, ft)
     text, video = segment(*map(f32, arrays), frame_tokens=ft, frames_per_window=fpw,
-                                      overlap_frames=o, video_rope=tuple(map(f32, rope)))
+                          overlap_frames=o, video_rope=tuple(map(f32, rope)), **impl)
     ref_text, ref_video = segment_reference(np, *arrays, ft, fpw, o, rope)
     np.testing.assert_allclose(text, ref_text, rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(video, ref_video, rtol=1e-5, atol=2e-6)
 
 
-def test_segment_attention_gradients():
+@pytest.mark.parametrize("impl", SEGMENT_IMPLS)
+def test_segment_attention_gradients(impl):
     n, fpw, o, ft = 3, 3, 1, 4
     arrays, rope = segment_inputs(1, n, fpw, o, ft)
     rng = np.random.default_rng(2)
@@ -164,7 +169,8 @@ def test_segment_attention_gradients():
         return jnp.sum(t * w_t) + jnp.sum(v * w_v)
 
     ours = lambda *a: A.segment_attention(*a, frame_tokens=ft, frames_per_window=fpw,  # noqa: E731
-                                          overlap_frames=o, video_rope=tuple(map(f32, rope)))
+                                          overlap_frames=o, video_rope=tuple(map(f32, rope)),
+                                          **impl)
     got = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=tuple(range(6))))(*map(f32, arrays))
     with jax.enable_x64(True):
         ref = lambda *a: segment_reference(jnp, *a, ft, fpw, o, rope)  # noqa: E731
@@ -185,6 +191,9 @@ def test_bad_inputs_raise():
                             video_rope=(f32(rope[0][:3]), f32(rope[1][:3])))
     with pytest.raises(ValueError, match="overlap_frames"):
         A.segment_attention(*arrays, frame_tokens=2, frames_per_window=3, overlap_frames=2)
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        A.segment_attention(*arrays, frame_tokens=2, frames_per_window=3, overlap_frames=1,
+                            implementation="chunked", chunk=0)
     q = jnp.zeros((1, 2, 8, 4))
     with pytest.raises(ValueError, match="window must be"):
         A.sliding_window_attention(q, q, q, window=(-1, 2))

@@ -231,7 +231,7 @@ class JointAttention(nnx.Module):
             per_segment(tq), per_segment(tk), per_segment(tv), vq, vk, vv,
             frame_tokens=layout.tokens_per_frame, frames_per_window=layout.window_frames,
             overlap_frames=layout.prefix_frames, video_rope=rope,
-            implementation=self.cfg.attention_impl)
+            implementation=self.cfg.attention_impl, chunk=self.cfg.attention_chunk)
         return self._output(text_y.reshape(b, h, n * s, d)), self._output(video_y)
 
 

@@ -12,10 +12,11 @@ parameters and optimizer state) is lowered with abstract inputs on a mesh of fak
 (`--xla_force_host_platform_device_count`) and compiled for the SPMD partition of one device;
 XLA's `memory_analysis()` of that program gives argument, output and temporary bytes. These
 are the CPU compiler's figures: GPU fusion differs, so treat them as a plan, not a guarantee.
-Attention: the CPU compiler cannot use the cuDNN flash kernel, so full attention is planned
-with `attention_impl="chunked"` (online softmax) and segment attention with "xla", which
-materialises one window's logits at a time (a GPU flash kernel stores none; the printed
-logits size lets one discount them: XLA keeps a few such buffers live in the backward pass).
+Attention: the CPU compiler cannot use the cuDNN flash kernel, so attention is planned with
+`attention_impl="chunked"` (online softmax over key blocks, in full attention and inside each
+segment window), which, like a flash kernel, stores no window's logits. `--attention-impl xla`
+plans the plain path instead, which materialises one window's logits at a time (the printed
+logits size; XLA keeps a few such buffers live in the backward pass).
 The CPU backend also has no native bfloat16 dynamic-update-slice: it keeps a float32 copy of
 the stacked block inputs saved for the backward pass (twice the printed `saved block
 inputs`), which a GPU compile does not need.
@@ -263,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trainable", default=None, choices=("all", "mixer_qkvo"),
                    help="default: config.train.trainable, else all for 3s and mixer_qkvo later")
     p.add_argument("--attention-impl", default=None,
-                   help="attention_impl for the plan (default: chunked for attention='full', "
-                        "xla for segment windows)")
+                   help="attention_impl for the plan (default: chunked, the online softmax "
+                        "that stores no logits, as a GPU flash kernel)")
     p.add_argument("--remat", default=None, help="override config.model.remat_policy")
     p.add_argument("--forward-only", action="store_true", help="plan the forward pass only")
     args = p.parse_args(argv)
@@ -290,8 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         rules += list(overrides.items())
         config = _load_config(args.config)
         model = config.model
-        model.attention_impl = args.attention_impl or (
-            "chunked" if model.attention == "full" else "xla")
+        model.attention_impl = args.attention_impl or "chunked"
         if args.remat:
             model.remat_policy = args.remat
         dit_config.validate(model)

@@ -266,7 +266,8 @@ def segment_attention(text_q: jax.Array, text_k: jax.Array, text_v: jax.Array,
                       video_q: jax.Array, video_k: jax.Array, video_v: jax.Array, *,
                       frame_tokens: int, frames_per_window: int = 13, overlap_frames: int = 1,
                       video_rope: tuple[jax.Array, jax.Array] | None = None,
-                      implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
+                      implementation: str | None = None, chunk: int = 1024
+                      ) -> tuple[jax.Array, jax.Array]:
     """Joint text + video attention inside the DiT's 3-second windows (SPEC section 2).
 
     Window i holds latent frames `stride*i .. stride*i + frames_per_window - 1` with
@@ -283,10 +284,15 @@ def segment_attention(text_q: jax.Array, text_k: jax.Array, text_v: jax.Array,
         0 <= overlap_frames <= frames_per_window - overlap_frames (a token is in <= 2 windows).
       video_rope: optional (cos, sin), each [frames_per_window * frame_tokens, d]: local
         positions, applied to the video q/k of every window inside the window loop.
-      implementation: passed to `jax.nn.dot_product_attention` per window.
+      implementation: passed to `jax.nn.dot_product_attention` per window (None, "xla",
+        "cudnn"), or "chunked": `chunked_attention` per window, an online softmax over blocks
+        of `chunk` keys, so no window's [S + window, S + window] logits are ever stored (the
+        flash-attention order for backends without a fused kernel, e.g. TPU or CPU plans).
+      chunk: query / key block of the "chunked" implementation.
     Returns:
       (text_out [B, H, n_seg, S, d], video_out [B, H, T * frame_tokens, d]) in q's dtype.
-      One window's logits live at a time (scan over windows, rematerialised in backward).
+      One window's logits (or, chunked, one block's) live at a time (scan over windows,
+      rematerialised in backward).
     """
     name = "segment_attention"
     if text_q.ndim != 5 or text_k.shape != text_q.shape or text_v.shape[:4] != text_q.shape[:4]:
@@ -309,6 +315,8 @@ def segment_attention(text_q: jax.Array, text_k: jax.Array, text_v: jax.Array,
                          f"got frames_per_window={fpw!r}, overlap_frames={o!r}")
     if not isinstance(frame_tokens, int) or frame_tokens < 1:
         raise ValueError(f"{name}: frame_tokens must be a positive int, got {frame_tokens!r}")
+    if implementation == "chunked" and not (isinstance(chunk, int) and chunk >= 1):
+        raise ValueError(f"{name}: chunk must be a positive int, got {chunk!r}")
     ft, stride = frame_tokens, fpw - o
     frames = stride * n + o
     if video_q.shape[2] != frames * ft:
@@ -348,7 +356,10 @@ def segment_attention(text_q: jax.Array, text_k: jax.Array, text_v: jax.Array,
         q = jnp.concatenate([tq, wq], axis=2)
         k = jnp.concatenate([tk, wk], axis=2)
         v = jnp.concatenate([tv, wv], axis=2)
-        y = t(jax.nn.dot_product_attention(t(q), t(k), t(v), implementation=implementation))
+        if implementation == "chunked":
+            y = chunked_attention(q, k, v, chunk=chunk)
+        else:
+            y = t(jax.nn.dot_product_attention(t(q), t(k), t(v), implementation=implementation))
         return None, (y[:, :, :s], y[:, :, s:])
 
     _, (text_out, video_win) = jax.lax.scan(jax.checkpoint(window), None, xs)
