@@ -472,3 +472,44 @@ def test_memory_plan_small_mesh(capsys):
     assert plan.temporaries > 0 and plan.peak >= plan.arguments
     assert main(["--config", "configs/tiny.py:none", "--mesh", "data=3,fsdp=5"]) == 2
     assert "mesh needs 15 devices" in capsys.readouterr().err
+
+
+def test_sequence_sharding_over_a_non_dividing_axis(tiny_ttt_perturbed):
+    """`length=tensor` on 3 tensor devices: 80 video and 16 text tokens do not divide by 3.
+
+    The activations are still split along the sequence (XLA pads the last shard; the 5B
+    video streams, 1350 tokens per latent frame, never divide by 4), and the forward pass and
+    the parameter gradients equal the single-device ones.
+    """
+    cfg, model = tiny_ttt_perturbed
+    x, e, t = inputs(cfg.model, cfg.stage, batch=2)
+    video_tokens = x.shape[1] * x.shape[3] * x.shape[4] // cfg.model.patch_size ** 2
+    assert video_tokens % 3 and e.shape[1] * e.shape[2] % 3
+
+    def loss(m, x, e, t):
+        return jnp.mean(jnp.square(m(x, e, t)))
+
+    ref_loss, ref_grads = nnx.jit(nnx.value_and_grad(loss))(model, x, e, t)
+    mesh = shd.make_mesh({"data": 1, "fsdp": 2, "tensor": 3}, jax.devices()[:6])
+    rules = [("length", "tensor") if k == "length" else (k, v) for k, v in shd.DEFAULT_RULES]
+    graphdef, state = nnx.split(model)
+
+    def sharded_loss(st, x, e, t):
+        return loss(nnx.merge(graphdef, st), x, e, t)
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        step = jax.jit(jax.value_and_grad(sharded_loss))
+        hlo = step.lower(state, x, e, t).compile().as_text()
+        out_loss, grads = step(state, x, e, t)
+    # The video stream saved per block for the backward pass ([layers, batch, tokens, D], one
+    # example per fsdp shard) is split into ceil(80 / 3) = 27-token shards; while
+    # non-dividing axes were dropped, every device held all 80 tokens of it.
+    width = cfg.model.num_attention_heads * cfg.model.attention_head_dim
+    layers = cfg.model.num_layers
+    assert f"[{layers},1,{video_tokens},{width}]" not in hlo
+    assert f"[{layers},1,{-(-video_tokens // 3)},{width}]" in hlo
+    np.testing.assert_allclose(out_loss, ref_loss, rtol=2e-5)
+    ref_flat = jax.tree.leaves(nnx.state(ref_grads))
+    assert len(ref_flat) == len(jax.tree.leaves(grads))
+    for got, want in zip(jax.tree.leaves(grads), ref_flat):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

@@ -105,15 +105,23 @@ def logical_to_spec(names: Sequence[str | None] | None,
     return PartitionSpec(*core_spmd.from_sharding_rules(tuple(names), tuple(rules)))
 
 
-def _prune_spec(spec: PartitionSpec, mesh: Mesh, shape: Sequence[int]) -> PartitionSpec:
+def _prune_spec(spec: PartitionSpec, mesh: Mesh, shape: Sequence[int], *,
+                uneven: bool = False) -> PartitionSpec:
     """Drops mesh axes that are absent from `mesh`, do not divide the dimension, or were
-    already used by an earlier dimension (e.g. batch and embed both asking for `fsdp`)."""
+    already used by an earlier dimension (e.g. batch and embed both asking for `fsdp`).
+
+    With `uneven`, an axis that does not divide the dimension is kept as long as the
+    dimension is at least as large as the axes' product: XLA pads the last shard. That is
+    allowed for sharding constraints inside `jit`, not for arrays placed with `device_put`.
+    """
     out, used = [], set()
     for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         axes = entry if isinstance(entry, tuple) else ((entry,) if entry else ())
         kept, size = [], 1
         for a in axes:
-            if a in mesh.shape and a not in used and dim % (size * mesh.shape[a]) == 0:
+            ways = size * mesh.shape.get(a, 1)
+            fits = dim >= ways if uneven else dim % ways == 0
+            if a in mesh.shape and a not in used and fits:
                 kept.append(a)
                 used.add(a)
                 size *= mesh.shape[a]
@@ -144,11 +152,14 @@ def with_logical_constraint(x: jax.Array, names: Sequence[str | None],
     """Sharding constraint by logical names; a no-op outside a mesh context.
 
     Rules come from `rules` or the active `nnx.logical_axis_rules` context (default rules
-    otherwise). Mesh axes that do not divide a dimension are dropped.
+    otherwise). A mesh axis that does not divide its dimension still splits it, with XLA
+    padding the last shard: sequence lengths of video rarely divide (the 5B model has 1350
+    tokens per latent frame), and dropping the axis instead would keep the whole sequence on
+    every device. Only axes larger than their dimension are dropped.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return x
     rules = rules if rules is not None else (core_spmd.get_logical_axis_rules() or DEFAULT_RULES)
-    spec = _prune_spec(logical_to_spec(names, rules), mesh, x.shape)
+    spec = _prune_spec(logical_to_spec(names, rules), mesh, x.shape, uneven=True)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -292,14 +292,19 @@ class DiTBlock(nnx.Module):
         at, av = checkpoint_name(at, "attention_out"), checkpoint_name(av, "attention_out")
         if self.mixer is not None:
             b, _, d = at.shape
-            seq = layout.interleave(at.reshape(b, layout.num_segments, layout.text_len, d), av)
+            # Per-segment text is small: keep it whole on each device, so that slicing it
+            # out of (or into) a length-sharded sequence needs no resharding of odd tiles.
+            per_segment = ("batch", None, None, "embed")
+            at = with_logical_constraint(
+                at.reshape(b, layout.num_segments, layout.text_len, d), per_segment)
+            seq = layout.interleave(at, av)
             seq = with_logical_constraint(seq, ("batch", "length", "embed"))
             seq = self.mixer(seq, modality=jnp.asarray(layout.modality),
                              reverse_index=layout.reverse_index,
                              rope=tables.get("mixer_rope"))
             seq = checkpoint_name(seq, "mixer_out")
             at, av = layout.deinterleave(seq)
-            at = at.reshape(b, layout.total_text_len, d)
+            at = with_logical_constraint(at, per_segment).reshape(b, layout.total_text_len, d)
         text = (text + mod[:, 5][:, None] * at.astype(jnp.float32)).astype(text.dtype)
         video = (video + mod[:, 2][:, None] * av.astype(jnp.float32)).astype(video.dtype)
 
