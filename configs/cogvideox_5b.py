@@ -95,8 +95,11 @@ def get_config(arg: str = "3s,ttt_mlp") -> ml_collections.ConfigDict:
         toy_latent_seed=0))
     # 64 examples per batch over data x fsdp; each example's model split 4 ways over tensor
     # (256 devices: 8 x 8 x 4, the paper's 256 H100s). Override for other device counts.
-    config.mesh = ml_collections.ConfigDict(dict(axes=dict(data=-1, fsdp=8, tensor=4), rules=(),
-                                                  num_devices=0))
+    # Sequence parallelism: the activations between blocks (and those saved for the backward
+    # pass) are split over `tensor` along the tokens, 4x less than replicated; from 9 s on the
+    # memory plan does not fit without it (README, "memory plan of the 5B stages").
+    config.mesh = ml_collections.ConfigDict(dict(axes=dict(data=-1, fsdp=8, tensor=4),
+                                                  rules=(("length", "tensor"),), num_devices=0))
     # init_from: the converted CogVideoX-5B checkpoint for 3s, the previous stage's workdir after.
     config.checkpoint = ml_collections.ConfigDict(dict(keep=3, async_save=True, init_from=""))
     return config

@@ -472,6 +472,10 @@ def test_memory_plan_small_mesh(capsys):
     assert plan.temporaries > 0 and plan.peak >= plan.arguments
     assert main(["--config", "configs/tiny.py:none", "--mesh", "data=3,fsdp=5"]) == 2
     assert "mesh needs 15 devices" in capsys.readouterr().err
+    # The config's mesh.rules apply, then --rules on top of them.
+    assert main(["--config", "configs/tiny.py:none", "--mesh", "data=1,fsdp=2,tensor=2",
+                 "--rules", "length=tensor", "--forward-only"]) == 0
+    assert "logical rules: defaults with length=tensor\n" in capsys.readouterr().out
 
 
 def test_sequence_sharding_over_a_non_dividing_axis(tiny_ttt_perturbed):

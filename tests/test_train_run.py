@@ -21,6 +21,7 @@ from flax import nnx
 from tttjax.data import loader as data_loader
 from tttjax.layers import registry
 from tttjax.models.convert import save_checkpoint
+from tttjax import sharding as shd
 from tttjax.sharding import make_mesh
 from tttjax.train import TrainingDiverged, train
 from tttjax.train import config as config_lib
@@ -296,6 +297,8 @@ def test_invalid_configs_are_refused_before_compiling(data_dir):
         ({"data.builder_config": "small"}, "frames_per_segment must be 4"),
         ({"optim.new.schedule": "linear"}, "schedule"),
         ({"mesh.axes": {"data": -1, "fsdp": -1}}, "at most one axis"),
+        ({"mesh.rules": (("length", "tensr"),)}, r"names mesh axes \['tensr'\]"),
+        ({"mesh.rules": ("length",)}, "a \\(logical axis, mesh axes\\) pair"),
         ({"diffusion.beta_end": 2.0}, "config.diffusion"),
         ({"checkpoint.init_from": "/nonexistent/ckpt"}, "does not exist"),
     ]
@@ -304,6 +307,16 @@ def test_invalid_configs_are_refused_before_compiling(data_dir):
             config_lib.validate(tiny(data_dir, **over))
     with pytest.raises(ValueError, match="divisible by the 8 batch shards"):
         config_lib.validate_mesh(tiny(data_dir, **{"train.global_batch_size": 4}), 8)
+
+
+def test_mesh_rules_override_the_defaults(data_dir):
+    """config.mesh.rules states only what changes; every other default rule stays."""
+    rules = dict(config_lib.rules(tiny(data_dir, **{"mesh.rules": (("length", "tensor"),
+                                                                   ("extra", ("data", "fsdp")))})))
+    defaults = dict(shd.DEFAULT_RULES)
+    assert rules.pop("length") == "tensor" and rules.pop("extra") == ("data", "fsdp")
+    assert rules == {k: v for k, v in defaults.items() if k != "length"}
+    assert dict(config_lib.rules(tiny(data_dir))) == defaults
 
 
 @pytest.mark.slow

@@ -97,6 +97,18 @@ def make_mesh(axis_sizes: Mapping[str, int] | None = None,
     return Mesh(dev_array, tuple(sizes.keys()))
 
 
+def merge_rules(overrides: LogicalRules, base: LogicalRules = DEFAULT_RULES) -> LogicalRules:
+    """`base` with the entries of `overrides` replacing those of the same logical name.
+
+    Names new to `base` are appended. A run states only what it changes, e.g.
+    `merge_rules([("length", "tensor")])` for sequence parallelism over `tensor`.
+    """
+    overrides = {str(name): (tuple(t) if isinstance(t, (list, tuple)) else t)
+                 for name, t in overrides}
+    merged = [(name, overrides.pop(name, target)) for name, target in base]
+    return tuple(merged + list(overrides.items()))
+
+
 def logical_to_spec(names: Sequence[str | None] | None,
                     rules: LogicalRules = DEFAULT_RULES) -> PartitionSpec:
     """Maps logical axis names to a `PartitionSpec` with `rules` (unknown names replicate)."""

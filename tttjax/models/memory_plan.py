@@ -1,7 +1,7 @@
 """Per-device memory of a DiT training step, from an ahead-of-time compile (no hardware needed).
 
     python -m tttjax.models.memory_plan --config configs/cogvideox_5b.py:63s,ttt_mlp \
-        [--mesh data=1,fsdp=8,tensor=4] [--batch 8] [--rules length=tensor] [--forward-only]
+        [--mesh data=1,fsdp=8,tensor=4] [--batch 8] [--rules length=none] [--forward-only]
 
 The default mesh (fsdp 8 x tensor 4, batch 8) gives each device the same share as the paper's
 run (global batch 64 on 256 GPUs, config.mesh data=8 x fsdp=8 x tensor=4): parameters are
@@ -259,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mesh", default="data=1,fsdp=8,tensor=4", help="mesh axis sizes NAME=SIZE,...")
     p.add_argument("--batch", type=int, default=None,
                    help="global batch (default: data*fsdp, one example per tensor group)")
-    p.add_argument("--rules", default="", help="logical rule overrides, e.g. length=tensor "
-                                               "(mesh axes joined by '+', 'none' for replicated)")
+    p.add_argument("--rules", default="", help="logical rule overrides on top of the config's "
+                   "mesh.rules, e.g. length=none or length=tensor (mesh axes joined by '+', "
+                   "'none' for replicated)")
     p.add_argument("--trainable", default=None, choices=("all", "mixer_qkvo"),
                    help="default: config.train.trainable, else all for 3s and mixer_qkvo later")
     p.add_argument("--attention-impl", default=None,
@@ -287,9 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         mesh = shd.make_mesh(mesh_sizes, jax.devices()[:devices])
         overrides = _parse_pairs(args.rules, "rules", lambda v: None if v == "none" else
                                  (tuple(v.split("+")) if "+" in v else v))
-        rules = [(k, overrides.pop(k)) if k in overrides else (k, v) for k, v in shd.DEFAULT_RULES]
-        rules += list(overrides.items())
         config = _load_config(args.config)
+        # The config's own rules (a training config's mesh.rules), then the flag's.
+        config_rules = config.get("mesh", {}).get("rules") or ()
+        rules = shd.merge_rules(list(overrides.items()), shd.merge_rules(config_rules))
         model = config.model
         model.attention_impl = args.attention_impl or "chunked"
         if args.remat:
@@ -310,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{args.config}: batch {batch}, trainable {trainable}, remat {model.remat_policy}, "
           f"attention {model.attention_impl}, {'forward' if args.forward_only else 'train step'}")
+    changed = [f"{k}={'+'.join(v) if isinstance(v, tuple) else v}" for k, v in rules
+               if (k, v) not in shd.DEFAULT_RULES]
+    print(f"logical rules: defaults{' with ' + ', '.join(changed) if changed else ''}")
     print("\n".join(plan.lines()))
     return 0
 

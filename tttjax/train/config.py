@@ -15,8 +15,8 @@ A training config (`configs/tiny.py`, `configs/cogvideox_5b.py`) holds, besides 
     data        dataset ("toon_storyboards" | "latents"), builder_config, builder_overrides,
                 data_dir, manual_dir, split, shuffle, worker_count, text_encoder_seed,
                 toy_latent_seed
-    mesh        axes {name: size, one may be -1}, rules (logical axis -> mesh axes; empty =
-                tttjax.sharding.DEFAULT_RULES), num_devices (0 = all devices; N = the first
+    mesh        axes {name: size, one may be -1}, rules (logical axis -> mesh axes, overriding
+                those of tttjax.sharding.DEFAULT_RULES), num_devices (0 = all devices; N = the first
                 N devices of a single process, e.g. to compare meshes in one test process)
     checkpoint  keep, async_save, init_from ("" | converted checkpoint | previous workdir)
 
@@ -48,11 +48,9 @@ def _int(value, name: str, lo: int = 1) -> None:
 
 
 def _rules(config) -> tuple:
-    from tttjax.sharding import DEFAULT_RULES
+    from tttjax.sharding import merge_rules
 
-    rules = config.mesh.get("rules") or ()
-    return tuple((str(a), (tuple(b) if isinstance(b, (list, tuple)) else b)) for a, b in rules) \
-        or tuple(DEFAULT_RULES)
+    return merge_rules(config.mesh.get("rules") or ())
 
 
 def batch_mesh_axes(config) -> tuple[str, ...]:
@@ -182,8 +180,22 @@ def _validate_mesh_static(config) -> None:
     _need(len(fill) <= 1, f"config.mesh.axes: at most one axis may be -1, got {fill}")
     bad = [a for a, s in axes.items() if s != -1 and (not isinstance(s, int) or s < 1)]
     _need(not bad, f"config.mesh.axes: sizes must be positive ints or -1, bad axes {bad}")
+    _validate_rules(config.mesh.get("rules") or (), axes)
     if not fill:
         _check_batch_divides(config, axes)
+
+
+def _validate_rules(rules, axes: dict) -> None:
+    """Each override is (logical name, mesh axis | tuple of mesh axes | None), on known axes."""
+    example = "e.g. (('length', 'tensor'),)"
+    for rule in rules:
+        _need(isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str),
+              f"config.mesh.rules: each rule is a (logical axis, mesh axes) pair, got {rule!r}; "
+              f"{example}")
+        targets = rule[1] if isinstance(rule[1], (list, tuple)) else (rule[1],)
+        unknown = [t for t in targets if t is not None and t not in axes]
+        _need(not unknown, f"config.mesh.rules: rule {tuple(rule)!r} names mesh axes {unknown} "
+              f"that config.mesh.axes {sorted(axes)} does not have")
 
 
 def _check_batch_divides(config, axes: dict) -> None:
