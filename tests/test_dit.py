@@ -495,7 +495,7 @@ def test_sequence_sharding_over_a_non_dividing_axis(tiny_ttt_perturbed):
 
     ref_loss, ref_grads = nnx.jit(nnx.value_and_grad(loss))(model, x, e, t)
     mesh = shd.make_mesh({"data": 1, "fsdp": 2, "tensor": 3}, jax.devices()[:6])
-    rules = [("length", "tensor") if k == "length" else (k, v) for k, v in shd.DEFAULT_RULES]
+    rules = shd.merge_rules([("length", "tensor")])
     graphdef, state = nnx.split(model)
 
     def sharded_loss(st, x, e, t):

@@ -18,10 +18,10 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from tttjax import sharding as shd
 from tttjax.data import loader as data_loader
 from tttjax.layers import registry
 from tttjax.models.convert import save_checkpoint
-from tttjax import sharding as shd
 from tttjax.sharding import make_mesh
 from tttjax.train import TrainingDiverged, train
 from tttjax.train import config as config_lib
