@@ -37,6 +37,11 @@ setup(
         "sentencepiece",  # the T5 tokenizer (tttjax.text)
     ],
     extras_require={
+        # The TPU runtime and compiler (libtpu pinned by jax to its own version). Also what
+        # `python -m tttjax.bench aot --topology v5p-256` needs to compile for a TPU slice on
+        # any host, a CPU-only one included.
+        "tpu": ["jax[tpu]"],
+        "cuda12": ["jax[cuda12]"],
         # Parity tests against the reference implementations (CPU torch only).
         "test": [
             "pytest",
@@ -48,6 +53,7 @@ setup(
             "nbclient",
             "nbformat",
             "ipykernel",
+            "jax[tpu]",  # libtpu: the tests compile train steps and Pallas kernels for TPUs
         ],
     },
 )
