@@ -13,6 +13,18 @@ What runs where:
 
 Causal (ttt-lm) form and the inner-loss diagnostics are not in the kernels: they run in the XLA
 op (`impl="auto"` falls back to it; `impl="pallas"` raises).
+
+Under a mesh (`jax.set_mesh(mesh)`, as the trainer, sampler and AOT plans run): XLA's SPMD
+partitioner cannot split a `pallas_call` (an opaque custom call), so `ttt_scan` runs the kernel
+inside `jax.shard_map` over the mesh axes that the logical rules give the batch and heads dims
+(`mesh_layout`); every device scans whole sequences of its batch/heads shard. A mesh axis that
+shards the sequence ("length") and is not used by batch or heads is gathered at the shard_map's
+boundary (the scan is sequential), and axes named by no dim replicate the work.
+
+Which kernel `impl="auto"` picks follows the platform the program is compiled for
+(`target_platform`): the devices of the mesh set with `jax.set_mesh`, else
+`jax.default_backend()`. So a program lowered ahead of time on a CPU host for a TPU topology
+mesh (`tttjax.tpu_topology`) gets the Mosaic kernel.
 """
 
 from __future__ import annotations
@@ -22,7 +34,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from flax.core import spmd as core_spmd
+from jax.sharding import PartitionSpec as P
+
 from pallas_kernels import ttt_gpu, ttt_step, ttt_tpu
+from tttjax import sharding as sharding_lib
 from tttjax.ops import ttt as xla_ttt
 
 BACKENDS = {"tpu": ttt_tpu, "gpu": ttt_gpu}
@@ -38,14 +54,30 @@ def check_supported(kind: str, backend: str, *, d: int, mini_batch_size: int, re
     BACKENDS[backend].check_supported(kind, d, mini_batch_size, remat_group_size)
 
 
+def target_platform() -> str:
+    """The platform the program being traced will be compiled for: "tpu", "gpu", "cpu", ...
+
+    The devices of the mesh set with `jax.set_mesh` (its abstract mesh, visible inside `jit`
+    tracing and `shard_map` bodies, records their platform), else `jax.default_backend()`.
+    The mesh decides because an ahead-of-time compile for a TPU topology runs on a host whose
+    default backend is the CPU; a program jitted without `jax.set_mesh` (e.g. only its
+    arguments carry shardings) compiles for the default backend's devices in practice.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
+    if device is not None and device.platform:
+        return device.platform
+    return jax.default_backend()
+
+
 def select(kind, impl, *, d, length, mini_batch_size, remat_group_size, causal=False,
            return_inner_loss=False, token_idx_offset=None):
     """Which kernel `impl` asks for at this shape: (backend, interpret), or None for the XLA op.
 
-    "xla": None. "auto": the kernel of the default backend (TPU or GPU) when it supports the
-    shape and options, else None. "pallas": that kernel or a ValueError saying why not.
-    "pallas_interpret": the TPU kernel in Pallas' TPU interpret mode (any platform; slow, for
-    tests).
+    "xla": None. "auto": the kernel of the target platform (`target_platform()`: TPU or GPU)
+    when it supports the shape and options, else None. "pallas": that kernel or a ValueError
+    saying why not. "pallas_interpret": the TPU kernel in Pallas' TPU interpret mode (any
+    platform; slow, for tests).
     """
     if impl not in xla_ttt.IMPLS:
         raise ValueError(f"ttt_{kind}: impl must be one of {list(xla_ttt.IMPLS)}, got {impl!r}")
@@ -62,13 +94,14 @@ def select(kind, impl, *, d, length, mini_batch_size, remat_group_size, causal=F
     if impl == "pallas_interpret":
         backend, interpret = "tpu", True
     else:
-        platform = jax.default_backend()
+        platform = target_platform()
         backend, interpret = _PLATFORM_BACKEND.get(platform), False
         if backend is None:
             if explicit:
-                raise ValueError(f"ttt_{kind}: impl='pallas' needs a TPU or GPU backend but JAX runs on "
-                                 f"{platform!r}; use impl='xla', impl='auto' or (slow, for tests) "
-                                 "impl='pallas_interpret'")
+                raise ValueError(f"ttt_{kind}: impl='pallas' needs a TPU or GPU backend but the program "
+                                 f"is compiled for {platform!r} (the devices of the mesh set with "
+                                 "jax.set_mesh, else JAX's default backend); use impl='xla', "
+                                 "impl='auto' or (slow, for tests) impl='pallas_interpret'")
             return None
     group = min(remat_group_size, length // mini_batch_size)
     try:
@@ -107,6 +140,41 @@ def _scan(kind, backend, b, group, interpret):
     return scan
 
 
+def mesh_layout(mesh, bsz: int, heads: int, rules=None):
+    """The mesh axes that shard the batch and the heads dims of the scan's inputs.
+
+    Args:
+      mesh: the current (abstract) mesh; its manual axes (inside a caller's `shard_map`) are
+        already split and left out.
+      bsz, heads: B and H of q [B, H, L, d].
+      rules: logical rules; default the active `nnx.logical_axis_rules`, else `DEFAULT_RULES`
+        (what `with_logical_constraint` uses for the layer's ("batch", "heads", "length", "kv")).
+    Returns:
+      (batch_axes, head_axes), tuples of mesh axis names. An axis is kept while the product of
+      the kept axes divides the dim (`shard_map` splits evenly; a dropped axis replicates the
+      dim, which XLA gathers) and shards only the first of batch, heads that names it.
+    """
+    rules = rules if rules is not None else (core_spmd.get_logical_axis_rules()
+                                             or sharding_lib.DEFAULT_RULES)
+    spec = tuple(sharding_lib.logical_to_spec(("batch", "heads"), rules))
+    spec += (None,) * (2 - len(spec))
+    manual, used, out = set(mesh.manual_axes), set(), []
+    for dim, entry in zip((bsz, heads), spec):
+        names = entry if isinstance(entry, tuple) else ((entry,) if entry else ())
+        kept, ways = [], 1
+        for a in names:
+            if a in mesh.shape and a not in manual and a not in used and dim % (ways * mesh.shape[a]) == 0:
+                kept.append(a)
+                used.add(a)
+                ways *= mesh.shape[a]
+        out.append(tuple(kept))
+    return tuple(out)
+
+
+def _spec_entry(axes):
+    return None if not axes else (axes[0] if len(axes) == 1 else axes)
+
+
 def ttt_scan(kind, q, k, v, eta, params, *, mini_batch_size: int, remat_group_size: int = 16,
              backend: str, interpret: bool = False, initial_state=None, return_state: bool = False):
     """Non-causal TTT-MLP (kind="mlp") or TTT-Linear (kind="linear") scan in a Pallas kernel.
@@ -124,13 +192,48 @@ def ttt_scan(kind, q, k, v, eta, params, *, mini_batch_size: int, remat_group_si
       return_state: also return the final state (dict of [B, H, ...] float32).
     Returns:
       z [B, H, L, d] in q's dtype, or (z, final_state) with return_state.
+
+    Under a mesh with axes that are not yet manual, the scan runs in `jax.shard_map` over them:
+    q, k, v, eta, initial_state split as P(batch_axes, head_axes) from `mesh_layout`, params
+    and the LayerNorm split over heads, the sequence whole on each device; outputs come back
+    in that layout. Gradients of params replicated over the batch axes are summed over them by
+    shard_map's transpose.
     """
     xla_ttt._validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, initial_state)
     bsz, h, length, d = q.shape
+    group = min(remat_group_size, length // mini_batch_size)
+    check_supported(kind, backend, d=d, mini_batch_size=mini_batch_size, remat_group_size=group)
+    local = functools.partial(_local_scan, kind, mini_batch_size=mini_batch_size, group=group,
+                              backend=backend, interpret=bool(interpret), return_state=return_state)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    free = () if mesh is None or mesh.empty else tuple(
+        a for a in mesh.axis_names if a not in set(mesh.manual_axes))
+    if not free:  # no mesh, or every axis already manual (inside the caller's shard_map)
+        return local(q, k, v, eta, params, initial_state)
+
+    batch_axes, head_axes = mesh_layout(mesh, bsz, h)
+    be, he = _spec_entry(batch_axes), _spec_entry(head_axes)
+    seq, per_pair, per_head = P(be, he, None, None), P(be, he), P(he)
+    names = ttt_step.STATE_NAMES[kind]
+    args = (q, k, v, eta, dict(params), None if initial_state is None else dict(initial_state))
+    in_specs = (seq, seq, seq, P(be, he, None), {key: per_head for key in params},
+                None if initial_state is None else {key: per_pair for key in initial_state})
+    out_specs = (seq, {key: per_pair for key in names}) if return_state else seq
+    if set(mesh.explicit_axes) & set(free):
+        # Explicit-sharding meshes want the arguments laid out as in_specs already.
+        args = jax.tree.map(lambda x, spec: jax.reshard(x, spec), args, in_specs,
+                            is_leaf=lambda x: x is None)
+    return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs,
+                         axis_names=frozenset(free), check_vma=False)(*args)
+
+
+def _local_scan(kind, q, k, v, eta, params, initial_state, *, mini_batch_size, group, backend,
+                interpret, return_state):
+    """`ttt_scan` on one device's arrays (validated; group = the effective remat group)."""
+    bsz, h, length, d = q.shape
     b = mini_batch_size
     n = length // b
-    group = min(remat_group_size, n)
-    check_supported(kind, backend, d=d, mini_batch_size=b, remat_group_size=group)
 
     f32 = jnp.float32
     names = ttt_step.STATE_NAMES[kind]
@@ -149,7 +252,7 @@ def ttt_scan(kind, q, k, v, eta, params, *, mini_batch_size: int, remat_group_si
     if padded != length:
         pad = ((0, 0), (0, 0), (0, padded - length), (0, 0))
         qf, kf, y, w = (jnp.pad(x, pad) for x in (qf, kf, y, w))
-    z, final = _scan(kind, backend, b, group, bool(interpret))(qf, kf, y, w, gamma, beta, state0)
+    z, final = _scan(kind, backend, b, group, interpret)(qf, kf, y, w, gamma, beta, state0)
     z = z[:, :, :length].astype(q.dtype)
     if return_state:
         return z, dict(zip(names, final))
