@@ -177,13 +177,6 @@ def test_peak_table_and_mfu():
     assert mfu(1e12, 1.0, 2, 1.0) == 0.5 and mfu(1e12, 1.0, 1, None) != mfu(1e12, 1.0, 1, None)
 
 
-def test_bench_aot_dispatches_to_memory_plan(capsys):
-    assert bench_cli.main(["aot", "--config", "configs/tiny.py:ttt_linear,1", "--mesh",
-                           "data=1,fsdp=2,tensor=1", "--forward-only"]) == 0
-    out = capsys.readouterr().out
-    assert "per device" in out and "peak" in out
-
-
 @pytest.mark.parametrize("argv, message", [
     (["train", "--config", "configs/nope.py"], "nope.py"),
     (["train", "--config", "configs/tiny.py", "--config.model.nope=1"], "nope"),

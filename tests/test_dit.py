@@ -454,30 +454,6 @@ def test_sharded_forward_equals_single_device(tiny_ttt_perturbed):
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
 
 
-def test_memory_plan_small_mesh(capsys):
-    """AOT plan of a train step on 4 fake devices: resident bytes match the shardings."""
-    from tttjax.models.memory_plan import main, plan_memory
-
-    cfg = load_config("tiny", "none,1")
-    cfg.model.attention = "full"
-    mesh = shd.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
-    plan = plan_memory(cfg.model, latent_frames=3, latent_height=8, latent_width=8, num_segments=1,
-                       text_length=8, batch=2, mesh=mesh)
-    state = nnx.state(nnx.eval_shape(lambda: CogVideoXDiT(cfg.model, rngs=nnx.Rngs(0))), nnx.Param)
-    shardings = shd.state_shardings(state, mesh)
-    want = sum(int(np.prod(s.shard_shape(v.shape))) * 4 for v, s in zip(
-        jax.tree.leaves(state), jax.tree.leaves(shardings)))
-    assert plan.params == want < count_params(state) * 4      # sharded, not replicated
-    assert plan.optimizer == 2 * want + 4                      # AdamW moments + step count
-    assert plan.temporaries > 0 and plan.peak >= plan.arguments
-    assert main(["--config", "configs/tiny.py:none", "--mesh", "data=3,fsdp=5"]) == 2
-    assert "mesh needs 15 devices" in capsys.readouterr().err
-    # The config's mesh.rules apply, then --rules on top of them.
-    assert main(["--config", "configs/tiny.py:none", "--mesh", "data=1,fsdp=2,tensor=2",
-                 "--rules", "length=tensor", "--forward-only"]) == 0
-    assert "logical rules: defaults with length=tensor\n" in capsys.readouterr().out
-
-
 def test_sequence_sharding_over_a_non_dividing_axis(tiny_ttt_perturbed):
     """`length=tensor` on 3 tensor devices: 80 video and 16 text tokens do not divide by 3.
 

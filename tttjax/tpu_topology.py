@@ -123,6 +123,10 @@ def configure_environment(slice_: Slice) -> None:
     """Environment libtpu reads at start-up, set so that it neither probes the GCE metadata
     server nor warns on a host that is not a TPU VM (values already set are kept)."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # libtpu takes /tmp/libtpu_lockfile so two processes never drive the same TPUs; a
+    # compile-only process drives none, and should not fail because a training or another
+    # compile holds the lock.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE",
                           f"{slice_.chip.generation}-{slice_.chips * slice_.chip.cores_per_chip}")

@@ -9,8 +9,8 @@
              FLOPs (analytic and XLA's), MFU                            (tttjax.bench.train)
     sample   one denoising step of the DiT at n segments (CFG batch as
              generation runs it): time, tokens/s, FLOPs, MFU           (tttjax.bench.sample)
-    aot      per-device memory of a step compiled ahead of time on a described
-             mesh of fake devices                          (tttjax.models.memory_plan)
+    aot      the trainer's step compiled ahead of time for a TPU slice (libtpu, any
+             host) or fake CPU devices: per-chip memory, cost, roofline    (tttjax.bench.aot)
 
 Shared pieces: `timing` (median wall time, compiled peak memory), `table` (Markdown rows and
 CSV), `flops` (analytic DiT FLOPs), `mfu` (peak rates by device), `run_config` (config-file
@@ -23,5 +23,5 @@ SUBCOMMANDS = {
     "kernels": "Pallas TTT kernels vs XLA ops: fwd, fwd+bwd, fraction of bf16 matmul rate",
     "train": "the real train step of a config: step time, tokens/s, model FLOPs, MFU",
     "sample": "one denoising step at n segments: time, tokens/s, model FLOPs, MFU",
-    "aot": "per-device memory of a step compiled ahead of time on a mesh of fake devices",
+    "aot": "the train step compiled for a TPU slice or fake CPU devices: memory, cost, fits",
 }

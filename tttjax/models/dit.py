@@ -54,6 +54,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from tttjax import platform
 from tttjax.layers.bidirectional import GatedBidirectional
 from tttjax.layers.registry import make_mixer
 from tttjax.models import dit_config
@@ -212,10 +213,11 @@ class JointAttention(nnx.Module):
         q = jnp.concatenate([tq, vq], axis=2)
         k = jnp.concatenate([tk, vk], axis=2)
         v = jnp.concatenate([tv, vv], axis=2)
-        if self.cfg.attention_impl == "chunked":
+        impl = platform.attention_impl(self.cfg.attention_impl)
+        if impl == "chunked":
             y = chunked_attention(q, k, v, chunk=self.cfg.attention_chunk)
         else:
-            y = full_attention(q, k, v, implementation=self.cfg.attention_impl)
+            y = full_attention(q, k, v, implementation=impl)
         out = self._output(y)
         split = text.shape[1]
         return out[:, :split], out[:, split:]
@@ -231,7 +233,8 @@ class JointAttention(nnx.Module):
             per_segment(tq), per_segment(tk), per_segment(tv), vq, vk, vv,
             frame_tokens=layout.tokens_per_frame, frames_per_window=layout.window_frames,
             overlap_frames=layout.prefix_frames, video_rope=rope,
-            implementation=self.cfg.attention_impl, chunk=self.cfg.attention_chunk)
+            implementation=platform.attention_impl(self.cfg.attention_impl),
+            chunk=self.cfg.attention_chunk)
         return self._output(text_y.reshape(b, h, n * s, d)), self._output(video_y)
 
 

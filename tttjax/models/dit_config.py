@@ -23,7 +23,7 @@ FRAMES_PER_SEGMENT = 12   # latent frames per 3-second segment
 PREFIX_FRAMES = 1         # the extra first latent frame; also each window's overlap
 
 ATTENTION_MODES = ("full", "segment")
-ATTENTION_IMPLS = ("xla", "cudnn", "chunked")
+ATTENTION_IMPLS = ("xla", "cudnn", "chunked", "auto")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_block_outputs")
 POSITIONAL_EMBEDDINGS = ("rope", "sincos")
 ACTIVATIONS = ("gelu-approximate", "gelu")
@@ -77,7 +77,8 @@ def cogvideox_5b() -> ml_collections.ConfigDict:
         dtype="float32",                    # activation / matmul dtype
         param_dtype="float32",
         remat_policy="none",                # per block, see REMAT_POLICIES
-        attention_impl="xla",               # "xla", "cudnn" (GPU flash), "chunked" (online softmax)
+        attention_impl="xla",               # "xla", "cudnn" (GPU flash), "chunked" (online softmax),
+                                            # "auto" (cudnn on GPU, chunked elsewhere)
         attention_chunk=1024,               # query/key block of the "chunked" implementation
     ))
 
