@@ -9,16 +9,27 @@ of `tttjax.layers.registry`. Any L is accepted: the layer pads the sequence at t
 multiple of the mini-batch with tokens whose step size is zero (they never change the inner
 state, so real tokens are unaffected up to the last mini-batch's 1/b normalisation) and
 slices the padding off again.
+
+With `context_axis` (a mesh axis name) the inner loop runs context-parallel
+(`tttjax.ops.ttt_context_parallel`): each device of that axis scans its own span of the
+sequence and only the inner state moves between devices. The layer then pads L to a multiple
+of (axis size x mini-batch) and must be called under `jax.set_mesh` with a mesh holding that
+axis; batch and heads keep the mesh axes the logical rules give them.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd as core_spmd
 
+from tttjax import sharding
 from tttjax.ops import ttt as ttt_ops
 from tttjax.ops.rope import apply_rope
+from tttjax.ops.ttt_context_parallel import ttt_context_parallel
 from tttjax.sharding import with_logical_constraint
 
 _INIT_STD = 0.02
@@ -47,7 +58,8 @@ class _TTTLayer(nnx.Module):
 
     def __init__(self, width: int, num_heads: int, *, mini_batch_size: int, base_lr: float,
                  remat_group_size: int = 16, causal: bool = False, impl: str = "xla",
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 context_axis: str | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         name = type(self).__name__
         if width % num_heads:
             raise ValueError(f"{name}: width {width} must be divisible by num_heads {num_heads}")
@@ -60,6 +72,7 @@ class _TTTLayer(nnx.Module):
         if impl not in ttt_ops.IMPLS:
             raise ValueError(f"{name}: impl must be one of {list(ttt_ops.IMPLS)}, got {impl!r}")
         self.impl = impl  # "xla" scan, "pallas" kernel, or "auto" (kernel where supported)
+        self.context_axis = context_axis  # mesh axis sharding the scan over L, or None
         self.dtype = dtype
         h = num_heads
 
@@ -96,6 +109,25 @@ class _TTTLayer(nnx.Module):
         keys = ttt_ops.PARAM_SHAPES[self.kind]
         return {key: getattr(self, key)[...].astype(jnp.float32) for key in keys}
 
+    def _context_parallel_op(self, batch: int):
+        """`ttt_context_parallel` over `context_axis` with ttt_mlp's signature, and its size."""
+        name = type(self).__name__
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh is None or mesh.empty or self.context_axis not in mesh.shape:
+            axes = () if mesh is None or mesh.empty else tuple(mesh.axis_names)
+            raise ValueError(f"{name}: context_axis={self.context_axis!r} needs a mesh with that "
+                             f"axis set by jax.set_mesh; the current mesh axes are {axes}")
+        rules = core_spmd.get_logical_axis_rules() or sharding.DEFAULT_RULES
+        # shard_map needs even shards: axes that do not divide B or H are dropped.
+        spec = sharding._prune_spec(sharding.logical_to_spec(("batch", "heads"), rules), mesh,
+                                    (batch, self.num_heads))
+        batch_axes, head_axes = (
+            tuple(a for a in (e if isinstance(e, tuple) else (e,)) if a and a != self.context_axis)
+            for e in tuple(spec) + (None,) * (2 - len(spec)))
+        op = functools.partial(ttt_context_parallel, self.kind, axis_name=self.context_axis,
+                               mesh=mesh, batch_axes=batch_axes, head_axes=head_axes)
+        return op, mesh.shape[self.context_axis]
+
     def _heads(self, y, batch, length):
         y = y.reshape(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         return with_logical_constraint(y, ("batch", "heads", "length", "kv"))
@@ -107,7 +139,11 @@ class _TTTLayer(nnx.Module):
         if width != self.width:
             raise ValueError(f"{type(self).__name__}: input width {width} != layer width {self.width}")
         b = self.mini_batch_size
-        padded = -(-length // b) * b
+        pad_unit = b
+        if self.context_axis is not None:
+            context_op, context_size = self._context_parallel_op(batch)
+            pad_unit = context_size * b  # every device's span is whole mini-batches
+        padded = -(-length // pad_unit) * pad_unit
         if padded != length:
             x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0)))
             if rope is not None:
@@ -130,6 +166,8 @@ class _TTTLayer(nnx.Module):
             eta = eta * (jnp.arange(padded) < length).astype(jnp.float32)
 
         op = ttt_ops.ttt_mlp if self.kind == "mlp" else ttt_ops.ttt_linear
+        if self.context_axis is not None:
+            op = context_op
         offset = self.token_idx_offset[...] if self.causal else None
         z = op(q, k, v, eta, self.inner_params(), mini_batch_size=b,
                remat_group_size=self.remat_group_size, causal=self.causal, token_idx_offset=offset,
