@@ -5,11 +5,14 @@ Same contract as `tttjax.ops.ttt.ttt_mlp` / `ttt_linear` (which dispatch here wi
 post_norm and wo, in q's dtype, inner state and arithmetic float32.
 
 What runs where:
-- plain JAX (so autodiff covers it): casting to float32, the normalised reconstruction target
-  y of v - k, eta / b, broadcasting the initial state over the batch, padding the sequence to
-  whole remat groups (padded tokens have eta = 0, which leaves the state exactly unchanged);
+- plain JAX (so autodiff covers it): eta / b, broadcasting the initial state over the batch;
+  for the GPU kernel also casting to float32, the normalised reconstruction target y of v - k
+  and padding the sequence to whole remat groups (padded tokens have eta = 0, which leaves the
+  state exactly unchanged);
 - the kernels (`ttt_tpu` on TPU, `ttt_gpu` on GPU): the sequential scan, forward and backward,
-  with the state on chip and one checkpoint per remat group.
+  with the state on chip and one checkpoint per remat group. The TPU kernels also take q, k,
+  v unpadded in their own dtype and form y (and its VJP) in VMEM, so no float32 token array
+  goes through HBM (`ttt_tpu`'s docstring).
 
 Causal (ttt-lm) form and the inner-loss diagnostics are not in the kernels: they run in the XLA
 op (`impl="auto"` falls back to it; `impl="pallas"` raises).
@@ -114,27 +117,52 @@ def select(kind, impl, *, d, length, mini_batch_size, remat_group_size, causal=F
 
 
 @functools.lru_cache(maxsize=None)
-def _scan(kind, backend, b, group, interpret):
-    """The custom-VJP scan over padded float32 inputs for one static configuration."""
-    kernels = BACKENDS[backend]
+def _gpu_scan(kind, b, group, interpret):
+    """The custom-VJP Triton scan over padded float32 inputs (q, k, y, w [B, H, Lp, 1])."""
     opts = dict(b=b, group=group, interpret=interpret)
 
     @jax.custom_vjp
     def scan(q, k, y, w, gamma, beta, state0):
-        z, _, final = kernels.forward(kind, q, k, y, w, gamma, beta, state0, **opts)
+        z, _, final = ttt_gpu.forward(kind, q, k, y, w, gamma, beta, state0, **opts)
         return z, final
 
     def scan_fwd(q, k, y, w, gamma, beta, state0):
-        z, ckpts, final = kernels.forward(kind, q, k, y, w, gamma, beta, state0, **opts)
+        z, ckpts, final = ttt_gpu.forward(kind, q, k, y, w, gamma, beta, state0, **opts)
         return (z, final), (q, k, y, w, gamma, beta, ckpts)
 
     def scan_bwd(res, cotangents):
         q, k, y, w, gamma, beta, ckpts = res
         dz, dfinal = cotangents
-        dq, dk, dy, dw, dgamma, dbeta, dstate0 = kernels.backward(
+        dq, dk, dy, dw, dgamma, dbeta, dstate0 = ttt_gpu.backward(
             kind, q, k, y, w, gamma, beta, ckpts, dz, tuple(dfinal), **opts)
         # The kernels return per-(batch, head) LayerNorm gradients; gamma/beta are per head.
         return dq, dk, dy, dw, jnp.sum(dgamma, axis=0), jnp.sum(dbeta, axis=0), tuple(dstate0)
+
+    scan.defvjp(scan_fwd, scan_bwd)
+    return scan
+
+
+@functools.lru_cache(maxsize=None)
+def _tpu_scan(kind, b, group, interpret):
+    """The custom-VJP Mosaic scan: q, k, v [B, H, L, d] unpadded in their dtypes (the kernels
+    form the target y and its VJP), w packed [B, H, NG, G, b] float32."""
+    opts = dict(b=b, group=group, interpret=interpret)
+
+    @jax.custom_vjp
+    def scan(q, k, v, w, gamma, beta, state0):
+        z, _, final = ttt_tpu.forward(kind, q, k, v, w, gamma, beta, state0, **opts)
+        return z, final
+
+    def scan_fwd(q, k, v, w, gamma, beta, state0):
+        z, ckpts, final = ttt_tpu.forward(kind, q, k, v, w, gamma, beta, state0, **opts)
+        return (z, final), (q, k, v, w, gamma, beta, ckpts)
+
+    def scan_bwd(res, cotangents):
+        q, k, v, w, gamma, beta, ckpts = res
+        dz, dfinal = cotangents
+        dq, dk, dv, dw, dgamma, dbeta, dstate0 = ttt_tpu.backward(
+            kind, q, k, v, w, gamma, beta, ckpts, dz.astype(q.dtype), tuple(dfinal), **opts)
+        return dq, dk, dv, dw, jnp.sum(dgamma, axis=0), jnp.sum(dbeta, axis=0), tuple(dstate0)
 
     scan.defvjp(scan_fwd, scan_bwd)
     return scan
@@ -239,20 +267,33 @@ def _local_scan(kind, q, k, v, eta, params, initial_state, *, mini_batch_size, g
     names = ttt_step.STATE_NAMES[kind]
     gamma = params["ln_weight"].astype(f32)[:, None, :]        # [H, 1, d]
     beta = params["ln_bias"].astype(f32)[:, None, :]
-    qf, kf, vf = (x.astype(f32) for x in (q, k, v))
-    y = xla_ttt.reconstruction_target(kf, vf, gamma, beta)
-    w = (eta.astype(f32) * (1.0 / b))[..., None]               # [B, H, L, 1]
+    w = eta.astype(f32) * (1.0 / b)                            # [B, H, L]
     if initial_state is None:
         state0 = tuple(jnp.broadcast_to(params[key].astype(f32), (bsz,) + params[key].shape)
                        for key in names)
     else:
         state0 = tuple(initial_state[key].astype(f32) for key in names)
 
-    padded = -(-n // group) * group * b
-    if padded != length:
-        pad = ((0, 0), (0, 0), (0, padded - length), (0, 0))
-        qf, kf, y, w = (jnp.pad(x, pad) for x in (qf, kf, y, w))
-    z, final = _scan(kind, backend, b, group, interpret)(qf, kf, y, w, gamma, beta, state0)
+    if backend == "tpu":
+        # Unpadded token arrays in their own dtype (the kernels skip the last group's missing
+        # mini-batches and compute y in VMEM); eta / b as rows of b (see ttt_tpu). A 16-bit
+        # array whose mini-batch is not whole packed (16, 128) tiles goes in as float32.
+        def kernel_dtype(x):
+            size = x.dtype.itemsize
+            return x if size in (2, 4) and b % (8 * 4 // size) == 0 else x.astype(f32)
+
+        z, final = _tpu_scan(kind, b, group, interpret)(
+            kernel_dtype(q), kernel_dtype(k), kernel_dtype(v), ttt_tpu.pack_w(w, b, group),
+            gamma, beta, state0)
+    else:
+        qf, kf, vf = (x.astype(f32) for x in (q, k, v))
+        y = xla_ttt.reconstruction_target(kf, vf, gamma, beta)
+        w = w[..., None]                                       # [B, H, L, 1]
+        padded = -(-n // group) * group * b
+        if padded != length:
+            pad = ((0, 0), (0, 0), (0, padded - length), (0, 0))
+            qf, kf, y, w = (jnp.pad(x, pad) for x in (qf, kf, y, w))
+        z, final = _gpu_scan(kind, b, group, interpret)(qf, kf, y, w, gamma, beta, state0)
     z = z[:, :, :length].astype(q.dtype)
     if return_state:
         return z, dict(zip(names, final))

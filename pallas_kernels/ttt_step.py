@@ -96,6 +96,44 @@ def _ln_input_grad(g, zhat, std):
     return (g - _row_mean(g) - zhat * _row_mean(g * zhat)) / std
 
 
+# --------------------------------------------------------------------------- target
+
+
+def _target_parts(k, v):
+    """Centred v - k, its unbiased std (floored as the XLA op's) and 1 / (std + eps)."""
+    r = v - k
+    c = r - _row_mean(r)
+    var = jnp.sum(c * c, axis=-1, keepdims=True) * (1.0 / (r.shape[-1] - 1))
+    var_floor = jnp.maximum(var, 1e-30)
+    std = jnp.sqrt(var_floor)
+    return c, var, std, 1.0 / (std + LN_EPS)
+
+
+def target(k, v, gamma, beta):
+    """The normalised reconstruction target of `tttjax.ops.ttt.reconstruction_target`:
+    y = gamma (v - k - mean) / (std_unbiased(v - k) + eps) + beta. k, v [b, d] float32; gamma,
+    beta [1, d]. Returns y [b, d]."""
+    c, _, _, inv = _target_parts(k, v)
+    return gamma * (c * inv) + beta
+
+
+def target_backward(k, v, gamma, dy):
+    """VJP of `target` for the cotangent dy [b, d]: (dk, dv [b, d], dgamma, dbeta [1, d])."""
+    d = k.shape[-1]
+    c, var, std, inv = _target_parts(k, v)
+    rhat = c * inv
+    dgamma = _col_sum(dy * rhat)
+    dbeta = _col_sum(dy)
+    drhat = gamma * dy
+    # rhat = c * inv, inv = 1 / (std + eps), std = sqrt(max(var, floor)), var = sum(c^2)/(d-1)
+    dinv = jnp.sum(drhat * c, axis=-1, keepdims=True)
+    dstd = -dinv * inv * inv
+    dvar = jnp.where(var > 1e-30, dstd * 0.5 / std, 0.0)
+    dc = drhat * inv + dvar * (2.0 / (d - 1)) * c
+    dr = dc - _row_mean(dc)
+    return -dr, dr, dgamma, dbeta
+
+
 # --------------------------------------------------------------------------- forward
 
 

@@ -181,6 +181,31 @@ def test_step_backward_equals_vjp_of_xla_step(kind):
                 np.testing.assert_allclose(x, xr, rtol=0, atol=1e-12, err_msg=f"d{name}")
 
 
+def test_in_kernel_target_and_its_vjp_equal_the_xla_target():
+    """The TPU kernels form y = reconstruction_target(k, v) per mini-batch and its VJP by hand:
+    both against the XLA op's function and jax.vjp in float64, incl. a constant row of v - k
+    (padding: the floored variance, whose gradient is cut)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        b, d = 8, 16
+        k, v = (jnp.asarray(rng.standard_normal((b, d))) for _ in range(2))
+        v = v.at[3].set(k[3] + 0.7)                                  # v - k constant in row 3
+        gamma = jnp.asarray(1.0 + 0.3 * rng.standard_normal((1, d)))
+        beta = jnp.asarray(0.3 * rng.standard_normal((1, d)))
+        dy = jnp.asarray(rng.standard_normal((b, d)))
+        y_ref, vjp = jax.vjp(ttt.reconstruction_target, k, v, gamma, beta)
+        np.testing.assert_allclose(ttt_step.target(k, v, gamma, beta), y_ref, rtol=0, atol=1e-12)
+        expected = vjp(dy)
+        got = ttt_step.target_backward(k, v, gamma, dy)
+        for name, a, r in zip(("k", "v", "gamma", "beta"), got, expected):
+            a, r = np.asarray(a), np.asarray(r)
+            assert np.all(np.isfinite(a)), name
+            # Row by row: the constant row's 1 / (0 + eps) scale must not hide the others' error.
+            for row in range(a.shape[0]):
+                np.testing.assert_allclose(a[row], r[row], rtol=0, atol=1e-12 * np.abs(r[row]).max(),
+                                           err_msg=f"d{name} row {row}")
+
+
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
 def test_kernels_lower_to_mosaic_and_triton(kind):
     """Forward + backward at the 5B per-head shape (d = b = 64, groups of 16) lower for TPU and
