@@ -25,16 +25,24 @@ recompute). Without it autodiff also keeps every step's sliced span inputs and t
 89.5 MiB of temporaries per device without, 54.6 MiB with. The price is one more forward scan
 of the span during the backward pass.
 
-Per-device memory of one op's fwd + bwd, compiled ahead of time (`memory_comparison`):
+Per-device memory of one op's (or with --layer one TTT layer's) fwd + bwd, compiled ahead of
+time (`memory_comparison`, `layer_memory_comparison`):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
-        python -m tttjax.ops.ttt_context_parallel [--kind linear] [--length 65536]
+        python -m tttjax.ops.ttt_context_parallel [--layer] [--kind linear] [--length 65536]
 
     TTT-MLP, B 1, H 8, d 64, b 64, 8 CPU devices: temporaries in MiB
-                          L 16384   L 65536
-      one device            504.9    1237.6
-      heads over tensor      60.1     151.5
-      context parallel       54.6     120.2
+                                            L 16384   L 65536
+      op     one device                       504.9    1237.6
+      op     heads over tensor                 60.1     151.5
+      op     context parallel                  54.6     120.2
+      layer  heads over tensor, x replicated  224.0     896.0
+      layer  heads over tensor, x seq-sharded 226.0     898.0
+      layer  context parallel                  68.2     279.6
+
+The op alone holds the same number of [token, head] elements per device either way; the
+layer under heads-over-tensor also keeps [L, D] activations (post-norm over all heads, wo, the
+input's gradient) whole on every device, where context parallelism keeps everything split.
 """
 
 from __future__ import annotations
@@ -296,6 +304,58 @@ def memory_comparison(kind: ttt_ops.Kind = "mlp", *, batch: int = 1, heads: int 
     }
 
 
+def layer_memory_comparison(kind: ttt_ops.Kind = "mlp", *, batch: int = 1, heads: int = 8,
+                            length: int = 16384, head_dim: int = 64, mini_batch_size: int = 64,
+                            devices=None) -> dict[str, dict[str, int]]:
+    """Per-device bytes of one TTT layer's (`tttjax.layers.ttt`) forward + backward.
+
+    Gradients w.r.t. the layer input and every parameter, compiled ahead of time on n devices:
+    heads over `tensor` with the input replicated (Megatron layout), heads over `tensor` with
+    the sequence sharded over `tensor` outside the mixer (the 5B config's rules: the layer
+    reshards to heads and back), and context-parallel over `context` (the sequence stays
+    sharded; `context_axis` set). Same keys as `memory_comparison`.
+    """
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding
+
+    from tttjax import sharding
+    from tttjax.layers.ttt import TTTLinear, TTTMLP  # the layer builds on this module
+
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    layer_cls = TTTMLP if kind == "mlp" else TTTLinear
+    width = heads * head_dim
+
+    def measure(axis, rules, x_spec, context_axis=None):
+        mesh = Mesh(np.asarray(devices).reshape(n), (axis,))
+        layer = layer_cls(width, heads, mini_batch_size=mini_batch_size,
+                          context_axis=context_axis, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(layer)
+
+        def loss(state, x):
+            return jnp.sum(nnx.merge(graphdef, state)(x) ** 2)
+
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            shardings = sharding.state_shardings(state, mesh, rules)
+            state = jax.device_put(state, shardings)  # parameters are small; x is abstract
+            x = jax.ShapeDtypeStruct((batch, length, width), jnp.float32,
+                                     sharding=NamedSharding(mesh, x_spec))
+            compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(state, x).lower().compile()
+        stats = compiled.memory_analysis()
+        return {"temp": stats.temp_size_in_bytes, "argument": stats.argument_size_in_bytes,
+                "output": stats.output_size_in_bytes}
+
+    seq_over = lambda axis: sharding.merge_rules([("length", axis)])  # noqa: E731
+    return {
+        f"heads over tensor ({n}), x replicated": measure("tensor", sharding.DEFAULT_RULES, P()),
+        f"heads over tensor ({n}), x seq-sharded": measure("tensor", seq_over("tensor"),
+                                                          P(None, "tensor")),
+        f"context parallel ({n})": measure("context", seq_over("context"), P(None, "context"),
+                                           context_axis="context"),
+    }
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -305,10 +365,13 @@ if __name__ == "__main__":
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--mini-batch", type=int, default=64)
+    parser.add_argument("--layer", action="store_true",
+                        help="the whole TTT layer (projections, norms) instead of the op")
     cli = parser.parse_args()
-    result = memory_comparison(cli.kind, heads=cli.heads, length=cli.length,
-                               head_dim=cli.head_dim, mini_batch_size=cli.mini_batch)
-    print(f"TTT-{cli.kind} fwd+bwd, B=1, H={cli.heads}, L={cli.length}, d={cli.head_dim}, "
-          f"b={cli.mini_batch}: per-device MiB")
+    compare = layer_memory_comparison if cli.layer else memory_comparison
+    result = compare(cli.kind, heads=cli.heads, length=cli.length, head_dim=cli.head_dim,
+                     mini_batch_size=cli.mini_batch)
+    print(f"TTT-{cli.kind} {'layer' if cli.layer else 'op'} fwd+bwd, B=1, H={cli.heads}, "
+          f"L={cli.length}, d={cli.head_dim}, b={cli.mini_batch}: per-device MiB")
     for variant, stats in result.items():
-        print(f"  {variant:24s}" + "  ".join(f"{k} {v / 2**20:8.1f}" for k, v in stats.items()))
+        print(f"  {variant:40s}" + "  ".join(f"{k} {v / 2**20:8.1f}" for k, v in stats.items()))
