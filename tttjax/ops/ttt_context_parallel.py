@@ -148,12 +148,14 @@ def ttt_context_parallel(kind: ttt_ops.Kind, q, k, v, eta, params, *, mini_batch
     bsz, h, length, _ = q.shape
     cp = mesh.shape[axis_name]
     b = mini_batch_size
+    if not isinstance(b, int) or b < 1:
+        raise ValueError(f"{name}: mini_batch_size must be a positive int, got {b!r}")
     if length % cp:
         raise ValueError(f"{name}: sequence length L={length} is not divisible by the {cp} devices "
                          f"of axis {axis_name!r}; pad to {-(-length // (cp * b)) * cp * b} "
                          f"(a multiple of cp x mini_batch_size = {cp * b})")
     span = length // cp
-    if isinstance(b, int) and b >= 1 and span % b:
+    if span % b:
         raise ValueError(f"{name}: span length L/cp={span} (L={length}, cp={cp}) is not a multiple "
                          f"of mini_batch_size={b}; pad the sequence to "
                          f"{-(-length // (cp * b)) * cp * b} tokens (a multiple of cp x "
