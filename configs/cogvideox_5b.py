@@ -51,8 +51,11 @@ def get_config(arg: str = "3s,ttt_mlp") -> ml_collections.ConfigDict:
     model.mixer = mixer
     model.mixer_config = ml_collections.ConfigDict(MIXER_CONFIGS)
     model.attention = "segment"
+    # bf16 compute from float32 master weights: AdamW updates at 1e-5 / 1e-4 are below a bf16
+    # weight's rounding step and would mostly be lost (tttjax.train.config warns about bf16
+    # storage). optax keeps Adam's second moment in this dtype; optim.mu_dtype sets the first.
     model.dtype = "bfloat16"
-    model.param_dtype = "bfloat16"
+    model.param_dtype = "float32"
     model.remat_policy = STAGE_REMAT[stage]
     model.attention_impl = "cudnn"
     config.model = dit_config.validate(model)

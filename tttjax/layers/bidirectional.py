@@ -60,6 +60,19 @@ def gated_bidirectional(fn: Callable[..., jax.Array], x: jax.Array, gate_fwd: ja
     return z + jnp.tanh(gate_bwd).astype(x.dtype) * _permute(y_rev, undo, 1)
 
 
+def _per_token(table: jax.Array, modality: jax.Array, dtype) -> jax.Array:
+    """Row `modality[l]` of `table` [M, D] for every token: [L, D] in `dtype`.
+
+    The gates are stored in param_dtype (float32 master weights) but the [L, D] per-token
+    copy is activation-sized (346k x 3072 at 63 s), so it is built in the compute dtype. A
+    one-hot matmul rather than a gather: the gradient (a sum over all L tokens per row)
+    then accumulates in float32 inside the dot, where a gather's scatter-add would
+    accumulate in bfloat16 and stall once the sum outgrows its terms.
+    """
+    one_hot = jax.nn.one_hot(modality, table.shape[0], dtype=dtype)
+    return jnp.dot(one_hot, table.astype(dtype), precision=jax.lax.Precision.HIGHEST)
+
+
 class GatedBidirectional(nnx.Module):
     """Owns a mixer and its forward/backward gates, one gate vector per token modality.
 
@@ -79,7 +92,7 @@ class GatedBidirectional(nnx.Module):
         """x [B, L, D]; modality [L] int; returns [B, L, D]."""
         if modality is None:
             modality = jnp.zeros((x.shape[1],), jnp.int32)
-        gate_fwd = jnp.take(self.alpha_fwd[...], modality, axis=0)   # [L, D]
-        gate_bwd = jnp.take(self.alpha_bwd[...], modality, axis=0)
+        gate_fwd = _per_token(self.alpha_fwd[...], modality, x.dtype)   # [L, D]
+        gate_bwd = _per_token(self.alpha_bwd[...], modality, x.dtype)
         return gated_bidirectional(self.mixer, x, gate_fwd, gate_bwd,
                                    reverse_index=reverse_index, rope=rope)
