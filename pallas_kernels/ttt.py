@@ -25,7 +25,7 @@ shards the sequence ("length") and is not used by batch or heads is gathered at 
 boundary (the scan is sequential), and axes named by no dim replicate the work.
 
 Which kernel `impl="auto"` picks follows the platform the program is compiled for
-(`target_platform`): the devices of the mesh set with `jax.set_mesh`, else
+(`tttjax.platform.target_platform`): the devices of the mesh set with `jax.set_mesh`, else
 `jax.default_backend()`. So a program lowered ahead of time on a CPU host for a TPU topology
 mesh (`tttjax.tpu_topology`) gets the Mosaic kernel.
 """
@@ -41,6 +41,7 @@ from flax.core import spmd as core_spmd
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import ttt_gpu, ttt_step, ttt_tpu
+from tttjax import platform as platform_lib
 from tttjax import sharding as sharding_lib
 from tttjax.ops import ttt as xla_ttt
 
@@ -57,27 +58,12 @@ def check_supported(kind: str, backend: str, *, d: int, mini_batch_size: int, re
     BACKENDS[backend].check_supported(kind, d, mini_batch_size, remat_group_size)
 
 
-def target_platform() -> str:
-    """The platform the program being traced will be compiled for: "tpu", "gpu", "cpu", ...
-
-    The devices of the mesh set with `jax.set_mesh` (its abstract mesh, visible inside `jit`
-    tracing and `shard_map` bodies, records their platform), else `jax.default_backend()`.
-    The mesh decides because an ahead-of-time compile for a TPU topology runs on a host whose
-    default backend is the CPU; a program jitted without `jax.set_mesh` (e.g. only its
-    arguments carry shardings) compiles for the default backend's devices in practice.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
-    if device is not None and device.platform:
-        return device.platform
-    return jax.default_backend()
-
-
 def select(kind, impl, *, d, length, mini_batch_size, remat_group_size, causal=False,
            return_inner_loss=False, token_idx_offset=None):
     """Which kernel `impl` asks for at this shape: (backend, interpret), or None for the XLA op.
 
-    "xla": None. "auto": the kernel of the target platform (`target_platform()`: TPU or GPU)
+    "xla": None. "auto": the kernel of the target platform (`tttjax.platform.target_platform`:
+    the platform of the mesh set with `jax.set_mesh`, else the default backend; TPU or GPU)
     when it supports the shape and options, else None. "pallas": that kernel or a ValueError
     saying why not. "pallas_interpret": the TPU kernel in Pallas' TPU interpret mode (any
     platform; slow, for tests).
@@ -97,7 +83,7 @@ def select(kind, impl, *, d, length, mini_batch_size, remat_group_size, causal=F
     if impl == "pallas_interpret":
         backend, interpret = "tpu", True
     else:
-        platform = target_platform()
+        platform = platform_lib.target_platform()
         backend, interpret = _PLATFORM_BACKEND.get(platform), False
         if backend is None:
             if explicit:

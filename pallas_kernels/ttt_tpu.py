@@ -96,11 +96,15 @@ def check_supported(kind, d, b, group):
                          "MiB budget; lower remat_group_size or use impl='xla'")
 
 
-def _compiler_params(kind, d, b, group):
+def vmem_limit_bytes(kind, d, b, group):
+    """The scoped-VMEM limit the kernels ask Mosaic for: the estimate + 25% + 8 MiB, capped."""
     need = vmem_bytes(kind, d, b, group)
-    return pltpu.CompilerParams(
-        dimension_semantics=("parallel", "parallel", "arbitrary"),
-        vmem_limit_bytes=int(min(need + need // 4 + 8 * 2**20, _VMEM_LIMIT_CAP_BYTES)))
+    return int(min(need + need // 4 + 8 * 2**20, _VMEM_LIMIT_CAP_BYTES))
+
+
+def _compiler_params(kind, d, b, group):
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
+                                vmem_limit_bytes=vmem_limit_bytes(kind, d, b, group))
 
 
 def _interpret_arg(interpret):
