@@ -15,9 +15,11 @@ from tttjax.models import dit_config
 # Per-mixer settings of the paper (SPEC section 1); other mixers use their registry defaults.
 # Stored as config.model.mixer_config.<mixer> for every mixer: the chosen mixer reads the
 # sub-dict of its own name, so `--config.model.mixer=...` picks its settings up too.
+# impl "auto": the fused Pallas kernel on TPU (Mosaic) and GPU (Triton) where the shape allows,
+# the XLA scan elsewhere; chosen by the devices the step is compiled for.
 MIXER_CONFIGS = {
-    "ttt_mlp": dict(mini_batch_size=64, base_lr=0.1, remat_group_size=16),
-    "ttt_linear": dict(mini_batch_size=16, base_lr=1.0, remat_group_size=16),
+    "ttt_mlp": dict(mini_batch_size=64, base_lr=0.1, remat_group_size=16, impl="auto"),
+    "ttt_linear": dict(mini_batch_size=16, base_lr=1.0, remat_group_size=16, impl="auto"),
 }
 
 # Longer stages save less per block for the backward pass (SPEC section 5).
@@ -57,7 +59,9 @@ def get_config(arg: str = "3s,ttt_mlp") -> ml_collections.ConfigDict:
     model.dtype = "bfloat16"
     model.param_dtype = "float32"
     model.remat_policy = STAGE_REMAT[stage]
-    model.attention_impl = "cudnn"
+    # cuDNN flash attention on GPUs, the online softmax over key blocks on TPUs (no logits
+    # stored either way); chosen by the devices the step is compiled for.
+    model.attention_impl = "auto"
     config.model = dit_config.validate(model)
 
     config.stage = ml_collections.ConfigDict(dict(

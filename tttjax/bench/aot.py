@@ -73,6 +73,14 @@ class CompiledStep:
     memory: StepMemory
     compile_seconds: float
 
+    @property
+    def pallas_kernels(self) -> int:
+        """Pallas kernel launches in the compiled program (Mosaic custom calls on TPU, Triton
+        on GPU): non-zero when `impl="auto"` picked the TTT kernel for these devices."""
+        text = self.compiled.as_text() or ""
+        return text.count('custom_call_target="tpu_custom_call"') + text.count(
+            'custom_call_target="__gpu$xla.gpu.triton"')
+
 
 def _bytes_per_device(tree) -> int:
     """Bytes one device holds of a tree of sharded `ShapeDtypeStruct`s."""
@@ -184,6 +192,10 @@ def report_lines(config, step: CompiledStep, *, chip=None, what: str) -> list[st
             f"roofline estimate (not measured): {compute:.3g} s per micro-batch step at the "
             f"{chip.generation}'s peak {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 "
             f"({compute * accum:.3g} s per update of {config.train.global_batch_size})")
+    if config.model.mixer.startswith("ttt"):
+        kernels = step.pallas_kernels
+        lines.append("TTT inner loop: " + (f"Pallas kernel ({kernels} kernel calls in the program)"
+                                           if kernels else "XLA scan (no Pallas kernel)"))
     lines.append(f"compiled in {step.compile_seconds:.1f} s")
     if chip is None:
         lines.append(f"peak per device: {m.peak / GIB:.2f} GiB (fake CPU devices, CPU compiler: "
