@@ -36,7 +36,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-
 from flax.core import spmd as core_spmd
 from jax.sharding import PartitionSpec as P
 
@@ -236,8 +235,8 @@ def ttt_scan(kind, q, k, v, eta, params, *, mini_batch_size: int, remat_group_si
     out_specs = (seq, {key: per_pair for key in names}) if return_state else seq
     if set(mesh.explicit_axes) & set(free):
         # Explicit-sharding meshes want the arguments laid out as in_specs already.
-        args = jax.tree.map(lambda x, spec: jax.reshard(x, spec), args, in_specs,
-                            is_leaf=lambda x: x is None)
+        args = tuple(x if x is None else jax.tree.map(jax.reshard, x, spec)
+                     for x, spec in zip(args, in_specs))
     return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs,
                          axis_names=frozenset(free), check_vma=False)(*args)
 

@@ -115,7 +115,8 @@ def pack_w(w, b, group):
     """Per-token step sizes [B, H, L] (eta / b, float32) -> the kernels' [B, H, NG, G, b].
 
     Mini-batch i of group g is row i; the mini-batches after the last (L = n * b, NG = ceil(n /
-    G)) are zero. The inverse for dw is `unpack_w`.
+    G)) are zero. The backward's dw comes in the same layout; autodiff of this pad and reshape
+    takes it back to [B, H, L].
     """
     bsz, h, length = w.shape
     n = length // b
@@ -124,12 +125,6 @@ def pack_w(w, b, group):
     if n_groups * group != n:
         w = jnp.pad(w, ((0, 0), (0, 0), (0, n_groups * group - n), (0, 0)))
     return w.reshape(bsz, h, n_groups, group, b)
-
-
-def unpack_w(w_packed, length):
-    """[B, H, NG, G, b] -> [B, H, L]: the first L = n * b entries."""
-    bsz, h = w_packed.shape[:2]
-    return w_packed.reshape(bsz, h, -1)[:, :, :length]
 
 
 def _row_to_column(row):

@@ -229,9 +229,9 @@ def _main_topology(args, parser, kinds, lengths):
           f"{args.tensor}), d = {args.head_dim}, remat_group_size {args.remat_group_size}, bf16 "
           "q/k/v/eta, float32 params. HBM (GiB): memory_analysis; VMEM (MiB): the kernel's "
           "estimate and the limit it asks Mosaic for")
-    print("# FLOPs: analytic = the algorithm's matmuls; xla = cost_analysis (kernels: their cost "
-          "estimates; XLA counts a while loop's body once, so the XLA scan's figure is one "
-          "group's, not the sequence's)")
+    print("# FLOPs per chip: analytic = the algorithm's matmuls; xla = cost_analysis (the kernels "
+          "enter it with their cost estimates, recomputation included; XLA counts a while loop's "
+          "body once, not per iteration, so the XLA scan's figure is far below its work)")
     table = MarkdownTable(("kind", "impl", "L", "mode", "args_gib", "temps_gib", "out_gib",
                            "vmem_est_mib", "vmem_limit_mib", "analytic_gflop", "xla_gflop",
                            "gb_accessed", "compile_s", "note"), float_format=".3g")
