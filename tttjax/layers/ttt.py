@@ -160,7 +160,10 @@ class _TTTLayer(nnx.Module):
                 cos, sin = cos[:, None], sin[:, None]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        gate = jnp.einsum("bld,hd->bhl", x.astype(jnp.float32), self.theta_lr[...].astype(jnp.float32))
+        # bf16 operands, float32 accumulation: a float32 copy of x here would make its
+        # gradient a float32 [B, L, D] buffer (4 GiB per example at 63 s).
+        gate = jnp.einsum("bld,hd->bhl", x, self.theta_lr[...].astype(x.dtype),
+                          preferred_element_type=jnp.float32)
         eta = self.base_lr * jax.nn.sigmoid(gate + self.b_lr[...].astype(jnp.float32)[:, None]) / self.head_dim
         if padded != length:
             eta = eta * (jnp.arange(padded) < length).astype(jnp.float32)

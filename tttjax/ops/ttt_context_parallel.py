@@ -183,7 +183,10 @@ def ttt_context_parallel(kind: ttt_ops.Kind, q, k, v, eta, params, *, mini_batch
     if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
         # Explicit-sharding meshes require arguments already laid out as in_specs.
         args = jax.tree.map(lambda x, spec: jax.reshard(x, _named(mesh, spec)), args, in_specs)
-    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=seq_spec)(*args)
+    # A Pallas kernel's outputs carry no varying-manual-axes type, which check_vma requires;
+    # the kernel path turns the check off (the XLA path keeps it as a guard on the pipeline).
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=seq_spec,
+                         check_vma=impl == "xla")(*args)
 
 
 def _named(mesh, spec):
@@ -217,7 +220,8 @@ def _pipeline(q, k, v, eta, params, token_idx_offset, *, kind, axis_name, cp, gr
                                       (bsz, hg) + params_g[key].shape[2:]) for key in state_keys}
 
     # A checkpoint per pipeline step: autodiff keeps only the start state (see module doc).
-    @functools.partial(jax.checkpoint, prevent_cse=False)
+    # Not around a Pallas kernel: its custom VJP already saves only the span's inputs and one
+    # state per remat group, and the kernels' interpret mode (IO callbacks) cannot be remat'd.
     def run_span(state, g):
         def take(x):
             return jax.lax.dynamic_index_in_dim(x, g, axis=1, keepdims=False)
@@ -227,6 +231,9 @@ def _pipeline(q, k, v, eta, params, token_idx_offset, *, kind, axis_name, cp, gr
                   remat_group_size=remat_group_size, causal=causal,
                   token_idx_offset=token_idx_offset, initial_state=state, return_state=True,
                   impl=impl)
+
+    if impl == "xla":
+        run_span = jax.checkpoint(run_span, prevent_cse=False)
 
     def step(carry, s):
         received, out = carry
