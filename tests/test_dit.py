@@ -493,3 +493,21 @@ def test_sequence_sharding_over_a_non_dividing_axis(tiny_ttt_perturbed):
     assert len(ref_flat) == len(jax.tree.leaves(grads))
     for got, want in zip(jax.tree.leaves(grads), ref_flat):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+    # The TTT scan context-parallel over the same axis (mixer_config.<mixer>.context_axis):
+    # each tensor device scans its span of the interleaved sequence (padded to 3 x 16 tokens)
+    # and passes the inner state on; both directions of the gated bidirectional mixer.
+    mixer_config = ml_collections.ConfigDict(model.cfg.mixer_config.to_dict())
+    mixer_config[model.cfg.mixer].context_axis = "tensor"
+    cp_graphdef, cp_state = nnx.split(with_config(model, mixer_config=mixer_config))
+
+    def cp_loss(st, x, e, t):
+        return loss(nnx.merge(cp_graphdef, st), x, e, t)
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        hlo = jax.jit(jax.value_and_grad(cp_loss)).lower(cp_state, x, e, t).as_text()
+        cp_out, cp_grads = jax.jit(jax.value_and_grad(cp_loss))(cp_state, x, e, t)
+    assert "collective_permute" in hlo
+    np.testing.assert_allclose(cp_out, ref_loss, rtol=2e-5)
+    for got, want in zip(jax.tree.leaves(cp_grads), ref_flat):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
