@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels import ttt as pallas_ttt
 from pallas_kernels import ttt_tpu
 from test_ttt_ops import f32, make_inputs
-from tttjax import sharding
+from tttjax import sharding, tpu_topology
 from tttjax.layers.ttt import TTTMLP
 from tttjax.ops import ttt
 
@@ -33,8 +33,6 @@ OPS = {"mlp": ttt.ttt_mlp, "linear": ttt.ttt_linear}
 @functools.lru_cache(maxsize=None)
 def _tpu_mesh(topology, tensor=4):
     pytest.importorskip("libtpu", reason="compiling for a TPU topology needs libtpu")
-    from tttjax import tpu_topology
-
     return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": tensor},
                               tpu_topology.devices(topology))
 
@@ -78,6 +76,33 @@ def test_tpu_kernels_compile_forward_and_backward(topology, kind, d, b, n):
     assert compiled.cost_analysis()["flops"] >= step * n * heads // mesh.shape["tensor"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["v5p-8", "v6e-8"])
+@pytest.mark.parametrize("kind,b,tokens", [("mlp", 64, 17550), ("mlp", 64, 341550),
+                                           ("linear", 16, 341550)])
+def test_tpu_kernels_compile_at_5b_lengths(topology, kind, b, tokens):
+    """The 5B layer (48 heads, 12 per chip, d = 64, groups of 16) at 13 and 253 latent frames
+    (18k and 341k tokens): fwd+bwd compiles and its temporaries fit the chip's HBM."""
+    mesh = _tpu_mesh(topology)
+    bsz, heads, d, length = mesh.shape["data"], 48, 64, -(-tokens // b) * b
+    seq = _abstract((bsz, heads, length, d), jnp.bfloat16, mesh, P("data", "tensor"))
+    eta = _abstract((bsz, heads, length), jnp.float32, mesh, P("data", "tensor"))
+    params = {name: _abstract(fn(heads, d), jnp.float32, mesh, P("tensor"))
+              for name, fn in ttt.PARAM_SHAPES[kind].items()}
+
+    def loss(q, k, v, eta, p):
+        z = OPS[kind](q, k, v, eta, p, mini_batch_size=b, remat_group_size=16, impl="auto")
+        return jnp.sum(jnp.square(z.astype(jnp.float32)))
+
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(
+            seq, seq, seq, eta, params).compile()
+    assert compiled.as_text().count("tpu_custom_call") == 2
+    mem = compiled.memory_analysis()
+    total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+    assert total < tpu_topology.chip(topology).hbm_bytes
+
+
 @pytest.mark.parametrize("impl,kernels", [("auto", 2), ("xla", 0)])
 def test_auto_compiles_the_mosaic_kernel_for_a_tpu_mesh(impl, kernels):
     """A tiny TTT-MLP layer jitted (forward + gradients) on a v5p-8 topology mesh: impl='auto'
@@ -100,6 +125,28 @@ def test_auto_compiles_the_mosaic_kernel_for_a_tpu_mesh(impl, kernels):
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
         compiled = jax.jit(jax.grad(loss)).lower(abstract, x).compile()
     assert compiled.as_text().count("tpu_custom_call") == kernels
+
+
+@pytest.mark.slow
+def test_tiny_dit_train_step_compiles_the_kernel_for_a_tpu_slice():
+    """The trainer's whole step (tiny DiT, TTT-MLP mixer with impl='auto': scanned blocks, remat,
+    both scan directions) compiled for v5p-8 with heads over tensor = 4: the Mosaic kernels are
+    in it (a forward and a backward per direction)."""
+    import importlib.util
+    from pathlib import Path
+
+    from tttjax.bench import aot
+
+    _tpu_mesh("v5p-8")  # skips without libtpu
+    path = Path(__file__).parents[1] / "configs" / "tiny.py"
+    spec = importlib.util.spec_from_file_location("tiny_config", path)
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    config = tiny.get_config("ttt_mlp,1")
+    config.model.mixer_config.ttt_mlp.impl = "auto"
+    config.mesh.axes = {"data": 1, "fsdp": 1, "tensor": 4}
+    step = aot.compile_train_step(config, tpu_topology.devices("v5p-8"))
+    assert step.pallas_kernels == 4
 
 
 def test_mesh_layout_follows_rules_divisibility_and_manual_axes():

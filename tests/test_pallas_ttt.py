@@ -3,7 +3,8 @@
 No TPU/GPU here: the kernels run in Pallas interpret mode (the TPU kernels with Pallas' TPU
 interpret params, which simulate VMEM and the grid's sequential semantics; the Triton kernels
 with the generic interpreter), and their lowering to Mosaic (TPU) and Triton (CUDA) IR is
-checked by exporting for those platforms.
+checked by exporting for those platforms. The real TPU compiler (libtpu on this host) and the
+kernel's shard_map under a mesh: tests/test_pallas_tpu_compile.py.
 
 Tolerances: kernel vs XLA op on the same float32 inputs, every output and gradient within
 2e-5 x the array's largest magnitude (float32 round-off of differently ordered sums; a wrong
