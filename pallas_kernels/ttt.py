@@ -237,6 +237,9 @@ def ttt_scan(kind, q, k, v, eta, params, *, mini_batch_size: int, remat_group_si
         # Explicit-sharding meshes want the arguments laid out as in_specs already.
         args = tuple(x if x is None else jax.tree.map(jax.reshard, x, spec)
                      for x, spec in zip(args, in_specs))
+    # check_vma=False: a pallas_call's out_shape carries no varying-axes type, which the check
+    # would require; without it shard_map's transpose still sums the cotangents of inputs
+    # replicated over an axis (params over the batch axes; tested against the XLA op).
     return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs,
                          axis_names=frozenset(free), check_vma=False)(*args)
 
