@@ -17,9 +17,14 @@ from tttjax.models import dit_config
 # sub-dict of its own name, so `--config.model.mixer=...` picks its settings up too.
 # impl "auto": the fused Pallas kernel on TPU (Mosaic) and GPU (Triton) where the shape allows,
 # the XLA scan elsewhere; chosen by the devices the step is compiled for.
+# context_axis: a mesh axis to run the TTT scan context-parallel over (each device scans its
+# span of the sequence, the inner state passes device to device), or None for heads split
+# over `tensor` with the whole sequence on every device ("": the default).
 MIXER_CONFIGS = {
-    "ttt_mlp": dict(mini_batch_size=64, base_lr=0.1, remat_group_size=16, impl="auto"),
-    "ttt_linear": dict(mini_batch_size=16, base_lr=1.0, remat_group_size=16, impl="auto"),
+    "ttt_mlp": dict(mini_batch_size=64, base_lr=0.1, remat_group_size=16, impl="auto",
+                    context_axis=""),
+    "ttt_linear": dict(mini_batch_size=16, base_lr=1.0, remat_group_size=16, impl="auto",
+                       context_axis=""),
 }
 
 # Longer stages save less per block for the backward pass (SPEC section 5).

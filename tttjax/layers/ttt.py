@@ -72,7 +72,8 @@ class _TTTLayer(nnx.Module):
         if impl not in ttt_ops.IMPLS:
             raise ValueError(f"{name}: impl must be one of {list(ttt_ops.IMPLS)}, got {impl!r}")
         self.impl = impl  # "xla" scan, "pallas" kernel, or "auto" (kernel where supported)
-        self.context_axis = context_axis  # mesh axis sharding the scan over L, or None
+        # Mesh axis sharding the scan over L, or None ("" too: how a config spells none).
+        self.context_axis = context_axis or None
         self.dtype = dtype
         h = num_heads
 
