@@ -163,14 +163,17 @@ def report_lines(config, step: CompiledStep, *, chip=None, what: str) -> list[st
     from tttjax.train import config as config_lib
 
     accum = config.train.grad_accum_steps
+    micro = config_lib.micro_batch_size(config)
+    shards = math.prod(mesh.shape[a] for a in config_lib.batch_mesh_axes(config))
     changed = [f"{k}={'+'.join(v) if isinstance(v, tuple) else v}" for k, v in step.rules
                if (k, v) not in DEFAULT_RULES]
     lines = [
         f"{what}",
         f"mesh {dict(mesh.shape)} ({mesh.size} chips), logical rules: defaults"
         + (f" with {', '.join(changed)}" if changed else ""),
-        f"global batch {config.train.global_batch_size} = {accum} x micro-batch "
-        f"{config_lib.micro_batch_size(config)}; trainable {config.train.trainable}; "
+        f"global batch {config.train.global_batch_size} = {accum} x micro-batch {micro} "
+        f"({micro // shards} example(s) per batch shard of {mesh.size // shards} chips); "
+        f"trainable {config.train.trainable}; "
         f"param_dtype {config.model.param_dtype}, dtype {config.model.dtype}; "
         f"remat {config.model.remat_policy}; attention {config.model.attention_impl}; "
         f"mixer {config.model.mixer}",
