@@ -89,9 +89,12 @@ def test_cpu_and_tpu_plans_trace_the_same_step():
 
 
 def test_tiny_step_compiles_for_a_v5p_slice(capsys):
-    assert aot.main(["--config", "configs/tiny.py:ttt_mlp,1", "--topology", "v5p-8"]) == 0
+    assert aot.main(["--config", "configs/tiny.py:ttt_mlp,1", "--topology", "v5p-8",
+                     "--config.model.mixer_config.ttt_mlp.impl=auto"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert "TPU compiler on a CPU host: compiled, not run" in out[0]
+    # impl="auto" follows the slice's platform: the Mosaic kernel, not the XLA scan.
+    assert any(line.startswith("TTT inner loop: Pallas kernel") for line in out), out
     match = LAST_LINE.match(out[-1])
     assert match and match.groups() == ("95", "fits"), out[-1]
 

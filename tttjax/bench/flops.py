@@ -57,6 +57,8 @@ import ml_collections
 
 # Forward matmuls per mini-batch row of the non-causal TTT inner loop (see module doc).
 TTT_FWD_MATMULS = {"mlp": 7, "linear": 3}
+# Rows of the gate tables of tttjax.layers.bidirectional (text, video).
+GATE_MODALITIES = 2
 # Mixers with an analytic count: every registered mixer, and `none`.
 COUNTED_MIXERS = ("none", "ttt_mlp", "ttt_linear", "full", "swa", "gated_deltanet", "mamba2")
 
@@ -145,6 +147,18 @@ def mixer_flops(cfg: ml_collections.ConfigDict, tokens: int) -> int:
         window = _mixer_option(cfg, name, "window", defaults.window)
         one_pass = proj * tokens + 4 * tokens * min(window, tokens) * width
     return 2 * one_pass
+
+
+def gate_flops(cfg: ml_collections.ConfigDict, tokens: int) -> int:
+    """Matmul FLOPs of one DiT forward pass (any batch size) spent expanding the gated
+    bidirectional wrapper's [2, D] gate tables to per-token rows (a one-hot [L, 2] x [2, D]
+    matmul per gate, so that their gradients accumulate in float32; two gates per block). Not
+    model FLOPs: a table lookup done as a matmul, once per pass rather than per example.
+    `traced_matmul_flops` counts it."""
+    if cfg.mixer == "none":
+        return 0
+    width = cfg.num_attention_heads * cfg.attention_head_dim
+    return cfg.num_layers * 2 * (2 * tokens * GATE_MODALITIES * width)
 
 
 def dit_forward_flops(cfg: ml_collections.ConfigDict, *, latent_frames: int, latent_height: int,
