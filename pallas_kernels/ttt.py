@@ -102,52 +102,33 @@ def select(kind, impl, *, d, length, mini_batch_size, remat_group_size, causal=F
 
 
 @functools.lru_cache(maxsize=None)
-def _gpu_scan(kind, b, group, interpret):
-    """The custom-VJP Triton scan over padded float32 inputs (q, k, y, w [B, H, Lp, 1])."""
+def _scan(backend, kind, b, group, interpret):
+    """The custom-VJP scan of one backend's kernels for one static configuration.
+
+    TPU (Mosaic): q, k, v [B, H, L, d] unpadded in their dtypes (the kernels form the target y
+    and its VJP), w packed [B, H, NG, G, b] float32. GPU (Triton): q, k, y, w [B, H, Lp, 1]
+    padded float32. The third input is v or y accordingly.
+    """
+    kernels = BACKENDS[backend]
     opts = dict(b=b, group=group, interpret=interpret)
 
     @jax.custom_vjp
-    def scan(q, k, y, w, gamma, beta, state0):
-        z, _, final = ttt_gpu.forward(kind, q, k, y, w, gamma, beta, state0, **opts)
+    def scan(q, k, v_or_y, w, gamma, beta, state0):
+        z, _, final = kernels.forward(kind, q, k, v_or_y, w, gamma, beta, state0, **opts)
         return z, final
 
-    def scan_fwd(q, k, y, w, gamma, beta, state0):
-        z, ckpts, final = ttt_gpu.forward(kind, q, k, y, w, gamma, beta, state0, **opts)
-        return (z, final), (q, k, y, w, gamma, beta, ckpts)
+    def scan_fwd(q, k, v_or_y, w, gamma, beta, state0):
+        z, ckpts, final = kernels.forward(kind, q, k, v_or_y, w, gamma, beta, state0, **opts)
+        return (z, final), (q, k, v_or_y, w, gamma, beta, ckpts)
 
     def scan_bwd(res, cotangents):
-        q, k, y, w, gamma, beta, ckpts = res
+        q, k, v_or_y, w, gamma, beta, ckpts = res
         dz, dfinal = cotangents
-        dq, dk, dy, dw, dgamma, dbeta, dstate0 = ttt_gpu.backward(
-            kind, q, k, y, w, gamma, beta, ckpts, dz, tuple(dfinal), **opts)
+        dq, dk, dv_or_y, dw, dgamma, dbeta, dstate0 = kernels.backward(
+            kind, q, k, v_or_y, w, gamma, beta, ckpts, dz.astype(q.dtype), tuple(dfinal), **opts)
         # The kernels return per-(batch, head) LayerNorm gradients; gamma/beta are per head.
-        return dq, dk, dy, dw, jnp.sum(dgamma, axis=0), jnp.sum(dbeta, axis=0), tuple(dstate0)
-
-    scan.defvjp(scan_fwd, scan_bwd)
-    return scan
-
-
-@functools.lru_cache(maxsize=None)
-def _tpu_scan(kind, b, group, interpret):
-    """The custom-VJP Mosaic scan: q, k, v [B, H, L, d] unpadded in their dtypes (the kernels
-    form the target y and its VJP), w packed [B, H, NG, G, b] float32."""
-    opts = dict(b=b, group=group, interpret=interpret)
-
-    @jax.custom_vjp
-    def scan(q, k, v, w, gamma, beta, state0):
-        z, _, final = ttt_tpu.forward(kind, q, k, v, w, gamma, beta, state0, **opts)
-        return z, final
-
-    def scan_fwd(q, k, v, w, gamma, beta, state0):
-        z, ckpts, final = ttt_tpu.forward(kind, q, k, v, w, gamma, beta, state0, **opts)
-        return (z, final), (q, k, v, w, gamma, beta, ckpts)
-
-    def scan_bwd(res, cotangents):
-        q, k, v, w, gamma, beta, ckpts = res
-        dz, dfinal = cotangents
-        dq, dk, dv, dw, dgamma, dbeta, dstate0 = ttt_tpu.backward(
-            kind, q, k, v, w, gamma, beta, ckpts, dz.astype(q.dtype), tuple(dfinal), **opts)
-        return dq, dk, dv, dw, jnp.sum(dgamma, axis=0), jnp.sum(dbeta, axis=0), tuple(dstate0)
+        return (dq, dk, dv_or_y, dw, jnp.sum(dgamma, axis=0), jnp.sum(dbeta, axis=0),
+                tuple(dstate0))
 
     scan.defvjp(scan_fwd, scan_bwd)
     return scan
@@ -270,7 +251,7 @@ def _local_scan(kind, q, k, v, eta, params, initial_state, *, mini_batch_size, g
             size = x.dtype.itemsize
             return x if size in (2, 4) and b % (8 * 4 // size) == 0 else x.astype(f32)
 
-        z, final = _tpu_scan(kind, b, group, interpret)(
+        z, final = _scan("tpu", kind, b, group, interpret)(
             kernel_dtype(q), kernel_dtype(k), kernel_dtype(v), ttt_tpu.pack_w(w, b, group),
             gamma, beta, state0)
     else:
@@ -281,7 +262,7 @@ def _local_scan(kind, q, k, v, eta, params, initial_state, *, mini_batch_size, g
         if padded != length:
             pad = ((0, 0), (0, 0), (0, padded - length), (0, 0))
             qf, kf, y, w = (jnp.pad(x, pad) for x in (qf, kf, y, w))
-        z, final = _gpu_scan(kind, b, group, interpret)(qf, kf, y, w, gamma, beta, state0)
+        z, final = _scan("gpu", kind, b, group, interpret)(qf, kf, y, w, gamma, beta, state0)
     z = z[:, :, :length].astype(q.dtype)
     if return_state:
         return z, dict(zip(names, final))
