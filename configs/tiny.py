@@ -13,9 +13,11 @@ from tttjax.models import dit_config
 
 # Per-mixer settings, stored as config.model.mixer_config.<mixer>: the mixer reads the sub-dict
 # of its own name, so `tiny.py:ttt_mlp` and `tiny.py --config.model.mixer=ttt_mlp` are one config.
+# impl "xla": the lax.scan inner loop (--config.model.mixer_config.ttt_mlp.impl=auto for the
+# Pallas kernel where the devices have one).
 MIXER_CONFIGS = {
-    "ttt_mlp": dict(mini_batch_size=16, base_lr=0.1, remat_group_size=2),
-    "ttt_linear": dict(mini_batch_size=16, base_lr=1.0, remat_group_size=2),
+    "ttt_mlp": dict(mini_batch_size=16, base_lr=0.1, remat_group_size=2, impl="xla"),
+    "ttt_linear": dict(mini_batch_size=16, base_lr=1.0, remat_group_size=2, impl="xla"),
 }
 
 

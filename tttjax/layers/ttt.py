@@ -131,7 +131,10 @@ class _TTTLayer(nnx.Module):
 
     def _heads(self, y, batch, length):
         y = y.reshape(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        return with_logical_constraint(y, ("batch", "heads", "length", "kv"))
+        # Context-parallel: keep every head of the local span (the scan's layout), rather than
+        # heads over `tensor`, which would take an all-to-all into and out of the scan.
+        heads = None if self.context_axis else "heads"
+        return with_logical_constraint(y, ("batch", heads, "length", "kv"))
 
     def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None
                  ) -> jax.Array:
