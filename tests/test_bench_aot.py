@@ -119,3 +119,17 @@ def test_bad_input_exits_2(argv, message, capsys):
     assert aot.main(["--config", "configs/tiny.py:none,1"] + argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_compiler_failure_is_one_line_exit_1(monkeypatch, capsys):
+    """A program the compiler refuses (out of HBM, an internal error) is a failed run: one
+    line naming the compiler's message, exit code 1, no traceback."""
+    def refuse(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in hbm\ndetails")
+
+    monkeypatch.setattr(aot, "compile_train_step", refuse)
+    assert aot.main(["--config", "configs/tiny.py:none,1", "--mesh", "data=1,fsdp=1,tensor=1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [
+        "python -m tttjax.bench aot: error: the compiler failed: RESOURCE_EXHAUSTED: Ran out of "
+        "memory in hbm"]

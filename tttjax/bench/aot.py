@@ -308,9 +308,19 @@ def main(argv: list[str] | None = None) -> int:
         from tttjax.train import config as config_lib
 
         config_lib.validate(config)
-        step = compile_train_step(config, devices, dump_dir=fv.dump_dir)
     except (UsageError, ValueError) as err:
         return fail(PROG, err)
+    import jax
+
+    try:
+        step = compile_train_step(config, devices, dump_dir=fv.dump_dir)
+    except ValueError as err:
+        return fail(PROG, err)
+    except jax.errors.JaxRuntimeError as err:
+        # The compiler refused the program (out of memory, or a compiler error): the run
+        # failed, the command was fine.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return fail(PROG, f"the compiler failed: {first[:2000]}", code=1)
     print("\n".join(report_lines(config, step, chip=chip,
                                  what=f"{config.stage.name} train step on {where}")))
     return 0
