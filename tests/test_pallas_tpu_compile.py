@@ -41,6 +41,24 @@ def _abstract(shape, dtype, mesh, spec):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
 
+def _compile_grad(mesh, kind, *, heads, length, d, b, eta_dtype, impl):
+    """jit(grad) of sum(z^2) w.r.t. q, k, v, eta and params, compiled for `mesh` (batch over
+    data, heads over tensor; bf16 q/k/v; remat groups of 16)."""
+    bsz = mesh.shape["data"]
+    seq = _abstract((bsz, heads, length, d), jnp.bfloat16, mesh, P("data", "tensor"))
+    eta = _abstract((bsz, heads, length), eta_dtype, mesh, P("data", "tensor"))
+    params = {name: _abstract(fn(heads, d), jnp.float32, mesh, P("tensor"))
+              for name, fn in ttt.PARAM_SHAPES[kind].items()}
+
+    def loss(q, k, v, eta, p):
+        z = OPS[kind](q, k, v, eta, p, mini_batch_size=b, remat_group_size=16, impl=impl)
+        return jnp.sum(jnp.square(z.astype(jnp.float32)))
+
+    with jax.set_mesh(mesh):
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(
+            seq, seq, seq, eta, params).compile()
+
+
 @pytest.mark.parametrize("topology,kind,d,b,n", [
     ("v5p-8", "mlp", 64, 64, 17),    # the 5B layer's per-head shape, groups of 16, ragged last
     ("v5p-8", "linear", 64, 16, 17),
@@ -52,19 +70,9 @@ def test_tpu_kernels_compile_forward_and_backward(topology, kind, d, b, n):
     batch over data) compiles with libtpu: one forward and one backward Mosaic kernel, inside
     the shard_map (no all-gather of the sharded q/k/v), the kernels' cost estimates counted."""
     mesh = _tpu_mesh(topology)
-    bsz, heads, length = mesh.shape["data"], 2 * mesh.shape["tensor"], n * b
-    seq = _abstract((bsz, heads, length, d), jnp.bfloat16, mesh, P("data", "tensor"))
-    eta = _abstract((bsz, heads, length), jnp.bfloat16, mesh, P("data", "tensor"))
-    params = {name: _abstract(fn(heads, d), jnp.float32, mesh, P("tensor"))
-              for name, fn in ttt.PARAM_SHAPES[kind].items()}
-
-    def loss(q, k, v, eta, p):
-        z = OPS[kind](q, k, v, eta, p, mini_batch_size=b, remat_group_size=16, impl="pallas")
-        return jnp.sum(jnp.square(z.astype(jnp.float32)))
-
-    with jax.set_mesh(mesh):
-        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(
-            seq, seq, seq, eta, params).compile()
+    heads = 2 * mesh.shape["tensor"]
+    compiled = _compile_grad(mesh, kind, heads=heads, length=n * b, d=d, b=b,
+                             eta_dtype=jnp.bfloat16, impl="pallas")
     text = compiled.as_text()
     assert text.count("tpu_custom_call") == 2, "one forward and one backward Mosaic kernel"
     assert "all-gather" not in text, "q/k/v must reach the kernel in their batch/heads shards"
@@ -84,19 +92,8 @@ def test_tpu_kernels_compile_at_5b_lengths(topology, kind, b, tokens):
     """The 5B layer (48 heads, 12 per chip, d = 64, groups of 16) at 13 and 253 latent frames
     (18k and 341k tokens): fwd+bwd compiles and its temporaries fit the chip's HBM."""
     mesh = _tpu_mesh(topology)
-    bsz, heads, d, length = mesh.shape["data"], 48, 64, -(-tokens // b) * b
-    seq = _abstract((bsz, heads, length, d), jnp.bfloat16, mesh, P("data", "tensor"))
-    eta = _abstract((bsz, heads, length), jnp.float32, mesh, P("data", "tensor"))
-    params = {name: _abstract(fn(heads, d), jnp.float32, mesh, P("tensor"))
-              for name, fn in ttt.PARAM_SHAPES[kind].items()}
-
-    def loss(q, k, v, eta, p):
-        z = OPS[kind](q, k, v, eta, p, mini_batch_size=b, remat_group_size=16, impl="auto")
-        return jnp.sum(jnp.square(z.astype(jnp.float32)))
-
-    with jax.set_mesh(mesh):
-        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(
-            seq, seq, seq, eta, params).compile()
+    compiled = _compile_grad(mesh, kind, heads=48, length=-(-tokens // b) * b, d=64, b=b,
+                             eta_dtype=jnp.float32, impl="auto")
     assert compiled.as_text().count("tpu_custom_call") == 2
     mem = compiled.memory_analysis()
     total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
