@@ -228,7 +228,8 @@ def load_generator(path: str, *, vae: str | None = None, text_encoder: str | Non
     mesh = make_mesh(mesh_axes or {"data": 1, "fsdp": -1, "tensor": 1})
     spec = model_spec(model_config, mesh, rules)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        params, report = load_params(spec, path, seed)
+        # A training workdir's checkpoints hold the whole model: nothing may be made up.
+        params, report = load_params(spec, path, seed, allow_fresh_mixer=kind == "converted")
     state = jax.tree.map(lambda x: x, spec.template)
     nnx.replace_by_pure_dict(state, params)
     model = nnx.merge(spec.graphdef, state)

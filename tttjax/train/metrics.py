@@ -10,6 +10,11 @@ Every `log_every` steps one record is written (process 0 only):
 of the means and counted in `nonfinite_total`. The same values go to TensorBoard event files
 under `WORKDIR/tensorboard` (tensorboardX) and to the console; the tqdm bar shows loss and
 throughput.
+
+A resumed run restarts the streams at the restored step: records of later steps (written
+by the run that crashed or was stopped after that checkpoint) are dropped from
+`metrics.jsonl` when the logger opens, and TensorBoard is told to purge its events from the
+next step on (`purge_step`), so every step has exactly one record.
 """
 
 from __future__ import annotations
@@ -21,6 +26,29 @@ import sys
 import time
 
 import numpy as np
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """Rewrites `path` (through a temporary file) without the records of steps > `step`
+    (and without a torn last line)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept == lines:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 class MetricsLogger:
@@ -35,10 +63,13 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(workdir, "metrics.jsonl")
+        _drop_records_after(path, start_step)
+        self._jsonl = open(path, "a", encoding="utf-8")
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                     purge_step=start_step + 1 if start_step > 0 else None)
         if progress_bar:
             from tqdm import tqdm
 

@@ -14,6 +14,10 @@ Parameters the source lacks may only be the mixer slot's (TTT layer and gates): 
 initialised fresh, as SPEC section 1/2 prescribes. Anything else missing, or any shape
 mismatch, is an error naming the parameters. Every tensor is restored straight into its
 sharding on the current mesh.
+
+A training workdir's step is verified before anything is read from it: its files must
+match the step's integrity manifest (`tttjax.train.integrity`) and the restored parameters
+must be finite; otherwise `CorruptCheckpoint` names the step and the newest intact one.
 """
 
 from __future__ import annotations
@@ -131,16 +135,61 @@ def checkpoint_kind(path: str) -> tuple[str, str]:
                      "stage's --workdir")
 
 
-def load_params(spec: ModelSpec, path: str, seed: int, compiler_options: dict | None = None
-                ) -> tuple[Params, str]:
+class CorruptCheckpoint(ValueError):
+    """A saved step fails verification (bad input: exit code 2 in the commands)."""
+
+
+def _training_step(directory: str) -> tuple[str, int] | None:
+    """(workdir, step) when `directory` is `<workdir>/checkpoints/<step>/params`."""
+    step_dir = os.path.dirname(os.path.abspath(directory))
+    root = os.path.dirname(step_dir)
+    name = os.path.basename(step_dir)
+    if os.path.basename(root) == "checkpoints" and name.isdigit():
+        return os.path.dirname(root), int(name)
+    return None
+
+
+def _corrupt(workdir: str, step: int, reason: str) -> CorruptCheckpoint:
+    from tttjax.train.checkpoints import newest_intact_step
+
+    intact = newest_intact_step(workdir, below=step)
+    where = os.path.join(workdir, "checkpoints", str(step))
+    if intact is None:
+        advice = "no older step of this workdir is intact"
+    else:
+        advice = (f"step {intact} is intact: rerun `python -m tttjax.train` on this workdir "
+                  f"to resume from it (step {step} is set aside), or move {where} aside")
+    return CorruptCheckpoint(f"checkpoint step {step} ({where}) is corrupt: {reason}; {advice}")
+
+
+def load_params(spec: ModelSpec, path: str, seed: int, compiler_options: dict | None = None,
+                *, allow_fresh_mixer: bool = True) -> tuple[Params, str]:
     """Parameters from a converted checkpoint or a previous stage (see the module doc).
 
     Returns (params, one-line report of what was loaded and what was initialised fresh).
+    `allow_fresh_mixer=False` makes missing mixer parameters an error too (sampling a
+    training workdir, whose checkpoints always hold the whole model).
     """
     import orbax.checkpoint as ocp
 
+    from tttjax.train import integrity
+
     kind, directory = checkpoint_kind(path)
-    stored_meta = ocp.PyTreeCheckpointer().metadata(directory)
+    located = _training_step(directory) if kind == "stage" else None
+    if located is not None:
+        reason = integrity.verify_step(os.path.dirname(os.path.abspath(directory)))
+        if reason is not None:
+            raise _corrupt(*located, reason)
+    def unreadable(err: Exception) -> ValueError:
+        what = " ".join(str(err).split())[:200] or type(err).__name__
+        if located is not None and not integrity.has_manifest(os.path.dirname(directory)):
+            return _corrupt(*located, f"unreadable and without an integrity manifest ({what})")
+        return ValueError(f"{directory} cannot be read: {what}")
+
+    try:
+        stored_meta = ocp.PyTreeCheckpointer().metadata(directory)
+    except Exception as err:  # noqa: BLE001 - Orbax/TensorStore raise many types
+        raise unreadable(err) from None
     stored_tree = getattr(stored_meta, "item_metadata", stored_meta)
     stored_tree = getattr(stored_tree, "tree", stored_tree)
     stored = _names(stored_tree)
@@ -156,7 +205,8 @@ def load_params(spec: ModelSpec, path: str, seed: int, compiler_options: dict | 
             mismatched.append(f"{name}: stored {tuple(meta.shape)}, model {tuple(target.shape)}")
         else:
             found[name + suffix] = target
-    not_mixer = [m for m in missing if not is_new(tuple(m.split("/")))]
+    not_mixer = [m for m in missing
+                 if not allow_fresh_mixer or not is_new(tuple(m.split("/")))]
     if mismatched or not_mixer:
         raise ValueError(
             f"{path} does not fit config.model: "
@@ -169,15 +219,27 @@ def load_params(spec: ModelSpec, path: str, seed: int, compiler_options: dict | 
     restore_args = jax.tree.map(
         lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
         target)
-    restored = ocp.PyTreeCheckpointer().restore(
-        directory, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                               partial_restore=True))
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            directory, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                   partial_restore=True))
+    except Exception as err:  # noqa: BLE001 - Orbax/TensorStore raise many types
+        raise unreadable(err) from None
+    bad = integrity.nonfinite_leaves(restored)
+    if bad:
+        reason = (f"non-finite values in {len(bad)} parameter tensors ({bad[0]}"
+                  f"{' ...' if len(bad) > 1 else ''})")
+        if located is not None:
+            raise _corrupt(*located, reason)
+        raise CorruptCheckpoint(f"{path} holds {reason}")
     flat = {k[: len(k) - len(suffix)] if suffix else k: v for k, v in _names(restored).items()}
     if missing:
         flat.update(_names(init_params(spec, seed, only=set(missing),
                                        compiler_options=compiler_options)))
     ignored = len(set(stored) - {n + suffix for n in wanted})
+    fresh = (f"{len(missing)} mixer tensors initialised fresh"
+             + (" (RANDOM: the checkpoint has no mixer weights)" if missing else ""))
     report = (f"initialised from {kind} checkpoint {directory}: {len(found)} tensors loaded, "
-              f"{len(missing)} mixer tensors initialised fresh"
+              f"{fresh}"
               + (f", {ignored} stored tensors unused" if ignored else ""))
     return _unflatten(flat), report

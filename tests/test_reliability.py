@@ -1,0 +1,242 @@
+"""Faults a run must survive (issue 16): corrupted checkpoints, two runs on one workdir,
+non-finite values, resumed metrics, Ctrl-C, invalid settings.
+
+The Checkpointer cases use small pytrees (no model); the end-to-end cases reuse the tiny
+configuration and fast XLA options of tests/test_train_run.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from tttjax.train import integrity
+from tttjax.train.checkpoints import Checkpointer, CheckpointsRejected, newest_intact_step
+from tttjax.train.metrics import _drop_records_after
+from tttjax.train.workdir_lock import WorkdirBusy, WorkdirLock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read(path, mode="r"):
+    with open(path, mode) as f:
+        return f.read()
+
+
+def _write(path, data, mode="w"):
+    with open(path, mode) as f:
+        f.write(data)
+
+
+# ------------------------------------------------------------------ checkpoint integrity
+
+
+def _state(value: float):
+    params = {"w": jnp.full((4, 8), value, jnp.float32), "b": jnp.arange(8, dtype=jnp.float32)}
+    opt = {"mu": jnp.full((4, 8), value / 2, jnp.float32), "count": jnp.int32(3)}
+    return params, opt
+
+
+def _abstract(tree):
+    sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",)), PartitionSpec())
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def _save_steps(workdir, steps, keep=3, async_save=True):
+    ckpt = Checkpointer(workdir, keep=keep, async_save=async_save)
+    for step in steps:
+        params, opt = _state(float(step))
+        assert ckpt.save(step, params, opt, {"counters": {"step": step}}, None) is None
+    ckpt.close()
+
+
+def _array_files(step_dir):
+    """The OCDBT data files of the step's `params` item (what holds the array bytes)."""
+    out = []
+    for root, _, files in os.walk(os.path.join(step_dir, "params")):
+        out += [os.path.join(root, f) for f in files if "/d/" in os.path.join(root, f)]
+    assert out, step_dir
+    return sorted(out, key=os.path.getsize)
+
+
+def flip_bytes(step_dir):
+    path = _array_files(step_dir)[-1]
+    data = bytearray(_read(path, "rb"))
+    for i in range(len(data) // 2, min(len(data), len(data) // 2 + 16)):
+        data[i] ^= 0xFF
+    _write(path, bytes(data), "wb")
+    return path
+
+
+def truncate(step_dir):
+    path = _array_files(step_dir)[-1]
+    os.truncate(path, os.path.getsize(path) // 2)
+    return path
+
+
+def garble_metadata(step_dir):
+    path = os.path.join(step_dir, "params", "_METADATA")
+    _write(path, "{not json")
+    return path
+
+
+CORRUPTIONS = {"flipped_bytes": flip_bytes, "truncated": truncate,
+               "garbled_metadata": garble_metadata}
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_every_saved_step_has_a_manifest_of_all_its_files(tmp_path, async_save):
+    workdir = str(tmp_path / "run")
+    _save_steps(workdir, (1, 2, 3), keep=2, async_save=async_save)
+    root = os.path.join(workdir, "checkpoints")
+    assert sorted(os.listdir(root)) == ["2", "3"]
+    for step in (2, 3):
+        step_dir = os.path.join(root, str(step))
+        with open(os.path.join(step_dir, integrity.MANIFEST)) as f:
+            listed = set(json.load(f)["files"])
+        on_disk = {os.path.relpath(os.path.join(r, n), step_dir)
+                   for r, _, files in os.walk(step_dir) for n in files}
+        assert "params/_METADATA" in listed and "meta/metadata" in listed
+        assert any("/d/" in f for f in listed), listed
+        # everything but Orbax's own commit bookkeeping and the manifest itself
+        assert on_disk - listed <= {"_CHECKPOINT_METADATA", "commit_success.txt",
+                                    integrity.MANIFEST}, on_disk - listed
+        assert integrity.verify_step(step_dir) is None
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_corrupt_latest_step_is_detected_and_restore_falls_back(tmp_path, corruption):
+    workdir = str(tmp_path / "run")
+    _save_steps(workdir, (1, 2, 3))
+    damaged = CORRUPTIONS[corruption](os.path.join(workdir, "checkpoints", "3"))
+    reason = integrity.verify_step(os.path.join(workdir, "checkpoints", "3"))
+    assert reason is not None and os.path.relpath(damaged, os.path.join(workdir, "checkpoints", "3")) in reason
+    assert newest_intact_step(workdir) == 2
+
+    params, opt = _state(0.0)
+    ckpt = Checkpointer(workdir)
+    got = ckpt.restore_newest_intact(_abstract(params), _abstract(opt))
+    assert got.step == 2 and [s for s, _ in got.rejected] == [3]
+    np.testing.assert_array_equal(got.params["w"], np.full((4, 8), 2.0, np.float32))
+    # the corrupt step is set aside (kept, out of Orbax's way) and can be saved again
+    assert ckpt.all_steps() == [1, 2]
+    assert os.path.isdir(os.path.join(workdir, "checkpoints_rejected", "3", "params"))
+    p3, o3 = _state(3.5)
+    assert ckpt.save(3, p3, o3, {"counters": {"step": 3}}, None) is None
+    ckpt.close()
+    assert integrity.verify_step(os.path.join(workdir, "checkpoints", "3")) is None
+
+
+def test_no_trustworthy_step_is_an_error_naming_every_step(tmp_path):
+    workdir = str(tmp_path / "run")
+    _save_steps(workdir, (1, 2))
+    for step in (1, 2):
+        flip_bytes(os.path.join(workdir, "checkpoints", str(step)))
+    params, opt = _state(0.0)
+    ckpt = Checkpointer(workdir)
+    with pytest.raises(CheckpointsRejected, match=r"step 2: params/.*SHA-256.*step 1: params/"):
+        ckpt.restore_newest_intact(_abstract(params), _abstract(opt))
+    assert ckpt.all_steps() == [1, 2]      # nothing moved when nothing can be used
+    ckpt.close()
+
+
+def test_steps_without_manifest_are_checked_by_restoring_and_for_finiteness(tmp_path):
+    """Checkpoints written before manifests existed: used if they restore and are finite."""
+    workdir = str(tmp_path / "run")
+    _save_steps(workdir, (1, 2, 3))
+    for step in (1, 2, 3):
+        os.remove(os.path.join(workdir, "checkpoints", str(step), integrity.MANIFEST))
+    truncate(os.path.join(workdir, "checkpoints", "3"))
+    params, opt = _state(0.0)
+    ckpt = Checkpointer(workdir)
+    got = ckpt.restore_newest_intact(_abstract(params), _abstract(opt))
+    assert got.step == 2 and got.rejected[0][0] == 3
+    assert "no integrity manifest and it does not restore" in got.rejected[0][1]
+    ckpt.close()
+
+
+def test_nonfinite_state_is_never_saved_and_rotation_keeps_the_good_step(tmp_path):
+    workdir = str(tmp_path / "run")
+    ckpt = Checkpointer(workdir, keep=1)
+    params, opt = _state(1.0)
+    assert ckpt.save(1, params, opt, {}, None) is None
+    for step in (2, 3):
+        bad_params, bad_opt = _state(float("nan") if step == 2 else float("inf"))
+        reason = ckpt.save(step, bad_params, bad_opt, {}, None)
+        assert reason.startswith(f"not saving step {step}: non-finite values in 2 tensors"), reason
+    ckpt.close()
+    assert Checkpointer(workdir).all_steps() == [1]
+
+
+def test_restore_refuses_finite_checksummed_steps_that_hold_nan(tmp_path):
+    """A step whose files are intact but whose values are not finite (saved by an older
+    version, say) is rejected like a corrupt one."""
+    workdir = str(tmp_path / "run")
+    _save_steps(workdir, (1,))
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    nan_params, nan_opt = _state(float("nan"))
+    manager.save(2, args=ocp.args.Composite(params=ocp.args.StandardSave(nan_params),
+                                            opt_state=ocp.args.StandardSave(nan_opt),
+                                            meta=ocp.args.JsonSave({})))
+    manager.wait_until_finished()
+    manager.close()
+    params, opt = _state(0.0)
+    ckpt = Checkpointer(workdir)
+    got = ckpt.restore_newest_intact(_abstract(params), _abstract(opt))
+    assert got.step == 1 and got.rejected == [(2, "non-finite values in 2 tensors (opt_state/mu ...)")]
+    ckpt.close()
+
+
+# ------------------------------------------------------------------ workdir lock
+
+
+def test_second_holder_of_a_workdir_is_refused_naming_the_holder(tmp_path):
+    workdir = str(tmp_path / "run")
+    busy = rf"in use by another run \(host .+, pid {os.getpid()}, since "
+    with WorkdirLock(workdir), pytest.raises(WorkdirBusy, match=busy):
+        WorkdirLock(workdir).acquire()
+    with WorkdirLock(workdir) as lock:      # released: free again
+        assert lock.held
+
+
+def test_lock_of_a_killed_process_is_free_at_once(tmp_path):
+    workdir = str(tmp_path / "run")
+    code = textwrap.dedent(f"""
+        import sys, time
+        from tttjax.train.workdir_lock import WorkdirLock
+        WorkdirLock({workdir!r}).acquire()
+        print("locked", flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(WorkdirBusy, match=rf"pid {proc.pid}"):
+            WorkdirLock(workdir).acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+    with WorkdirLock(workdir):
+        pass
+
+
+# ------------------------------------------------------------------ metrics on resume
+
+
+def test_metrics_records_after_the_restored_step_are_dropped(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)]
+    with open(path, "w") as f:
+        f.writelines(lines + ['{"step": 8, "lo'])          # a torn last line
+    _drop_records_after(path, 5)
+    assert _read(path) == "".join(lines[:5])
