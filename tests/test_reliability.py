@@ -7,9 +7,11 @@ configuration and fast XLA options of tests/test_train_run.py.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +19,15 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from tttjax import sample as sample_cli
 from tttjax.train import integrity
 from tttjax.train.checkpoints import Checkpointer, CheckpointsRejected, newest_intact_step
 from tttjax.train.metrics import _drop_records_after
 from tttjax.train.workdir_lock import WorkdirBusy, WorkdirLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STORY = [{"text": "The orange cat walks slowly over to the right side of the kitchen."},
+         {"text": "The little white mouse hops up and down happily."}]
 
 
 def _read(path, mode="r"):
@@ -240,3 +245,86 @@ def test_metrics_records_after_the_restored_step_are_dropped(tmp_path):
         f.writelines(lines + ['{"step": 8, "lo'])          # a torn last line
     _drop_records_after(path, 5)
     assert _read(path) == "".join(lines[:5])
+
+
+# ------------------------------------------------------------------ up-front usage errors
+
+
+def _config_error(argv):
+    from tttjax.command_line import UsageError, parse_config_flags
+
+    with pytest.raises(UsageError) as info:
+        parse_config_flags("prog", "doc", argv)
+    message = " ".join(str(info.value).split())
+    assert "Traceback" not in message and 'File "' not in message, message
+    return message
+
+
+def test_config_argument_and_file_errors_are_one_readable_line(tmp_path):
+    tiny_py = os.path.join(ROOT, "configs", "tiny.py")
+    message = _config_error(["--config", f"{tiny_py}:a,b,c"])
+    assert message.endswith("ValueError: tiny: config argument must be 'MIXER[,SEGMENTS]', "
+                            "got 'a,b,c'"), message
+    message = _config_error(["--config", f"{tiny_py}:bogus"])
+    assert "mixer 'bogus' is not registered" in message and len(message) < 300, message
+    # (a fresh process: ml_collections reuses the module object of the config loaded before)
+    no_function = tmp_path / "cfg.py"
+    no_function.write_text("X = 1\n")
+    proc = subprocess.run([sys.executable, "-m", "tttjax.train", "--config", str(no_function),
+                           "--workdir", str(tmp_path / "run")], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, check=False)
+    err = [line for line in proc.stderr.splitlines() if line.startswith("python -m tttjax.train")]
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert "defines no get_config() function" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mixer,value", [("ttt_mlp", 0), ("ttt_linear", -4)])
+def test_mixer_settings_are_validated_with_the_config(mixer, value):
+    tiny_py = os.path.join(ROOT, "configs", "tiny.py")
+    message = _config_error(["--config", f"{tiny_py}:{mixer}",
+                             f"--config.model.mixer_config.{mixer}.mini_batch_size={value}"])
+    assert f"config.model.mixer_config.{mixer}:" in message and "mini_batch_size" in message
+
+
+def test_storyboard_edge_cases_are_one_line_before_the_model_loads(tmp_path, capsys):
+    cases = {"surrogate.json": '[{"text": "a cat \\ud800 sits"}]',
+             "deep.json": "[" * 100000 + "]" * 100000}
+    expected = {"surrogate.json": "field 'text' holds an unpaired surrogate '\\ud800'",
+                "deep.json": "JSON nested too deeply"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        code = sample_cli.main(["--workdir", str(tmp_path), "--storyboard", str(tmp_path / name),
+                                "--out", str(tmp_path / "o.mp4")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and expected[name] in err[0], err
+
+
+def test_unwritable_output_is_refused_before_loading(tmp_path, capsys):
+    (tmp_path / "story.json").write_text(json.dumps(STORY))
+    code = sample_cli.main(["--workdir", str(tmp_path / "nonexistent"), "--storyboard",
+                            str(tmp_path / "story.json"), "--out", "/proc/tttjax_out.mp4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    # /proc takes no new files, even for root: refused before the workdir is even looked at
+    assert code == 2 and len(err) == 1 and "cannot write in '/proc'" in err[0], err
+
+
+def test_sigterm_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
+    from tttjax import video_io
+    from tttjax.generation import Video
+
+    frames = np.zeros((9, 16, 16, 3), np.uint8)
+    video = Video(frames=frames, latents=np.zeros((3, 4, 2, 2), np.float32),
+                  captions=["a", "b"], fps=8.0, frames_per_segment=4, prefix_frames=1)
+
+    def killed_midway(frames, path, **kwargs):
+        _write(path, b"GIF89a partial", "wb")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop the write")
+
+    monkeypatch.setattr(video_io, "write_gif", killed_midway)
+    with pytest.raises(sample_cli.Interrupted, match="SIGTERM"), sample_cli.interruptible():
+        sample_cli.write_outputs(video, str(tmp_path / "v.mp4"), str(tmp_path / "v.gif"))
+    assert sorted(os.listdir(tmp_path)) == ["v.mp4"]        # whole MP4, no v.partial.gif
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

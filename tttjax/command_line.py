@@ -43,6 +43,16 @@ def _config_path(argv: list[str]) -> str | None:
     return None
 
 
+def _without_traceback(message: str) -> str:
+    """config_flags embeds the config file's whole traceback in its error; keep its prefix
+    (which flag) and the exception line at the end (what the config file said)."""
+    if "Traceback (most recent call last)" not in message:
+        return message
+    head = message.split("Traceback (most recent call last)")[0].strip().rstrip(":")
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return f"{head}: {lines[-1]}" if lines else head
+
+
 def parse_config_flags(prog: str, doc: str, argv: list[str], define: Callable | None = None):
     """(validated config, absl FlagValues) from `argv` (without the program name), or None
     after printing help.
@@ -75,10 +85,15 @@ def parse_config_flags(prog: str, doc: str, argv: list[str], define: Callable | 
         config = fv.config
         if config is not None:
             "model" in config  # noqa: B015 - a config file loads lazily: fail here, not later
-    except (KeyError, AttributeError) as err:  # config_flags: an override of no field
+    except AttributeError as err:
+        if "get_config" in str(err):
+            raise UsageError(f"--config {path!r} defines no get_config() function (a config "
+                             "file is a Python module with def get_config(arg=...))") from None
+        raise UsageError(f"a --config.KEY override names no field of the config: {err}") from None
+    except KeyError as err:  # config_flags: an override of no field
         raise UsageError(f"a --config.KEY override names no field of the config: {err}") from None
     except Exception as err:  # noqa: BLE001 - absl/config_flags raise many types; all are usage errors
-        raise UsageError(err) from None
+        raise UsageError(_without_traceback(str(err))) from None
     if config is None:
         raise UsageError("--config is required (e.g. --config configs/tiny.py:ttt_mlp)")
     from tttjax.train import config as config_lib

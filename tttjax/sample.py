@@ -12,15 +12,21 @@ when their data was pre-computed with the hashed encoder; see `tttjax.generation
 storyboard (SPEC section 6, `tttjax.storyboard`) sets the length:
 n segments give (prefix + n * frames_per_segment - 1) * 4 + 1 frames (48n + 1 at 16 fps for
 CogVideoX). The storyboard and output paths are checked before anything is loaded; a bad
-one exits with code 2 and a one-line message and writes nothing. Outputs are written to a
-temporary name and renamed, so an interrupted run leaves no partial file.
+one exits with code 2 and a one-line message and writes nothing (every output folder is
+probed for writing before the model loads). A training workdir's checkpoint is verified
+first: a corrupt one (files differing from its integrity manifest, non-finite parameters)
+exits 2 naming it and the newest intact step. Outputs are written to a temporary name and
+renamed; SIGTERM or Ctrl-C stops with exit code 130 and leaves no partial file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import tempfile
 
 from tttjax.command_line import ArgumentParser, UsageError, fail
 
@@ -41,7 +47,39 @@ def _check_output(path: str | None, suffix: str, flag: str) -> str | None:
         raise UsageError(f"{flag} {path!r}: {parent!r} is not a folder")
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path!r} is a folder; give a file name")
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag} {path!r}: {existing!r} is not a folder")
+    try:   # the only reliable test (permissions, read-only mounts, quotas): write something
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".tttjax-write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise UsageError(f"{flag} {path!r}: cannot write in {existing!r} "
+                         f"({err.strerror or err})") from None
     return path
+
+
+class Interrupted(BaseException):
+    """SIGTERM or Ctrl-C while sampling or writing (exit code 130)."""
+
+
+@contextlib.contextmanager
+def interruptible():
+    """SIGTERM and SIGINT raise `Interrupted` in the main thread while inside, so that
+    `_atomic`'s clean-up of temporary files runs; the previous handlers are put back."""
+    def stop(signum, frame):
+        del frame
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _atomic(write, path: str, *args, **kwargs):
@@ -139,10 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{gen.source}\nsampling {n} segment(s), {gen.num_frames(n)} frames at {gen.fps:g} fps, "
           f"{args.steps} {args.sampler} steps, seed {args.seed}", flush=True)
     guidance = Guidance() if args.guidance is None else args.guidance
-    with tqdm(total=args.steps, desc="sample", unit="step", file=sys.stdout) as bar:
-        video = generate(gen, storyboard, seed=args.seed, steps=args.steps, sampler=args.sampler,
-                         guidance=guidance, progress=lambda _: bar.update(1))
-    written = write_outputs(video, args.out, args.gif, args.contact_sheet)
+    try:
+        with interruptible():
+            with tqdm(total=args.steps, desc="sample", unit="step", file=sys.stdout) as bar:
+                video = generate(gen, storyboard, seed=args.seed, steps=args.steps,
+                                 sampler=args.sampler, guidance=guidance,
+                                 progress=lambda _: bar.update(1))
+            written = write_outputs(video, args.out, args.gif, args.contact_sheet)
+    except Interrupted as err:
+        return fail(_PROG, f"interrupted ({err}); no partial output left", code=130)
     print(f"wrote {len(video.frames)} frames: {', '.join(written)}", flush=True)
     return 0
 

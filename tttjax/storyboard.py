@@ -97,6 +97,16 @@ def _type_name(value: Any) -> str:
             dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
 
 
+def _check_encodable(text: str, where: str, field: str) -> None:
+    """JSON allows lone UTF-16 surrogates ("\\ud800"), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise StoryboardError(f"{where}: field {field!r} holds an unpaired surrogate "
+                              f"{text[err.start]!r} at character {err.start}; not valid "
+                              "Unicode text") from None
+
+
 def parse_storyboard(data: Any, source: str = "storyboard") -> Storyboard:
     """Validates decoded JSON; raises StoryboardError with a one-line message."""
     if isinstance(data, dict):
@@ -130,12 +140,14 @@ def parse_storyboard(data: Any, source: str = "storyboard") -> Storyboard:
             raise StoryboardError(f"{where}: field 'text' must be a string, got a {_type_name(text)}")
         if not text.strip():
             raise StoryboardError(f"{where}: field 'text' is empty")
+        _check_encodable(text, where, "text")
         neg = item.get("neg_text", "")
         if neg is None:
             neg = ""
         if not isinstance(neg, str):
             raise StoryboardError(f"{where}: field 'neg_text' must be a string, got a "
                                   f"{_type_name(neg)}")
+        _check_encodable(neg, where, "neg_text")
         flag = item.get("requires_scene_transition", False)
         if not isinstance(flag, bool):
             raise StoryboardError(f"{where}: field 'requires_scene_transition' must be true or "
@@ -157,6 +169,9 @@ def load_storyboard(path: str) -> Storyboard:
                               f"{e.msg})") from None
     except UnicodeDecodeError:
         raise StoryboardError(f"{path}: not a UTF-8 text file") from None
+    except RecursionError:
+        raise StoryboardError(f"{path}: JSON nested too deeply (a storyboard is a list of "
+                              "segment objects)") from None
     return parse_storyboard(data, source=path)
 
 

@@ -124,7 +124,48 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         names = registry.mixer_names()
         need(cfg.mixer in names, f"mixer {cfg.mixer!r} is not registered; choose one of "
              f"{('none',) + tuple(names)}")
+        _check_mixer_settings(cfg)
     return cfg
+
+
+def _check_mixer_settings(cfg: ml_collections.ConfigDict) -> None:
+    """Builds the configured mixer abstractly (no arrays) so that its own checks of
+    `config.model.mixer_config` (mini-batch or chunk sizes, windows, unknown options) fail
+    at start-up, naming the field, rather than when the model is first built."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from tttjax.models.dit import _make_mixer
+
+    try:
+        nnx.eval_shape(lambda: _make_mixer(cfg, dtype=jnp.dtype(cfg.dtype),
+                                           param_dtype=jnp.dtype(cfg.param_dtype),
+                                           rngs=nnx.Rngs(0)))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"config.model.mixer_config.{cfg.mixer}: {err}") from None
+
+
+def mixer_option(cfg: ml_collections.ConfigDict, option: str):
+    """The value of the configured mixer's `option` as `make_mixer` resolves it (a
+    top-level `mixer_config` key over the mixer's sub-dict over the mixer's default), or
+    None when the mixer has no such option."""
+    import inspect
+
+    from tttjax.layers import registry
+
+    if cfg.mixer == "none" or option not in registry.mixer_options(cfg.mixer):
+        return None
+    mc = cfg.mixer_config
+    if option in mc:
+        return mc[option]
+    sub = mc.get(cfg.mixer)
+    if sub is not None and option in sub:
+        return sub[option]
+    for klass in registry.MIXERS[cfg.mixer].__mro__:
+        params = inspect.signature(klass.__init__).parameters
+        if option in params and params[option].default is not inspect.Parameter.empty:
+            return params[option].default
+    return None
 
 
 def from_diffusers_config(raw: Mapping[str, Any], **overrides) -> ml_collections.ConfigDict:
