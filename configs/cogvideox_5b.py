@@ -87,8 +87,11 @@ def get_config(arg: str = "3s,ttt_mlp") -> ml_collections.ConfigDict:
     # The plain DiT (mixer none) trains everything at every stage. This follows the config
     # argument only: from 9s on, choose the mixer there (9s,ttt_mlp), or also pass
     # --config.train.trainable=mixer_qkvo with --config.model.mixer.
+    # grad_accum_steps 0: as many micro-batches (accumulated inside the step) as give one
+    # example per batch shard, the paper's 4 devices per example: none on 256 chips, 2 on
+    # a 128-chip v5p-256. config.steps counts optimiser updates on any mesh.
     config.train = ml_collections.ConfigDict(dict(
-        global_batch_size=64, grad_accum_steps=1, prompt_dropout=0.1,
+        global_batch_size=64, grad_accum_steps=0, prompt_dropout=0.1,
         trainable=recipe["trainable"] if mixer != "none" else "all",
         max_nonfinite_in_a_row=20, progress_bar=True,
         compiler_options={}))

@@ -50,7 +50,7 @@ def get_config(arg: str = "none") -> ml_collections.ConfigDict:
     # --- training (fields documented in tttjax.train.config) ---
     # The tiny model starts from random weights, so both parameter groups use a large rate.
     config.seed = 0
-    config.steps = 200                 # train steps (micro-batches)
+    config.steps = 200                 # train steps (optimiser updates)
     config.log_every = 10
     config.checkpoint_every = 100
     config.train = ml_collections.ConfigDict(dict(

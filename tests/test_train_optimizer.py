@@ -1,4 +1,4 @@
-"""The optimiser: parameter groups from paths, stage masks, decay mask, schedules, accumulation."""
+"""The optimiser: parameter groups from paths, stage masks, decay mask, schedules."""
 
 import jax
 import jax.numpy as jnp
@@ -114,41 +114,18 @@ def test_clip_uses_the_global_norm():
     np.testing.assert_allclose(np.asarray(out["a"]["kernel"]), [0.06, 0.08, 0.0], rtol=1e-6)
 
 
-def test_gradient_accumulation_equals_the_big_batch_step():
-    full = _params()
-    params = {"patch_proj": full["patch_proj"],
-              "blocks": {"mixer": {"mixer": {"W1": full["blocks"]["mixer"]["mixer"]["W1"]}}}}
-    rng = np.random.default_rng(0)
-    g1, g2 = (jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
-              for _ in range(2))
-    big, _ = opt.make_optimizer(_optim(), params, trainable="all", total_steps=10)
-    acc, _ = opt.make_optimizer(_optim(), params, trainable="all", total_steps=10,
-                                grad_accum_steps=2)
-    want, _ = jax.jit(big.update)(jax.tree.map(lambda a, b: (a + b) / 2, g1, g2),
-                                  jax.jit(big.init)(params), params)
-    update = jax.jit(acc.update)
-    state = jax.jit(acc.init)(params)
-    first, state = update(g1, state, params)
-    assert not any(np.asarray(x).any() for x in jax.tree.leaves(first))  # no update yet
-    got, state = update(g2, state, params)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-9)
-    assert int(state.gradient_step) == 1
-
-
 def test_optimizer_state_is_sharded_like_the_parameters():
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     params = _params()
     p_sh = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec("fsdp")), params)
-    p_sh["norm_final"]["scale"] = NamedSharding(mesh, PartitionSpec("tensor"))
-    tx, _ = opt.make_optimizer(_optim(), params, trainable="mixer_qkvo", total_steps=10,
-                               grad_accum_steps=2)
+    p_sh["blocks"]["mixer"]["mixer"]["b1"] = NamedSharding(mesh, PartitionSpec("tensor"))
+    tx, _ = opt.make_optimizer(_optim(), params, trainable="mixer_qkvo", total_steps=10)
     rep = NamedSharding(mesh, PartitionSpec())
     sh = opt.optimizer_shardings(jax.eval_shape(tx.init, params), p_sh, rep)
     flat = _flat(sh)
     mu = [k for k in flat if k.endswith("mu/blocks/mixer/mixer/W1")]
     assert mu and flat[mu[0]].spec == PartitionSpec("fsdp")
-    acc = [k for k in flat if k.endswith("acc_grads/norm_final/scale")]
-    assert acc and flat[acc[0]].spec == PartitionSpec("tensor")
-    counts = [k for k in flat if k.endswith("count") or k.endswith("mini_step")]
+    nu = [k for k in flat if k.endswith("nu/blocks/mixer/mixer/b1")]
+    assert nu and flat[nu[0]].spec == PartitionSpec("tensor")
+    counts = [k for k in flat if k.endswith("count")]
     assert counts and all(flat[k] == rep for k in counts)

@@ -9,8 +9,8 @@
 What is compiled is exactly what `python -m tttjax.train` runs for the config and mesh: the
 step of `tttjax.train.loop.train_step_setup` (loss, prompt dropout, clipping, parameter groups
 and frozen sets, accumulation, non-finite guard, donation, shardings), lowered with abstract
-inputs shaped and sharded as the trainer's (parameters, optimiser state, counters, one
-micro-batch). Nothing is allocated or run.
+inputs shaped and sharded as the trainer's (parameters, optimiser state, counters, the global
+batch; accumulation splits it inside the step). Nothing is allocated or run.
 
 `--topology NAME` compiles for a TPU slice described by libtpu (`tttjax.tpu_topology`: v5p-8,
 v5p-256, v6e-256, v5e-256 or v5p:4x4x8; `--num-slices N` for N slices joined over DCN), on any
@@ -53,7 +53,7 @@ class StepMemory:
     temporaries: int
     params: int              # parameters resident on a chip (part of arguments)
     optimizer: int           # optimiser state resident on a chip (part of arguments)
-    batch: int               # one micro-batch's share (part of arguments)
+    batch: int               # this chip's share of the global batch (part of arguments)
     flops: float             # cost_analysis() FLOPs of the per-chip program (loops once)
     bytes_accessed: float
 
@@ -145,19 +145,18 @@ def compile_train_step(config, devices, *, dump_dir: str | None = None) -> Compi
 
 
 def model_flops_per_step(config) -> float:
-    """Analytic model FLOPs of one micro-batch step (3 x forward matmuls x micro-batch); NaN
-    for a mixer the analytic count does not cover."""
+    """Analytic model FLOPs of one step, an update over the global batch (3 x forward
+    matmuls x global batch); NaN for a mixer the analytic count does not cover."""
     from tttjax.bench.flops import COUNTED_MIXERS, stage_forward_flops
-    from tttjax.train import config as config_lib
 
     if config.model.mixer not in COUNTED_MIXERS:
         return math.nan
-    return 3.0 * config_lib.micro_batch_size(config) * stage_forward_flops(config)["total"]
+    return 3.0 * config.train.global_batch_size * stage_forward_flops(config)["total"]
 
 
-def report_lines(config, step: CompiledStep, *, chip=None, what: str) -> list[str]:
+def report_lines(step: CompiledStep, *, chip=None, what: str) -> list[str]:
     """The printed report; its last line states the peak against the chip's HBM."""
-    m, mesh = step.memory, step.mesh
+    m, mesh, config = step.memory, step.mesh, step.setup.config
     g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
     from tttjax.sharding import DEFAULT_RULES
     from tttjax.train import config as config_lib
@@ -171,8 +170,9 @@ def report_lines(config, step: CompiledStep, *, chip=None, what: str) -> list[st
         f"{what}",
         f"mesh {dict(mesh.shape)} ({mesh.size} chips), logical rules: defaults"
         + (f" with {', '.join(changed)}" if changed else ""),
-        f"global batch {config.train.global_batch_size} = {accum} x micro-batch {micro} "
-        f"({micro // shards} example(s) per batch shard of {mesh.size // shards} chips); "
+        f"global batch {config.train.global_batch_size} per step = {accum} micro-batch(es) of "
+        f"{micro} accumulated in the step ({micro // shards} example(s) per batch shard of "
+        f"{mesh.size // shards} chips); "
         f"trainable {config.train.trainable}; "
         f"param_dtype {config.model.param_dtype}, dtype {config.model.dtype}; "
         f"remat {config.model.remat_policy}; attention {config.model.attention_impl}; "
@@ -187,14 +187,13 @@ def report_lines(config, step: CompiledStep, *, chip=None, what: str) -> list[st
         f"{m.bytes_accessed:.4g} bytes accessed",
     ]
     model = model_flops_per_step(config)
-    lines.append(f"model FLOPs per micro-batch step (analytic, 3 x forward): {model:.4g}; "
+    lines.append(f"model FLOPs per step (analytic, 3 x forward x global batch): {model:.4g}; "
                  f"per chip {model / mesh.size:.4g}")
     if chip is not None:
         compute = model / mesh.size / chip.peak_bf16_flops
         lines.append(
-            f"roofline estimate (not measured): {compute:.3g} s per micro-batch step at the "
-            f"{chip.generation}'s peak {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 "
-            f"({compute * accum:.3g} s per update of {config.train.global_batch_size})")
+            f"roofline estimate (not measured): {compute:.3g} s per step at the "
+            f"{chip.generation}'s peak {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16")
     if config.model.mixer.startswith("ttt"):
         kernels = step.pallas_kernels
         lines.append("TTT inner loop: " + (f"Pallas kernel ({kernels} kernel calls in the program)"
@@ -321,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         # failed, the command was fine.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return fail(PROG, f"the compiler failed: {first[:2000]}", code=1)
-    print("\n".join(report_lines(config, step, chip=chip,
+    print("\n".join(report_lines(step, chip=chip,
                                  what=f"{config.stage.name} train step on {where}")))
     return 0
 

@@ -5,14 +5,14 @@
 
 The step is the one `python -m tttjax.train` runs for the config (`tttjax.train.loop`'s
 memoised plan: same model, optimiser, shardings, donation and compiler options) on the
-config's mesh, fed one synthetic micro-batch of the stage's shapes (random arrays made on
+config's mesh, fed one synthetic global batch of the stage's shapes (random arrays made on
 the devices in the batch sharding; no dataset is read). Parameters are freshly initialised.
 It is compiled once ahead of time; `--warmup` steps run untimed, then `--steps` steps are
 timed one by one (each waited for) and the median is reported.
 
-Printed: step time, tokens/s (video + text tokens of the micro-batch per step, as the train
+Printed: step time, tokens/s (video + text tokens of the global batch per step, as the train
 loop logs), analytic model FLOPs per step (`tttjax.bench.flops`: 3 x forward matmul FLOPs x
-micro-batch), the matmul FLOPs of the traced step (`flops.traced_matmul_flops`: with what
+global batch), the matmul FLOPs of the traced step (`flops.traced_matmul_flops`: with what
 remat recomputes), XLA's `cost_analysis()` FLOPs of the compiled step (per device x devices;
 XLA counts each loop body once, see `tttjax.bench.flops`), their ratios to the analytic
 count, and MFU = model FLOP/s / (devices x peak): the peak comes from the device kind
@@ -71,7 +71,6 @@ def measure(config, *, steps: int, warmup: int, seed: int = 0) -> dict:
 
     from tttjax.bench.flops import stage_forward_flops, traced_matmul_flops
     from tttjax.bench.run_config import mesh_for
-    from tttjax.train import config as config_lib
     from tttjax.train.loop import train_step_setup
     from tttjax.train.step import initial_counters
 
@@ -95,11 +94,13 @@ def measure(config, *, steps: int, warmup: int, seed: int = 0) -> dict:
                 step(params, opt_state, counters, batch))
             if i >= warmup:
                 times.append(time.perf_counter() - start)
-    micro = config_lib.micro_batch_size(config)
+    batch = setup.config.train.global_batch_size
     forward = stage_forward_flops(config)["total"] if _counted(config) else float("nan")
-    return {"devices": mesh.size, "micro_batch": micro, "tokens_per_step": setup.tokens_per_step,
+    return {"devices": mesh.size, "batch": batch,
+            "accumulation": setup.config.train.grad_accum_steps,
+            "tokens_per_step": setup.tokens_per_step,
             "compile_s": compile_s, "step_s": statistics.median(times),
-            "model_flops": 3 * micro * forward, "xla_flops": xla_flops(step) * mesh.size,
+            "model_flops": 3 * batch * forward, "xla_flops": xla_flops(step) * mesh.size,
             "traced_flops": traced,
             "loss": float(metrics["loss"])}
 
@@ -156,7 +157,8 @@ def main(argv=None) -> int:
         return fail(_PROG, err)
     m, s = config.model, config.stage
     print(f"# train step: {s.name}, mixer {m.mixer}, {m.num_layers} layers, width "
-          f"{m.num_attention_heads * m.attention_head_dim}, micro-batch {r['micro_batch']}, "
+          f"{m.num_attention_heads * m.attention_head_dim}, batch {r['batch']} "
+          f"({r['accumulation']} micro-batch(es)), "
           f"{s.num_segments} segments x ({s.latent_frames} latent frames, {s.text_length} text "
           f"tokens), remat {m.remat_policy}, {m.dtype}; {r['devices']} x {device_kind} "
           f"({jax.default_backend()}), jax {jax.__version__}; {fv.steps} steps after "

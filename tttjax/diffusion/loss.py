@@ -32,6 +32,36 @@ from tttjax.diffusion.timesteps import stratified_timesteps
 ApplyFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+def noised_inputs(batch: dict, key: jax.Array, schedule: NoiseSchedule, *,
+                  prompt_dropout: float = 0.1, dtype=jnp.float32) -> dict:
+    """The network inputs and v target of one (global) batch: all the objective's randomness.
+
+    Returns {"x_t": [B, T, C, H, W] in `dtype`, "text": [B, n, S, Dt] in `dtype` (dropped
+    prompts zeroed), "t": int32 [B], "target": float32 [B, T, C, H, W], "prompt_kept":
+    bool [B]}. Every entry has the batch first, so a train step can split it into
+    micro-batches (gradient accumulation) and get the same numbers as one big batch.
+    """
+    k_t, k_noise, k_drop, k_post = jax.random.split(key, 4)
+    x0 = batch["latents"].astype(jnp.float32)
+    if "latents_logvar" in batch:
+        std = jnp.exp(0.5 * batch["latents_logvar"].astype(jnp.float32))
+        x0 = x0 + std * jax.random.normal(k_post, x0.shape, jnp.float32)
+    t = stratified_timesteps(k_t, x0.shape[0], schedule.num_train_timesteps)
+    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    x_t = add_noise(x0, noise, t, schedule)
+    target = v_target(x0, noise, t, schedule)
+    text, kept = drop_prompts(k_drop, batch["text"].astype(dtype), prompt_dropout)
+    return {"x_t": x_t.astype(dtype), "text": text, "t": t, "target": target,
+            "prompt_kept": kept}
+
+
+def v_loss(apply_fn: ApplyFn, inputs: dict) -> jax.Array:
+    """Float32 mean squared error of the network's v on `noised_inputs` (or a slice of them
+    along the batch)."""
+    pred = apply_fn(inputs["x_t"], inputs["text"], inputs["t"])
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - inputs["target"]))
+
+
 def v_prediction_loss(apply_fn: ApplyFn, batch: dict, key: jax.Array, schedule: NoiseSchedule,
                       *, prompt_dropout: float = 0.1, dtype=jnp.float32
                       ) -> tuple[jax.Array, dict]:
@@ -46,16 +76,6 @@ def v_prediction_loss(apply_fn: ApplyFn, batch: dict, key: jax.Array, schedule: 
       prompt_dropout: probability of zeroing an example's whole prompt embedding.
       dtype: dtype of the network inputs (the loss is computed in float32).
     """
-    k_t, k_noise, k_drop, k_post = jax.random.split(key, 4)
-    x0 = batch["latents"].astype(jnp.float32)
-    if "latents_logvar" in batch:
-        std = jnp.exp(0.5 * batch["latents_logvar"].astype(jnp.float32))
-        x0 = x0 + std * jax.random.normal(k_post, x0.shape, jnp.float32)
-    t = stratified_timesteps(k_t, x0.shape[0], schedule.num_train_timesteps)
-    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-    x_t = add_noise(x0, noise, t, schedule)
-    target = v_target(x0, noise, t, schedule)
-    text, kept = drop_prompts(k_drop, batch["text"].astype(dtype), prompt_dropout)
-    pred = apply_fn(x_t.astype(dtype), text, t)
-    loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
-    return loss, {"timesteps": t, "prompt_kept": kept}
+    inputs = noised_inputs(batch, key, schedule, prompt_dropout=prompt_dropout, dtype=dtype)
+    return v_loss(apply_fn, inputs), {"timesteps": inputs["t"],
+                                      "prompt_kept": inputs["prompt_kept"]}

@@ -3,8 +3,10 @@
 A training config (`configs/tiny.py`, `configs/cogvideox_5b.py`) holds, besides `config.model`
 (the DiT) and `config.stage` (the clip geometry):
 
-    seed, steps, log_every, checkpoint_every         top level
-    train       global_batch_size (examples per optimiser update), grad_accum_steps,
+    seed, steps, log_every, checkpoint_every         top level (steps = optimiser updates)
+    train       global_batch_size (examples per optimiser update), grad_accum_steps
+                (micro-batches per update, accumulated inside the step; 0 = automatic: one
+                example per batch shard in each micro-batch),
                 prompt_dropout, trainable ("all" | "mixer_qkvo" | "mixer"),
                 max_nonfinite_in_a_row, progress_bar, compiler_options (XLA options for
                 the step, e.g. {"xla_backend_optimization_level": 0} for fast CPU compiles)
@@ -30,6 +32,7 @@ compute dtype) is what should be bfloat16, not `config.model.param_dtype`.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -91,7 +94,34 @@ def batch_mesh_axes(config) -> tuple[str, ...]:
 
 
 def micro_batch_size(config) -> int:
-    return config.train.global_batch_size // config.train.grad_accum_steps
+    """Examples per micro-batch of a config whose accumulation is resolved (not 0)."""
+    accum = config.train.grad_accum_steps
+    _need(accum > 0, "train.grad_accum_steps is 0 (automatic) until the mesh is known; call "
+          "resolve_accumulation(config, mesh sizes) first")
+    return config.train.global_batch_size // accum
+
+
+def resolve_accumulation(config, sizes: dict[str, int]) -> ml_collections.ConfigDict:
+    """`config` with `train.grad_accum_steps` resolved for a mesh of these axis sizes.
+
+    A positive value is kept (the same object is returned). 0 means automatic: as many
+    micro-batches as put one example on each batch shard, global_batch / shards; a copy is
+    returned. Training a long stage on fewer chips thus keeps the per-chip activations of the
+    full mesh, and `config.steps` (optimiser updates) and the learning-rate schedule do not
+    change with the mesh.
+    """
+    if config.train.grad_accum_steps != 0:
+        return config
+    shards = math.prod(sizes[a] for a in batch_mesh_axes(config))
+    batch = config.train.global_batch_size
+    _need(batch % shards == 0,
+          f"train.grad_accum_steps=0 (automatic) needs train.global_batch_size {batch} to be a "
+          f"multiple of the {shards} batch shards of mesh axes {batch_mesh_axes(config)}; "
+          "change the batch or the mesh, or set grad_accum_steps")
+    resolved = copy.deepcopy(config)
+    with resolved.unlocked():
+        resolved.train.grad_accum_steps = batch // shards
+    return resolved
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -113,13 +143,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
     train = config.train
     _int(train.global_batch_size, "train.global_batch_size")
-    _int(train.grad_accum_steps, "train.grad_accum_steps")
+    _int(train.grad_accum_steps, "train.grad_accum_steps", lo=0)
     _int(train.max_nonfinite_in_a_row, "train.max_nonfinite_in_a_row")
-    _need(train.global_batch_size % train.grad_accum_steps == 0,
+    _need(train.grad_accum_steps == 0 or train.global_batch_size % train.grad_accum_steps == 0,
           f"config.train.global_batch_size {train.global_batch_size} must be divisible by "
-          f"grad_accum_steps {train.grad_accum_steps}")
-    _need(config.steps % train.grad_accum_steps == 0,
-          f"config.steps {config.steps} counts micro-batches and must be a multiple of "
           f"grad_accum_steps {train.grad_accum_steps}")
     _need(0.0 <= train.prompt_dropout <= 1.0,
           f"config.train.prompt_dropout must be in [0, 1], got {train.prompt_dropout}")
@@ -232,6 +259,7 @@ def _validate_rules(rules, axes: dict) -> None:
 
 
 def _check_batch_divides(config, axes: dict) -> None:
+    config = resolve_accumulation(config, axes)
     shards = math.prod(axes[a] for a in batch_mesh_axes(config))
     micro = micro_batch_size(config)
     _need(micro % shards == 0,

@@ -48,7 +48,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass
 class TrainResult:
-    step: int                      # train steps done
+    step: int                      # train steps done (one optimiser update each)
     updates: int                   # optimiser updates applied
     nonfinite_total: int
     preempted: bool
@@ -71,10 +71,10 @@ def _batch_shardings(config, mesh, rules, with_logvar: bool):
     return {k: sharding for k in keys}
 
 
-def _global_shapes(config, micro: int, with_logvar: bool) -> dict[str, tuple[int, ...]]:
+def _global_shapes(config, batch: int, with_logvar: bool) -> dict[str, tuple[int, ...]]:
     m, s = config.model, config.stage
-    lat = (micro, s.latent_frames, m.in_channels, s.latent_height, s.latent_width)
-    shapes = {"latents": lat, "text": (micro, s.num_segments, s.text_length, m.text_embed_dim)}
+    lat = (batch, s.latent_frames, m.in_channels, s.latent_height, s.latent_width)
+    shapes = {"latents": lat, "text": (batch, s.num_segments, s.text_length, m.text_embed_dim)}
     if with_logvar:
         shapes["latents_logvar"] = lat
     return shapes
@@ -95,10 +95,10 @@ def _check_example_shapes(source, transform, shapes: dict[str, tuple[int, ...]])
                 "config.model.in_channels / text_embed_dim); set them to the dataset's shapes")
 
 
-def _tokens_per_step(config, micro: int) -> int:
+def _tokens_per_step(config, batch: int) -> int:
     m, s = config.model, config.stage
     video = s.latent_frames * (s.latent_height // m.patch_size) * (s.latent_width // m.patch_size)
-    return micro * (video + s.num_segments * s.text_length)
+    return batch * (video + s.num_segments * s.text_length)
 
 
 def _position_iterator(iterator, local_consumed: int, shard_index: int, shard_count: int,
@@ -167,9 +167,8 @@ def _plan(config, mesh, rules) -> _Plan:
         return _PLANS[key]
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         spec = model_spec(config.model, mesh, rules)
-    accum = config.train.grad_accum_steps
     tx, schedules = make_optimizer(config.optim, spec.abstract, trainable=config.train.trainable,
-                                   total_steps=config.steps // accum, grad_accum_steps=accum)
+                                   total_steps=config.steps)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, spec.abstract)
     opt_sh = optimizer_shardings(abstract_opt, spec.shardings, replicated)
@@ -179,7 +178,8 @@ def _plan(config, mesh, rules) -> _Plan:
     step_fn = make_train_step(
         spec, tx, trainable=trainable_mask(spec.abstract, config.train.trainable),
         schedule=NoiseSchedule(**config.diffusion.to_dict()), schedules=schedules,
-        seed=config.seed, prompt_dropout=config.train.prompt_dropout, grad_accum_steps=accum,
+        seed=config.seed, prompt_dropout=config.train.prompt_dropout,
+        grad_accum_steps=config.train.grad_accum_steps,
         param_shardings=spec.shardings, opt_shardings=opt_sh, batch_shardings=batch_sh, mesh=mesh,
         compiler_options=compiler_options)
     plan = _Plan(spec=spec, tx=tx, opt_shardings=opt_sh, abstract_opt=abstract_opt,
@@ -198,19 +198,22 @@ class StepSetup(typing.NamedTuple):
 
     plan: _Plan
     batch_shardings: dict[str, NamedSharding]
-    batch_shapes: dict[str, tuple[int, ...]]     # global shapes of one micro-batch
-    tokens_per_step: int                         # video + text tokens of one micro-batch
+    batch_shapes: dict[str, tuple[int, ...]]     # global shapes of the step's batch
+    tokens_per_step: int                         # video + text tokens of the global batch
+    config: ml_collections.ConfigDict            # with grad_accum_steps resolved for the mesh
 
 
 def train_step_setup(config: ml_collections.ConfigDict, mesh, rules) -> StepSetup:
     """The memoised plan of `train` for this config and mesh (the same jitted step), and the
     global shapes and shardings of its batch, for tools that drive the step on batches of
     their own (`python -m tttjax.bench train`)."""
+    config = config_lib.resolve_accumulation(config, dict(mesh.shape))
     with_logvar = config.data.dataset == "latents"
-    micro = config_lib.micro_batch_size(config)
+    batch = config.train.global_batch_size
     return StepSetup(_plan(config, mesh, rules),
                      _batch_shardings(config, mesh, rules, with_logvar),
-                     _global_shapes(config, micro, with_logvar), _tokens_per_step(config, micro))
+                     _global_shapes(config, batch, with_logvar), _tokens_per_step(config, batch),
+                     config)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None
@@ -224,6 +227,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     _initialize_distributed()
     num_devices = config_lib.mesh_device_count(config, jax.device_count(), jax.process_count())
     sizes = config_lib.validate_mesh(config, num_devices)
+    config = config_lib.resolve_accumulation(config, sizes)
     mesh = make_mesh(sizes, devices=jax.devices()[:num_devices])
     rules = config_lib.rules(config)
     is_primary = jax.process_index() == 0
@@ -235,13 +239,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     # ---------------------------------------------------------------- data
     source, transform = data_loader.open_training_source(config)
     with_logvar = config.data.dataset == "latents"
-    micro = config_lib.micro_batch_size(config)
+    global_batch = config.train.global_batch_size
     batch_sh = _batch_shardings(config, mesh, rules, with_logvar)
-    shapes = _global_shapes(config, micro, with_logvar)
+    shapes = _global_shapes(config, global_batch, with_logvar)
     _check_example_shapes(source, transform, shapes)
     shard_index, shard_count = data_loader.host_rows(batch_sh["latents"], shapes["latents"])
     loader = data_loader.make_loader(
-        source, transform, global_batch=micro, shard_index=shard_index, shard_count=shard_count,
+        source, transform, global_batch=global_batch, shard_index=shard_index,
+        shard_count=shard_count,
         seed=config.seed, shuffle=config.data.shuffle, worker_count=config.data.worker_count)
     iterator = iter(loader)
 
@@ -276,7 +281,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     start = int(counters["step"])
 
     logger = MetricsLogger(workdir, total_steps=config.steps, start_step=start,
-                           tokens_per_step=_tokens_per_step(config, micro), enabled=is_primary,
+                           tokens_per_step=_tokens_per_step(config, global_batch),
+                           enabled=is_primary,
                            progress_bar=config.train.progress_bar)
     for m in messages:
         logger.message(m)
@@ -287,7 +293,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
 
     def save(step_done: int) -> None:
         host = {k: int(v) for k, v in jax.device_get(counters).items()}
-        meta = {"counters": host, "examples_consumed": step_done * micro,
+        meta = {"counters": host, "examples_consumed": step_done * global_batch,
                 "config": json.loads(config.to_json())}
         ckpt.save(step_done, params, opt_state, meta, iterator.get_state())
 

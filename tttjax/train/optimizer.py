@@ -7,7 +7,8 @@
             "new":        adamw(lr_new(step),        ...                   mask=decays),
             "frozen":     set_to_zero(),
         }, labels))
-    optionally wrapped in optax.MultiSteps(tx, every_k_schedule=grad_accum_steps)
+
+(Gradient accumulation happens inside the train step, tttjax.train.step, before `tx`.)
 
 Labels come from parameter paths: `new` = the mixer slot (TTT layer and its four gates,
 `blocks/mixer/...`), `pretrained` = everything else (what the converted CogVideoX checkpoint
@@ -113,8 +114,7 @@ def make_schedule(lr: float, kind: str, warmup_steps: int, total_steps: int,
     return schedule
 
 
-def make_optimizer(optim, params: Any, *, trainable: str, total_steps: int,
-                   grad_accum_steps: int = 1
+def make_optimizer(optim, params: Any, *, trainable: str, total_steps: int
                    ) -> tuple[optax.GradientTransformation, dict[str, Callable]]:
     """(optax transformation, {group: schedule}) for `params` (a pure-dict parameter tree).
 
@@ -123,7 +123,6 @@ def make_optimizer(optim, params: Any, *, trainable: str, total_steps: int,
       params: parameter tree (arrays or ShapeDtypeStructs) the labels are computed from.
       trainable: the stage's trainable set, one of TRAINABLE_SETS.
       total_steps: optimiser updates of the run (cosine schedules end there).
-      grad_accum_steps: micro-batches per update (optax.MultiSteps when > 1).
     """
     schedules = {
         group: make_schedule(g.lr, g.schedule, g.warmup_steps, total_steps, g.final_lr_fraction)
@@ -140,14 +139,12 @@ def make_optimizer(optim, params: Any, *, trainable: str, total_steps: int,
                                NEW: adamw(schedules[NEW]),
                                FROZEN: optax.set_to_zero()},
                               param_labels(params, trainable)))
-    if grad_accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=grad_accum_steps)
     return tx, schedules
 
 
 def optimizer_shardings(opt_state: Any, param_shardings: Any, replicated: Any) -> Any:
     """Shardings of an (abstract) optimiser state: leaves whose key path ends with a
-    parameter's path (Adam moments, accumulated gradients) get that parameter's sharding;
+    parameter's path (Adam moments) get that parameter's sharding;
     counters and the rest are replicated."""
     flat = jax.tree_util.tree_flatten_with_path(param_shardings)[0]
     by_path = {path_names(p): s for p, s in flat}
