@@ -7,10 +7,13 @@ configuration and fast XLA options of tests/test_train_run.py.
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import jax
@@ -19,9 +22,13 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from test_train_run import STEPS, flat, losses, saved_params, tiny
+
 from tttjax import sample as sample_cli
+from tttjax.train import __main__ as train_cli
 from tttjax.train import integrity
 from tttjax.train.checkpoints import Checkpointer, CheckpointsRejected, newest_intact_step
+from tttjax.train.loop import train
 from tttjax.train.metrics import _drop_records_after
 from tttjax.train.workdir_lock import WorkdirBusy, WorkdirLock
 
@@ -328,3 +335,308 @@ def test_sigterm_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
         sample_cli.write_outputs(video, str(tmp_path / "v.mp4"), str(tmp_path / "v.gif"))
     assert sorted(os.listdir(tmp_path)) == ["v.mp4"]        # whole MP4, no v.partial.gif
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+# ------------------------------------------------------------------ end to end (tiny model)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    """The tiny run of tests/test_train_run.py: 24 steps, checkpoints at 8, 16, 24."""
+    workdir = str(tmp_path_factory.mktemp("run_a"))
+    return workdir, train(tiny(data_dir), workdir)
+
+
+
+
+def _sample(workdir, tmp_path, capsys):
+    story = tmp_path / "story.json"
+    story.write_text(json.dumps(STORY))
+    out = tmp_path / "out.mp4"
+    capsys.readouterr()
+    code = sample_cli.main(["--workdir", workdir, "--storyboard", str(story), "--out", str(out),
+                            "--steps", "2"])
+    return code, capsys.readouterr(), out
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def test_corrupt_latest_checkpoint_sampling_refuses_and_training_falls_back(
+        uninterrupted, data_dir, tmp_path, capsys):
+    workdir_a, _ = uninterrupted
+    workdir = str(tmp_path / "run")
+    shutil.copytree(workdir_a, workdir)
+    flip_bytes(os.path.join(workdir, "checkpoints", str(STEPS)))
+
+    code, out, video = _sample(workdir, tmp_path, capsys)
+    lines = out.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, out
+    assert f"checkpoint step {STEPS} (" in lines[0] and "is corrupt: params/" in lines[0]
+    assert "SHA-256 differs" in lines[0] and "step 16 is intact" in lines[0], lines[0]
+    assert not video.exists()
+
+    result = train(tiny(data_dir), workdir)
+    said = [line for line in capsys.readouterr().out.splitlines() if "verification" in line]
+    assert len(said) == 1 and f"checkpoint step {STEPS} failed verification (step {STEPS}: params/" in said[0]
+    assert "resuming from step 16, the newest that verifies" in said[0], said
+    assert result.step == STEPS
+    # steps 17..24 again, bitwise as the uninterrupted run; one record per step
+    assert _records(workdir) == list(range(1, STEPS + 1))
+    assert losses(workdir) == losses(workdir_a)
+    a, b = flat(saved_params(workdir_a, STEPS)), flat(saved_params(workdir, STEPS))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert os.listdir(os.path.join(workdir, "checkpoints_rejected")) == [str(STEPS)]
+    assert integrity.verify_step(os.path.join(workdir, "checkpoints", str(STEPS))) is None
+
+
+def test_second_run_on_a_workdir_exits_2_at_once_naming_the_holder(data_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    workdir = str(tmp_path / "run")
+    cfg = tiny(data_dir)
+    monkeypatch.setattr("tttjax.command_line.parse_config_flags",
+                        lambda *a, **k: (cfg, type("F", (), {"workdir": workdir})()))
+    with WorkdirLock(workdir):
+        code = train_cli.main(["prog"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"is in use by another run (host {os.uname().nodename}, pid {os.getpid()}" in err[0]
+    assert sorted(os.listdir(workdir)) == [".lock"]          # nothing else written
+
+
+def test_workdir_that_is_a_file_is_a_usage_error(data_dir, tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        train(tiny(data_dir), str(path))
+
+
+def test_other_model_on_a_workdir_is_refused_before_anything_is_written(
+        uninterrupted, data_dir, tmp_path, capsys):
+    workdir_a, _ = uninterrupted
+    workdir = str(tmp_path / "run")
+    shutil.copytree(workdir_a, workdir)
+    before = _read(os.path.join(workdir, "config.json"))
+    with pytest.raises(ValueError) as info:
+        train(tiny(data_dir, "ttt_linear"), workdir)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 600, message
+    assert "holds checkpoints (step 24) of another model" in message
+    assert "config.model.mixer: 'none' in the checkpoints, 'ttt_linear' now" in message
+    assert _read(os.path.join(workdir, "config.json")) == before
+    assert _records(workdir) == list(range(1, STEPS + 1))
+
+    # sampling a training workdir never makes parameters up: missing mixer = error, exit 2
+    config = json.loads(before)
+    config["model"]["mixer"] = "ttt_linear"
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config, f)
+    code, out, video = _sample(workdir, tmp_path, capsys)
+    assert code == 2 and "missing parameters ['blocks/mixer/" in out.err, out.err
+    assert len(out.err.strip().splitlines()) == 1 and not video.exists()
+
+
+def test_ctrl_c_saves_the_current_step_exits_130_and_resumes_exactly(
+        uninterrupted, data_dir, tmp_path, capsys, monkeypatch):
+    workdir_a, _ = uninterrupted
+    workdir = str(tmp_path / "run")
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    cfg = tiny(data_dir, checkpoint_every=4)
+    monkeypatch.setattr("tttjax.command_line.parse_config_flags",
+                        lambda *a, **k: (cfg, type("F", (), {"workdir": workdir})()))
+
+    def ctrl_c_after_six_steps():
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if os.path.exists(metrics) and len(_read(metrics).splitlines()) >= 6:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.005)
+
+    handler_before = signal.getsignal(signal.SIGINT)
+    killer = threading.Thread(target=ctrl_c_after_six_steps, daemon=True)
+    killer.start()
+    code = train_cli.main(["prog"])
+    killer.join()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 130 and out[-1].startswith("interrupted (Ctrl-C): "), out[-3:]
+    assert signal.getsignal(signal.SIGINT) == handler_before
+    saved = Checkpointer(workdir).latest_step()
+    assert 6 <= saved < STEPS and max(_records(workdir)) == saved
+    assert f"last checkpoint: step {saved}" in out[-1]
+    train(cfg, workdir)
+    assert _records(workdir) == list(range(1, STEPS + 1))
+    assert losses(workdir) == losses(workdir_a)
+
+
+def _du(path):
+    """Bytes allocated (blocks, as a tmpfs counts them) under `path`."""
+    return sum(os.stat(os.path.join(r, f)).st_blocks * 512
+               for r, _, files in os.walk(path) for f in files)
+
+
+def test_disk_full_during_an_async_save_is_one_line_exit_1_older_steps_kept(
+        uninterrupted, data_dir, tmp_path, capsys, monkeypatch):
+    """A tmpfs that holds one checkpoint of the tiny model but not two."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    workdir_a, _ = uninterrupted
+    step_bytes = _du(os.path.join(workdir_a, "checkpoints", "8"))
+    mount = tmp_path / "small"
+    mount.mkdir()
+    size_kb = int(step_bytes * 1.6 / 1024) + 256
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mount)],
+                      capture_output=True, check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        workdir = str(mount / "run")
+        cfg = tiny(data_dir)
+        monkeypatch.setattr("tttjax.command_line.parse_config_flags",
+                            lambda *a, **k: (cfg, type("F", (), {"workdir": workdir})()))
+        code = train_cli.main(["prog"])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("python -m tttjax.train")]
+        assert code == 1 and len(lines) == 1, err[-3000:]
+        # (the cause comes from TensorStore or from Python, depending on which write hit it)
+        assert re.search(r"saving checkpoint step 16 failed: .*No space left on device .*\(writing "
+                         + re.escape(workdir), lines[0]), lines
+        assert "older checkpoints are kept: 8" in lines[0] and "Traceback" not in err
+        # step 8 is intact and the next run resumes from it (the partial step is cleaned up)
+        ckpt = Checkpointer(workdir)
+        assert ckpt.all_steps() == [8]
+        ckpt.close()
+        assert integrity.verify_step(os.path.join(workdir, "checkpoints", "8")) is None
+    finally:
+        if subprocess.run(["umount", str(mount)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("group,lr", [("pretrained", float("inf")), ("new", float("nan")),
+                                      ("new", -1e-4)])
+def test_nonfinite_or_negative_learning_rates_are_refused(data_dir, group, lr):
+    from tttjax.train import config as config_lib
+
+    with pytest.raises(ValueError, match=rf"config.optim.{group}.lr must be a finite number >= 0"):
+        config_lib.validate(tiny(data_dir, **{f"optim.{group}.lr": lr}))
+
+
+def test_ttt_mini_batch_longer_than_the_sequence_is_refused(data_dir):
+    from tttjax.train import config as config_lib
+
+    cfg = tiny(data_dir, "ttt_mlp", **{"model.mixer_config.ttt_mlp.mini_batch_size": 100000})
+    with pytest.raises(ValueError, match=r"mini_batch_size 100000 is longer than the mixer's "
+                                         r"sequence \(96 tokens: 2 x 8 text \+ 80 video\)"):
+        config_lib.validate(cfg)
+
+
+def test_updates_to_nonfinite_parameters_are_skipped_and_never_saved(data_dir, tmp_path,
+                                                                     monkeypatch):
+    """lr = inf (validation bypassed): finite loss, infinite update. Every update is skipped,
+    every checkpoint is finite, and the stop message names the newest one."""
+    from tttjax.train import config as config_lib
+    from tttjax.train.loop import TrainingDiverged
+
+    monkeypatch.setattr(config_lib, "validate", lambda config: config)
+    cfg = tiny(data_dir, **{"optim.pretrained.lr": float("inf"), "optim.new.lr": float("inf"),
+                            "checkpoint_every": 1, "train.max_nonfinite_in_a_row": 3})
+    workdir = str(tmp_path / "run")
+    with pytest.raises(TrainingDiverged, match=r"3 non-finite losses in a row .* newest checkpoint "
+                                               r"\(checkpoints hold only finite values\): step 2"):
+        train(cfg, workdir)
+    assert set(losses(workdir).values()) == {None}        # every step counted as skipped
+    steps = Checkpointer(workdir).all_steps()
+    assert steps and max(steps) <= 3
+    first = flat(saved_params(workdir, steps[0]))
+    for step in steps:
+        for name, value in flat(saved_params(workdir, step)).items():
+            assert np.isfinite(value).all(), (step, name)
+            np.testing.assert_array_equal(value, first[name], err_msg=name)  # nothing applied
+
+
+_CHAOS_DRIVER = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from test_train_run import tiny
+from tttjax.train import integrity
+from tttjax.train.loop import train
+if os.environ.get("SLOW_MANIFEST"):     # hold the save open: the kill lands inside it
+    write = integrity.write_manifest
+    def slow(step_dir):
+        with open(os.environ["SLOW_MANIFEST"] + ".tmp", "w") as f:
+            f.write(step_dir)
+        os.replace(os.environ["SLOW_MANIFEST"] + ".tmp", os.environ["SLOW_MANIFEST"])
+        time.sleep(60)
+        return write(step_dir)
+    integrity.write_manifest = slow
+train(tiny({data_dir!r}, checkpoint_every=4), {workdir!r})
+print("finished", flush=True)
+"""
+
+
+def test_chaos_kill_9_at_start_up_mid_step_and_during_a_save_then_resume_bitwise(
+        uninterrupted, data_dir, tmp_path):
+    """kill -9 at start-up, between saves and inside an asynchronous save (its manifest is
+    held back so the kill lands before Orbax commits the step); each restart resumes from
+    the newest committed step, and the final parameters equal an uninterrupted run's."""
+    workdir_a, _ = uninterrupted
+    workdir = str(tmp_path / "run")
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    marker = str(tmp_path / "saving")
+    script = _CHAOS_DRIVER.format(tests=os.path.join(ROOT, "tests"), data_dir=data_dir,
+                                  workdir=workdir)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
+    def run(until, slow_manifest=False, timeout=300):
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                env=dict(env, SLOW_MANIFEST=marker) if slow_manifest else env)
+        deadline = time.time() + timeout
+        try:
+            while time.time() < deadline and proc.poll() is None:
+                if until(proc):
+                    proc.kill()                    # SIGKILL: no handler, no clean-up
+                    break
+                time.sleep(0.01)
+            proc.wait(timeout=60)
+            return proc.returncode, proc.stdout.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def lines():
+        return len(_read(metrics).splitlines()) if os.path.exists(metrics) else 0
+
+    code, _ = run(lambda p: os.path.exists(os.path.join(workdir, ".lock")))   # start-up
+    assert code == -signal.SIGKILL and not Checkpointer(workdir).all_steps()
+    def committed():
+        root = os.path.join(workdir, "checkpoints")
+        return os.path.isdir(root) and any(d.isdigit() for d in os.listdir(root))
+
+    code, _ = run(lambda p: lines() >= 6 and committed())                     # mid-run
+    assert code == -signal.SIGKILL
+    first = Checkpointer(workdir).all_steps()
+    assert first and max(first) >= 4, first
+
+    code, _ = run(lambda p: os.path.exists(marker), slow_manifest=True)       # inside a save
+    assert code == -signal.SIGKILL
+    saving = _read(marker)
+    assert saving.endswith(".orbax-checkpoint-tmp") and os.path.isdir(saving), saving
+    assert Checkpointer(workdir).all_steps() == first       # the interrupted step never committed
+    code, out = run(lambda p: False)                                           # to the end
+    assert code == 0 and "finished" in out, out[-2000:]
+    assert _records(workdir) == list(range(1, STEPS + 1))
+    assert losses(workdir) == losses(workdir_a)
+    a, b = flat(saved_params(workdir_a, STEPS)), flat(saved_params(workdir, STEPS))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

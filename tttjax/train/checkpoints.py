@@ -30,9 +30,12 @@ number of hosts).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
+import re
 import shutil
 from typing import Any
 
@@ -61,6 +64,11 @@ class _IteratorSnapshot:
 
 class CheckpointsRejected(ValueError):
     """No saved step of the workdir passes verification (exit code 2: bad input)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (disk full, permissions, ...): a runtime failure, exit 1.
+    The message is one line naming the step, the cause and the file."""
 
 
 @dataclasses.dataclass
@@ -105,7 +113,7 @@ class Checkpointer:
                          if async_save else None)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy, create=True, enable_async_checkpointing=async_save,
-            async_options=async_options)
+            async_options=async_options, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def step_dir(self, step: int) -> str:
@@ -125,6 +133,30 @@ class Checkpointer:
         integrity.write_manifest(tmp if os.path.isdir(tmp) else self.step_dir(step))
         self.keep_step.step = step
 
+    def _write_failed(self, err: Exception) -> CheckpointWriteError:
+        text = " ".join(str(err).split()) or type(err).__name__
+        cause = text.rsplit(": ", 1)[-1]
+        files = re.findall(r'"(/[^"]+)"', text) or [getattr(err, "filename", None) or self.directory]
+        kept = [s for s in self.all_steps() if s != self._pending]
+        return CheckpointWriteError(
+            f"saving checkpoint step {self._pending} failed: {cause} (writing {files[-1]}); "
+            f"older checkpoints are kept: {', '.join(map(str, kept)) or 'none'}")
+
+    @contextlib.contextmanager
+    def _surfacing_write_errors(self):
+        """Turns Orbax's background write failures into one-line CheckpointWriteErrors."""
+        try:
+            yield
+        except CheckpointWriteError:
+            raise
+        except Exception as err:  # noqa: BLE001 - Orbax/TensorStore raise many types
+            raise self._write_failed(err) from None
+
+    def check(self) -> None:
+        """Raises CheckpointWriteError if a background save has failed (cheap: a flag)."""
+        with self._surfacing_write_errors():
+            self.manager.check_for_errors()
+
     def save(self, step: int, params: Any, opt_state: Any, meta: dict, data_state: bytes | None
              ) -> str | None:
         """Starts saving `step` (asynchronously unless configured otherwise).
@@ -136,18 +168,20 @@ class Checkpointer:
         if bad:
             return (f"not saving step {step}: non-finite values in {len(bad)} tensors "
                     f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})")
-        self.manager.wait_until_finished()   # the previous save's manifest is written
+        with self._surfacing_write_errors():
+            self.manager.wait_until_finished()   # the previous save's manifest is written
         self._pending = step
         items = {"params": ocp.args.StandardSave(params),
                  "opt_state": ocp.args.StandardSave(opt_state),
                  "meta": ocp.args.JsonSave(dict(meta, process_count=jax.process_count()))}
         if data_state is not None:
             items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state))
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-        if not self.async_save and jax.process_index() == 0:
-            # Synchronous saves are committed here; the manifest follows the commit.
-            integrity.write_manifest(self.step_dir(step))
-            self.keep_step.step = step
+        with self._surfacing_write_errors():
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+            if not self.async_save and jax.process_index() == 0:
+                # Synchronous saves are committed here; the manifest follows the commit.
+                integrity.write_manifest(self.step_dir(step))
+                self.keep_step.step = step
         return None
 
     def verify(self, step: int) -> str | None:
@@ -251,11 +285,40 @@ class Checkpointer:
         self.manager.reload()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._surfacing_write_errors():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+
+class _DropOrbaxErrors(logging.Filter):
+    """Drops ERROR records logged by Orbax, or by asyncio about Orbax's write tasks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        where = f"{os.sep}orbax{os.sep}"
+        if where in (record.pathname or ""):
+            return False
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is kept as it is
+            return True
+        return not (record.name == "asyncio" and where in text)
+
+
+def quiet_orbax_errors() -> None:
+    """Drops Orbax's own ERROR logs (each failing background write logs its traceback from
+    several threads, hundreds of lines); for commands that report every checkpoint failure
+    themselves as one line (`CheckpointWriteError`, `CheckpointsRejected`)."""
+    for name in ("absl", "asyncio"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _DropOrbaxErrors) for f in target.filters):
+            target.addFilter(_DropOrbaxErrors())
 
 
 def newest_intact_step(workdir: str, below: int | None = None) -> int | None:

@@ -167,7 +167,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           f"config.optim.mu_dtype must be '', 'float32' or 'bfloat16', got {optim.mu_dtype!r}")
     for group in ("pretrained", "new"):
         g = optim[group]
-        _need(g.lr >= 0, f"config.optim.{group}.lr must be >= 0, got {g.lr}")
+        _need(isinstance(g.lr, (int, float)) and math.isfinite(g.lr) and g.lr >= 0,
+              f"config.optim.{group}.lr must be a finite number >= 0, got {g.lr}")
         _need(g.schedule in SCHEDULES,
               f"config.optim.{group}.schedule {g.schedule!r} not in {SCHEDULES}")
         _int(g.warmup_steps, f"optim.{group}.warmup_steps", lo=0)
@@ -183,6 +184,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
     _validate_data(config)
     _validate_mesh_static(config)
+    _validate_mixer_sequence(config)
 
     init_from = config.checkpoint.init_from
     _int(config.checkpoint.keep, "checkpoint.keep")
@@ -190,6 +192,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           f"config.checkpoint.init_from={init_from!r} does not exist; give a converted "
           "checkpoint folder or a previous stage's workdir, or '' to start from scratch")
     return config
+
+
+def _validate_mixer_sequence(config) -> None:
+    """A TTT mini-batch longer than the mixer's whole sequence would only be padding (and
+    memory: the padded sequence is what the inner loop runs on)."""
+    m, s = config.model, config.stage
+    mini_batch = dit_config.mixer_option(m, "mini_batch_size")
+    if mini_batch is None:
+        return
+    video = s.latent_frames * (s.latent_height // m.patch_size) * (s.latent_width // m.patch_size)
+    length = s.num_segments * s.text_length + video
+    _need(mini_batch <= length,
+          f"config.model.mixer_config.{m.mixer}.mini_batch_size {mini_batch} is longer than "
+          f"the mixer's sequence ({length} tokens: {s.num_segments} x {s.text_length} text + "
+          f"{video} video); use at most {length}")
 
 
 def _validate_data(config) -> None:

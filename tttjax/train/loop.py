@@ -4,19 +4,25 @@ Order of events:
   1. validate the config (no devices touched), start `jax.distributed` when the environment
      asks for several processes, build the mesh and check it against the devices;
   2. open the dataset (generated on first use) and this host's Grain loader;
-  3. resume from the latest checkpoint in WORKDIR/checkpoints if there is one (parameters,
-     optimiser state, counters, data position), otherwise initialise: fresh, or from
-     `config.checkpoint.init_from` (converted CogVideoX checkpoint or previous stage);
+  3. take the workdir's lock (`tttjax.train.workdir_lock`: a second run on it stops at once);
+     check that its checkpoints hold this config's model (one line naming the differing
+     config fields otherwise); resume from the newest checkpoint that verifies (integrity
+     manifest, restorable, finite; newer ones that fail are set aside, said in one line),
+     otherwise initialise: fresh, or from `config.checkpoint.init_from` (converted CogVideoX
+     checkpoint or previous stage); only then write WORKDIR/config.json;
   4. loop: host batch -> global array -> jitted step; log, checkpoint every
-     `checkpoint_every` steps and at the end; on SIGTERM save the current step and return.
+     `checkpoint_every` steps and at the end; on SIGTERM or Ctrl-C save the current step and
+     return (`TrainResult.interrupted` tells Ctrl-C apart).
 
 A non-finite loss skips its update (see tttjax.train.step); `max_nonfinite_in_a_row` such
-steps in a row raise `TrainingDiverged` with the last good checkpoint in the message.
+steps in a row raise `TrainingDiverged` naming the newest checkpoint (checkpoints never hold
+non-finite values: `Checkpointer.save` refuses them).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -34,12 +40,13 @@ from tttjax.data import loader as data_loader
 from tttjax.diffusion.schedule import NoiseSchedule
 from tttjax.sharding import logical_to_spec, make_mesh
 from tttjax.train import config as config_lib
-from tttjax.train.checkpoints import Checkpointer
+from tttjax.train.checkpoints import Checkpointer, check_workdir_fits
 from tttjax.train.metrics import MetricsLogger
 from tttjax.train.model_state import init_params, load_params, model_spec
 from tttjax.train.optimizer import make_optimizer, optimizer_shardings, trainable_mask
 from tttjax.train.preemption import PreemptionWatch
 from tttjax.train.step import initial_counters, make_train_step
+from tttjax.train.workdir_lock import WorkdirLock
 
 
 class TrainingDiverged(RuntimeError):
@@ -54,6 +61,7 @@ class TrainResult:
     preempted: bool
     last_checkpoint: int | None
     records: list[dict]            # metric records logged by this call
+    interrupted: bool = False      # stopped by Ctrl-C (SIGINT) rather than SIGTERM / stop_at
 
 
 def _initialize_distributed() -> None:
@@ -222,9 +230,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
 
     `stop_at` ends this call after that many steps in total, saving a checkpoint as a
     preemption would (for time-limited jobs and tests); the next call resumes from it.
+    Raises `WorkdirBusy` (a ValueError) at once when another run holds the workdir.
     """
     config_lib.validate(config)
     _initialize_distributed()
+    # One run per workdir: process 0 holds the lock (the other hosts belong to its run).
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        return _train(config, workdir, stop_at)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None) -> TrainResult:
     num_devices = config_lib.mesh_device_count(config, jax.device_count(), jax.process_count())
     sizes = config_lib.validate_mesh(config, num_devices)
     config = config_lib.resolve_accumulation(config, sizes)
@@ -232,9 +248,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     rules = config_lib.rules(config)
     is_primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    if is_primary:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json(indent=2, sort_keys=True))
 
     # ---------------------------------------------------------------- data
     source, transform = data_loader.open_training_source(config)
@@ -255,19 +268,32 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     spec, step_fn = plan.spec, plan.step_fn
     replicated = NamedSharding(mesh, PartitionSpec())
 
+    check_workdir_fits(workdir, config, spec.abstract)   # before anything is written
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep,
                         async_save=config.checkpoint.async_save)
-    latest = ckpt.latest_step()
     messages = []
-    if latest is not None:
-        params, opt_state, meta, data_ok = ckpt.restore(latest, spec.abstract,
-                                                        plan.abstract_opt, iterator)
+    try:
+        restored = ckpt.restore_newest_intact(spec.abstract, plan.abstract_opt, iterator)
+    except BaseException:
+        ckpt.close()
+        raise
+    latest = restored.step if restored is not None else None
+    if restored is not None:
+        params, opt_state, meta = restored.params, restored.opt_state, restored.meta
         counters = {k: jax.device_put(np.int32(meta["counters"][k]), replicated)
                     for k in meta["counters"]}
-        if not data_ok:
+        if restored.rejected:
+            steps = ", ".join(str(s) for s, _ in restored.rejected)
+            why = "; ".join(f"step {s}: {r}" for s, r in restored.rejected)
+            messages.append(f"checkpoint step{'s' if len(restored.rejected) > 1 else ''} "
+                            f"{steps} failed verification ({why}); resuming from step "
+                            f"{latest}, the newest that verifies (the failed ones are in "
+                            f"{ckpt.rejected_directory})")
+        if not restored.data_restored:
             _position_iterator(iterator, meta["examples_consumed"] // shard_count, shard_index,
                                shard_count, config.data.worker_count)
-        messages.append(f"resumed from {ckpt.directory}/{latest} (step {latest})")
+        if not restored.rejected:
+            messages.append(f"resumed from {ckpt.directory}/{latest} (step {latest})")
     else:
         with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
             if config.checkpoint.init_from:
@@ -279,6 +305,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
         opt_state = plan.init_opt(params)
         counters = {k: jax.device_put(v, replicated) for k, v in initial_counters().items()}
     start = int(counters["step"])
+    if is_primary:   # the run is known to be valid: say what it is
+        path = os.path.join(workdir, "config.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(config.to_json(indent=2, sort_keys=True))
+        os.replace(path + ".tmp", path)
 
     logger = MetricsLogger(workdir, total_steps=config.steps, start_step=start,
                            tokens_per_step=_tokens_per_step(config, global_batch),
@@ -291,18 +322,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     last_saved = latest
     preempted = False
 
-    def save(step_done: int) -> None:
+    def save(step_done: int) -> bool:
         host = {k: int(v) for k, v in jax.device_get(counters).items()}
         meta = {"counters": host, "examples_consumed": step_done * global_batch,
                 "config": json.loads(config.to_json())}
-        ckpt.save(step_done, params, opt_state, meta, iterator.get_state())
+        refused = ckpt.save(step_done, params, opt_state, meta, iterator.get_state())
+        if refused:
+            logger.message(refused)
+        return not refused
 
     def check_diverged(in_a_row: int, at_step: int) -> None:
         if in_a_row >= config.train.max_nonfinite_in_a_row:
             raise TrainingDiverged(
                 f"stopping at step {at_step}: {in_a_row} non-finite losses in a row (their "
-                "updates were skipped); lower the learning rate or check the data; last "
-                f"checkpoint: {last_saved if last_saved is not None else 'none'}")
+                "updates were skipped); lower the learning rate or check the data; newest "
+                "checkpoint (checkpoints hold only finite values): "
+                f"{'step ' + str(last_saved) if last_saved is not None else 'none'}")
 
     try:
         with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
@@ -320,6 +355,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
                 else:
                     check_diverged(int(previous["nonfinite_in_a_row"]), done - 1)
                 logger.advance()
+                ckpt.check()   # a failed background save stops the run now, one line
                 if done % config.log_every == 0 or done == config.steps:
                     window = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
                     pending = []
@@ -327,13 +363,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
                     records.append(logger.log(done, window, host_counters))
                     check_diverged(host_counters["nonfinite_in_a_row"], done)
                 preempted = watch.requested(done) or done == stop_at
-                if done % config.checkpoint_every == 0 or done == config.steps or preempted:
-                    save(done)
+                due = done % config.checkpoint_every == 0 or done == config.steps or preempted
+                if due and save(done):
                     last_saved = done
                 if preempted:
                     ckpt.wait()
-                    logger.message(f"stopped early: saved step {done} to {ckpt.directory}; rerun "
-                                   "the same command to resume")
+                    how = " (Ctrl-C)" if watch.interrupted else ""
+                    logger.message(f"stopped early{how}: saved step {last_saved} to "
+                                   f"{ckpt.directory}; rerun the same command to resume")
                     break
     finally:
         watch.close()
@@ -342,5 +379,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     host = {k: int(v) for k, v in jax.device_get(counters).items()}
     return TrainResult(step=host["step"], updates=host["updates"],
                        nonfinite_total=host["nonfinite_total"], preempted=preempted,
-                       last_checkpoint=last_saved, records=records)
+                       last_checkpoint=last_saved, records=records,
+                       interrupted=preempted and watch.interrupted)
 

@@ -11,14 +11,15 @@
   seed and the step number, whatever k or the sharding (exact resume);
 - parameters outside the stage's trainable set enter the model through `stop_gradient`
   (their gradient is zero and the optimiser gives them a zero update);
-- a non-finite loss or gradient norm keeps the previous parameters and optimiser state
-  (`jnp.where` on every leaf) and is counted (`nonfinite_total`, `nonfinite_in_a_row`);
+- a non-finite loss, gradient norm or updated parameter keeps the previous parameters and
+  optimiser state (`jnp.where` on every leaf) and is counted (`nonfinite_total`,
+  `nonfinite_in_a_row`): non-finite values never reach the parameters (or a checkpoint);
 - jitted with explicit in/out shardings (parameters and optimiser state as the logical rules
   say, the batch split over the `batch` mesh axes, counters replicated), parameters and
   optimiser state donated.
 
 counters (int32 scalars): step (steps run), updates (optimiser updates applied: steps whose
-loss and gradients were finite),
+loss, gradients and updated parameters were finite),
 nonfinite_in_a_row, nonfinite_total. metrics (float32 scalars): loss, grad_norm, finite,
 lr_pretrained, lr_new (the rates of the update this step made or would have made).
 """
@@ -88,6 +89,8 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation, *, traina
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
+        finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_params)
+                                     if jnp.issubdtype(x.dtype, jnp.inexact)]))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         params, opt_state_out = keep(new_params, params), keep(new_opt_state, opt_state)
 
