@@ -640,3 +640,19 @@ def test_chaos_kill_9_at_start_up_mid_step_and_during_a_save_then_resume_bitwise
     a, b = flat(saved_params(workdir_a, STEPS)), flat(saved_params(workdir, STEPS))
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_read_only_workdir_is_a_usage_error_before_compiling(data_dir, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)],
+                      capture_output=True, check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(ValueError, match=r"workdir .*/ro/run cannot be written \(Read-only "
+                                             r"file system"):
+            train(tiny(data_dir), str(mount / "run"))
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
