@@ -211,12 +211,45 @@ def backward_step(kind, state, q, k, y, w, gamma, beta, dz, dnew):
     Returns:
       (dstate tuple, dq [b, d], dk [b, d], dy [b, d], dw [b, 1], dgamma [1, d], dbeta [1, d]).
     """
-    mlp = kind == "mlp"
-    d = q.shape[-1]
+    residuals, new = step_residuals(kind, state, q, k, y, w, gamma, beta)
+    return backward_from_residuals(kind, state, new, residuals, q, k, w, gamma, dz, dnew)
+
+
+def step_residuals(kind, state, q, k, y, w, gamma, beta):
+    """One step's forward, keeping what `backward_from_residuals` needs (arguments as
+    `forward_step`).
+
+    Returns (residuals, new state). The residuals are a small tuple of arrays (for TTT-MLP:
+    the pre-activations Z1 and Zq1, P = dZ2 W2^T, the LayerNorm intermediates of the keys and
+    queries), so a caller can compute them in one pass over a group of steps and stack them;
+    the elementwise functions of Z1 and Zq1 (gelu, gelu', gelu'') are recomputed from them.
+    """
     inner = _inner_grads(kind, state, k, y, gamma, beta)
     new = _updated(kind, state, k, w, inner)
     zq, acts = _apply(kind, new, q)
     zhat_q, std_q = _ln_stats(zq)
+    ln = (inner["zhat"], inner["std"], inner["resid"], inner["dz_last"], zhat_q, std_q)
+    if kind == "mlp":
+        return (inner["z1"], inner["p"], acts[0]) + ln, new
+    return ln, new
+
+
+def backward_from_residuals(kind, state, new, residuals, q, k, w, gamma, dz, dnew):
+    """`backward_step` given `step_residuals(kind, state, q, k, y, w, gamma, beta)`, which
+    returns (residuals, new)."""
+    mlp = kind == "mlp"
+    d = q.shape[-1]
+    if mlp:
+        z1, p, zq1 = residuals[:3]
+        x2, gp, gpp = _gelu_parts(z1)
+        acts = (zq1, _gelu(zq1))
+        residuals = residuals[3:]
+    zhat, std, resid, dz_last, zhat_q, std_q = residuals
+    inner = dict(zhat=zhat, std=std, resid=resid, dz_last=dz_last)
+    if mlp:
+        inner.update(x2=x2, gp=gp, gpp=gpp, p=p, dz1=p * gp)
+    else:
+        inner["dz1"] = dz_last
 
     # ---- apply: z = q + gamma * LN(zq) + beta
     dgamma = _col_sum(dz * zhat_q)

@@ -1,17 +1,31 @@
 """Benchmark of the TTT ops: forward and forward+backward time, tokens/s and memory vs L.
 
     python -m tttjax.bench ops [--lengths 4096,16384,65536] [--heads 4] [--head-dim 64]
-                               [--repeats 3] [--csv out.csv]
+                               [--repeats 3] [--no-reference] [--csv out.csv]
 
 Memory is XLA's compiled memory analysis of each jitted function (arguments + outputs +
 temporaries, the peak a device needs), so growth with L can be read off exactly, whatever
 else the machine is running. Times are medians of `--repeats` runs after a warm-up.
+
+Forward + backward is the gradient of sum(z^2) w.r.t. q, k, v, eta and every parameter. Unless
+`--no-reference`, the previous implementation of its gradient (JAX autodiff through the
+closed-form steps in `jax.checkpoint` groups, `ttt._ttt(..., vjp="autodiff")`) is timed in
+the same run, its calls alternating with the current op's, and `vs_autodiff` is the ratio of
+the two medians (below 1: the current op is faster), which stays meaningful on a busy machine.
+
+FLOPs are analytic, matmuls only (`matmul_flops`): per mini-batch and (batch, head), TTT-MLP
+runs 7 matmuls of b x d x 4d forward and 28 for forward + backward (forward, the group's
+recomputation, 14 in the backward), TTT-Linear 3 and 12 of b x d x d. `matmul_frac` is the
+forward + backward FLOP rate over this machine's float32 matmul rate, measured in the same
+run on one 1024 x 1024 x 1024 matmul (`matmul_GFLOP_s`).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +36,35 @@ from tttjax.command_line import ArgumentParser
 from tttjax.ops import ttt
 
 _OPS = {"ttt_mlp": (ttt.ttt_mlp, "mlp", 64), "ttt_linear": (ttt.ttt_linear, "linear", 16)}
+_MATMULS = {"mlp": (7, 28), "linear": (3, 12)}  # per mini-batch and (batch, head): fwd, fwd+bwd
+
+
+def matmul_flops(kind, bsz, heads, length, d, b):
+    """Analytic matmul FLOPs (forward, forward + backward) of the TTT op (module docstring)."""
+    width = 4 * d if kind == "mlp" else d
+    per_matmul = 2 * b * d * width * bsz * heads * (length // b)
+    fwd, fwd_bwd = _MATMULS[kind]
+    return fwd * per_matmul, fwd_bwd * per_matmul
+
+
+def matmul_rate(repeats=5, n=1024):
+    """This machine's float32 matmul rate (FLOP/s): the median of n x n x n jitted matmuls."""
+    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a).lower(x).compile()
+    return 2 * n**3 / median_time(f, (x,), repeats)
+
+
+def interleaved_medians(fns, args, repeats):
+    """Median seconds of each of `fns(*args)`, their calls alternating (after one warm-up each)."""
+    for fn in fns:
+        jax.block_until_ready(fn(*args))
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
 
 
 def _inputs(kind, length, heads, d, dtype):
@@ -38,8 +81,9 @@ def _inputs(kind, length, heads, d, dtype):
     return q, k, v, eta, params
 
 
-def run(lengths, heads, d, repeats, remat_group_size=16, dtype=jnp.float32):
-    """Yields one dict per (op, L) with times (s), tokens/s and memory (MiB)."""
+def run(lengths, heads, d, repeats, remat_group_size=16, dtype=jnp.float32, reference=True,
+        matmul_flop_s=None):
+    """Yields one dict per (op, L) with times (s), tokens/s, FLOP rates and memory (MiB)."""
     for name, (op, kind, b) in _OPS.items():
         for length in lengths:
             args = _inputs(kind, length, heads, d, dtype)
@@ -47,18 +91,34 @@ def run(lengths, heads, d, repeats, remat_group_size=16, dtype=jnp.float32):
             def fwd(q, k, v, eta, p, op=op, b=b):
                 return op(q, k, v, eta, p, mini_batch_size=b, remat_group_size=remat_group_size)
 
-            def loss(q, k, v, eta, p, fwd=fwd):
-                return jnp.sum(fwd(q, k, v, eta, p).astype(jnp.float32) ** 2)
+            def fwd_autodiff(q, k, v, eta, p, kind=kind, b=b):
+                return ttt._ttt(kind, q, k, v, eta, p, mini_batch_size=b,
+                                remat_group_size=remat_group_size, causal=False,
+                                token_idx_offset=None, initial_state=None, return_state=False,
+                                return_inner_loss=False, vjp="autodiff")
+
+            def grad_of(f, args=args):
+                loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2)  # noqa: E731
+                return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile()
 
             # One compile per function serves both the timing and the memory analysis.
             f = jax.jit(fwd).lower(*args).compile()
-            fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile()
-            t_f, t_fb = median_time(f, args, repeats), median_time(fb, args, repeats)
+            fb = grad_of(fwd)
+            t_f = median_time(f, args, repeats)
+            if reference:
+                t_fb, t_ref = interleaved_medians([fb, grad_of(fwd_autodiff)], args, repeats)
+            else:
+                t_fb, t_ref = median_time(fb, args, repeats), float("nan")
+            flops_f, flops_fb = matmul_flops(kind, 1, heads, length, d, b)
             io_bytes = sum(x.nbytes for x in jax.tree.leaves(args))
             yield {
                 "op": name, "L": length, "H": heads, "d": d, "b": b,
                 "fwd_ms": 1e3 * t_f, "fwd_bwd_ms": 1e3 * t_fb,
+                "autodiff_fwd_bwd_ms": 1e3 * t_ref, "vs_autodiff": t_fb / t_ref,
                 "fwd_tok_s": length / t_f, "fwd_bwd_tok_s": length / t_fb,
+                "fwd_bwd_GFLOP": flops_fb / 1e9,
+                "fwd_GFLOP_s": flops_f / t_f / 1e9, "fwd_bwd_GFLOP_s": flops_fb / t_fb / 1e9,
+                "matmul_frac": (flops_fb / t_fb / matmul_flop_s) if matmul_flop_s else float("nan"),
                 "inputs_MiB": io_bytes / 2**20,
                 "fwd_peak_MiB": peak_bytes(f) / 2**20,
                 "fwd_bwd_peak_MiB": peak_bytes(fb) / 2**20,
@@ -73,6 +133,8 @@ def main(argv=None):
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--remat-group-size", type=int, default=16)
+    parser.add_argument("--no-reference", action="store_true",
+                        help="do not time the previous (autodiff) gradient alongside")
     parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     args = parser.parse_args(argv)
     try:
@@ -81,10 +143,16 @@ def main(argv=None):
         parser.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
 
     print(f"# device: {jax.devices()[0].device_kind} x{jax.device_count()}, backend {jax.default_backend()}")
-    table = MarkdownTable(("op", "L", "b", "fwd_ms", "fwd_bwd_ms", "fwd_tok_s", "fwd_bwd_tok_s",
-                           "inputs_MiB", "fwd_peak_MiB", "fwd_bwd_peak_MiB"), float_format=".1f")
+    rate = matmul_rate()
+    print(f"# float32 matmul rate (1024^3, median): {rate / 1e9:.1f} GFLOP/s")
+    table = MarkdownTable(("op", "L", "b", "fwd_ms", "fwd_bwd_ms", "autodiff_fwd_bwd_ms",
+                           "vs_autodiff", "fwd_bwd_tok_s", "fwd_bwd_GFLOP", "fwd_bwd_GFLOP_s",
+                           "matmul_frac", "inputs_MiB", "fwd_peak_MiB", "fwd_bwd_peak_MiB"),
+                          float_format=".2f")
     rows = []
-    for row in run(lengths, args.heads, args.head_dim, args.repeats, args.remat_group_size):
+    for row in run(lengths, args.heads, args.head_dim, args.repeats, args.remat_group_size,
+                   reference=not args.no_reference, matmul_flop_s=rate):
+        row["matmul_GFLOP_s"] = rate / 1e9
         rows.append(row)
         table.row(row)
     if args.csv:

@@ -8,10 +8,14 @@ queries of the same mini-batch (update, then apply):
     W_i = W_{i-1} - sum_{t in B_i} (eta_t / b) grad_W l_t(W_{i-1})
     z_t = q_t + LN(g(q_t; W_i))
 
-Inner gradients are closed form (no autodiff inside the loop); the outer gradient of the
-whole scan comes from JAX autodiff through those closed-form steps. The scan runs over
-mini-batches with `jax.checkpoint` around groups of `remat_group_size` mini-batches, so the
-backward pass stores one state per group and recomputes inside it.
+Inner gradients are closed form (no autodiff inside the loop). The outer gradient of the
+non-causal scan (without inner-loss diagnostics) is a `jax.custom_vjp` whose backward is the
+hand-derived per-mini-batch VJP of `pallas_kernels.ttt_step` (the one the Pallas kernels run):
+it keeps one state per group of `remat_group_size` mini-batches and recomputes inside the group
+(`_custom_vjp_scan`). The causal form and the inner-loss diagnostics take JAX autodiff through
+the closed-form steps, with `jax.checkpoint` around the same groups; `_ttt(..., vjp="autodiff")`
+runs that path for the non-causal form too (the previous implementation, kept as the
+reference the tests and `python -m tttjax.bench ops` compare against).
 
 All inner arithmetic is float32 whatever the input dtype; `z` is returned in q's dtype.
 """
@@ -169,6 +173,149 @@ def _minibatch_step(state, inputs, *, kind: Kind, causal: bool, with_loss: bool)
     return new, (z, (loss_before, loss_after))
 
 
+# --------------------------------------------------------------------------- custom-VJP scan
+
+
+def _match_vma(cotangent, primal):
+    """Under `shard_map`, sums a cotangent over the mesh axes it varies over and its primal
+    does not (what the transpose of the implicit `pvary` does on the autodiff path: e.g. the
+    LayerNorm parameters, replicated over a batch axis that shards q)."""
+    extra = _varying_axes(cotangent) - _varying_axes(primal)
+    return jax.lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
+
+
+def _varying_axes(x):
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)  # jax >= 0.9 tracks varying axes here, older as .vma
+    return set(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _per_pair(fn, n_pair_args, n_head_args, n_pair_tail=0):
+    """vmap a 2-D per-(batch, head) function of `ttt_step` over [B, H, ...] arrays.
+
+    Arguments: `n_pair_args` arrays with leading [B, H], then `n_head_args` per-head arrays
+    [H, ...] (gamma, beta), then `n_pair_tail` more [B, H, ...] arrays.
+    """
+    axes_h = (0,) * (n_pair_args + n_head_args + n_pair_tail)
+    axes_b = (0,) * n_pair_args + (None,) * n_head_args + (0,) * n_pair_tail
+    return jax.vmap(jax.vmap(fn, in_axes=axes_h), in_axes=axes_b)
+
+
+@functools.lru_cache(maxsize=None)
+def _custom_vjp_scan(kind, group):
+    """Non-causal scan over groups of `group` mini-batches with a hand-derived backward.
+
+    scan(q, k, y, w, gamma, beta, state0) -> (z, final state), with q, k, y [NG, G, B, H, b, d]
+    float32, w = eta / b [NG, G, B, H, b, 1], gamma, beta [H, 1, d], state0 a tuple of
+    [B, H, ...] float32 (W1, b1 (, W2, b2)). z has q's shape.
+
+    The forward rule keeps one state per group (the checkpoint). The backward walks the groups
+    in reverse; for each it recomputes the group's steps from its checkpoint, keeping each
+    step's state and a few intermediates (`ttt_step.step_residuals`), then walks the steps in
+    reverse with the exact per-step VJP of `pallas_kernels.ttt_step` (tested against `jax.vjp`
+    of `_minibatch_step`), so no autodiff goes through the closed-form inner gradient. Live
+    memory: the inputs, one state per group and one group's residuals, as with the autodiff
+    scan's `jax.checkpoint` groups. Every (batch, head) pair runs in the same batched matmuls.
+    """
+    from pallas_kernels import ttt_step  # no tttjax imports there: no cycle
+
+    fwd_step = _per_pair(functools.partial(ttt_step.forward_step, kind), 5, 2)
+    residuals = _per_pair(functools.partial(ttt_step.step_residuals, kind), 5, 2)
+
+    def _bwd(state, new, res, q, k, w, gamma, dz, dnew):
+        return ttt_step.backward_from_residuals(kind, state, new, res, q, k, w, gamma, dz, dnew)
+
+    bwd = jax.vmap(jax.vmap(_bwd, in_axes=(0,) * 9), in_axes=(0, 0, 0, 0, 0, 0, None, 0, 0))
+
+    def run_group(state, xs, gamma, beta):
+        def body(st, x):
+            q, k, y, w = x
+            return fwd_step(st, q, k, y, w, gamma, beta)
+        return jax.lax.scan(body, state, xs)
+
+    @jax.custom_vjp
+    def scan(q, k, y, w, gamma, beta, state0):
+        flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), (q, k, y, w))
+        final, z = run_group(state0, flat, gamma, beta)
+        return z.reshape(q.shape), final
+
+    def scan_fwd(q, k, y, w, gamma, beta, state0):
+        def outer(st, xs):
+            new, z = run_group(st, xs, gamma, beta)
+            return new, (z, st)
+        final, (z, ckpts) = jax.lax.scan(outer, state0, (q, k, y, w))
+        return (z, final), (q, k, y, w, gamma, beta, ckpts)
+
+    def scan_bwd(res, cotangents):
+        q, k, y, w, gamma, beta, ckpts = res
+        dz, dfinal = cotangents
+
+        def group_bwd(dst, xs):
+            qg, kg, yg, wg, dzg, ckpt = xs
+
+            def recompute(st, x):
+                r, new = residuals(st, *x, gamma, beta)
+                return new, (st, r)
+            end, (states, res_g) = jax.lax.scan(recompute, ckpt, (qg, kg, yg, wg))
+
+            def back(c, x):
+                dst, new = c
+                st, r, qi, ki, wi, dzi = x
+                dst, dq, dk, dy, dw, dg, db = bwd(st, new, r, qi, ki, wi, gamma, dzi, dst)
+                # Walking backwards, the state before step j is the state after step j - 1.
+                # (The LayerNorm gradients leave as outputs, not carries: under shard_map a
+                # zero carry would not match their varying type.)
+                return (dst, st), (dq, dk, dy, dw, jnp.sum(dg, 0), jnp.sum(db, 0))
+
+            (dst, _), grads = jax.lax.scan(back, (dst, end), (states, res_g, qg, kg, wg, dzg),
+                                           reverse=True)
+            return dst, grads
+
+        dstate0, (dq, dk, dy, dw, dgamma, dbeta) = jax.lax.scan(
+            group_bwd, tuple(dfinal), (q, k, y, w, dz, ckpts), reverse=True)
+        grads = (dq, dk, dy, dw, jnp.sum(dgamma, (0, 1)), jnp.sum(dbeta, (0, 1)), dstate0)
+        primals = (q, k, y, w, gamma, beta, ckpts_first(ckpts))
+        return jax.tree.map(_match_vma, grads, primals)
+
+    def ckpts_first(ckpts):  # the types of state0 (the first checkpoint is state0)
+        return tuple(c[0] for c in ckpts)
+
+    scan.defvjp(scan_fwd, scan_bwd)
+    return scan
+
+
+def _ttt_custom_vjp(kind, qf, kf, y, eta, gamma, beta, state, *, b, group):
+    """The non-causal scan through `_custom_vjp_scan`: blocks, groups and the remainder group.
+
+    qf, kf, y [B, H, L, d] float32; eta [B, H, L]; state a dict of [B, H, ...] float32.
+    Returns (z [B, H, L, d] float32, final state dict).
+    """
+    bsz, h, length, d = qf.shape
+    n = length // b
+    g = min(group, n)
+    n_full = (n // g) * g
+    keys = STATE_KEYS[kind]
+    w = (eta.astype(jnp.float32) * (1.0 / b))[..., None]
+
+    def to_blocks(x):  # [B, H, L, c] -> [n, B, H, b, c]
+        return jnp.moveaxis(x.reshape(bsz, h, n, b, x.shape[-1]), 2, 0)
+
+    xs = tuple(to_blocks(x) for x in (qf, kf, y, w))
+    st = tuple(state[key] for key in keys)
+    zs = []
+    if n_full:
+        grouped = tuple(x[:n_full].reshape(n_full // g, g, *x.shape[1:]) for x in xs)
+        z, st = _custom_vjp_scan(kind, g)(*grouped, gamma, beta, st)
+        zs.append(z.reshape(n_full, *z.shape[2:]))
+    if n_full < n:  # the remainder: one shorter group
+        rest = tuple(x[n_full:][None] for x in xs)
+        z, st = _custom_vjp_scan(kind, n - n_full)(*rest, gamma, beta, st)
+        zs.append(z[0])
+    z = zs[0] if len(zs) == 1 else jnp.concatenate(zs, axis=0)
+    z = jnp.moveaxis(z, 0, 2).reshape(bsz, h, length, d)
+    return z, dict(zip(keys, st))
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -219,7 +366,7 @@ def _validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, ini
 
 
 def _ttt(kind, q, k, v, eta, params, *, mini_batch_size, remat_group_size, causal,
-         token_idx_offset, initial_state, return_state, return_inner_loss):
+         token_idx_offset, initial_state, return_state, return_inner_loss, vjp="custom"):
     _validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, initial_state)
     bsz, h, length, d = q.shape
     b = mini_batch_size
@@ -249,6 +396,12 @@ def _ttt(kind, q, k, v, eta, params, *, mini_batch_size, remat_group_size, causa
                  for key in STATE_KEYS[kind]}
     else:
         state = {key: initial_state[key].astype(f32) for key in STATE_KEYS[kind]}
+
+    if vjp == "custom" and not causal and not return_inner_loss:
+        z, state = _ttt_custom_vjp(kind, qf, kf, y, eta, gamma, beta, state, b=b,
+                                   group=remat_group_size)
+        z = z.astype(q.dtype)
+        return (z, state) if return_state else z
 
     # [B,H,L,...] -> [n, B, H, b, ...]: the scan walks the leading mini-batch axis.
     def to_blocks(x):
