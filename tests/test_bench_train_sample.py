@@ -1,7 +1,7 @@
 """`bench train`, `bench sample`, `bench aot` and the analytic FLOP count (no timing asserted).
 
 The benchmarks run on configs/tiny.py cut to one block, one segment and one TTT mini-batch
-(56 tokens padded to b = 64), so every loop of the program (blocks, attention windows, TTT
+(b = 56, the whole 56-token sequence; a longer b is refused by the config validation), so every loop of the program (blocks, attention windows, TTT
 mini-batches, sampler steps) runs once: XLA's cost analysis counts a loop body once, and only
 then is its FLOP figure comparable with the analytic count.
 """
@@ -17,7 +17,7 @@ from tttjax.bench import flops
 from tttjax.bench.mfu import mfu, peak_tflops
 
 ONE_LOOP = ["--config", "configs/tiny.py:ttt_mlp,1", "--config.model.num_layers=1",
-            "--config.model.mixer_config.ttt_mlp.mini_batch_size=64"]
+            "--config.model.mixer_config.ttt_mlp.mini_batch_size=56"]
 FIELDS = ("step time (median)", "tokens / step", "tokens / s", "XLA cost_analysis FLOPs / step",
           "traced matmul FLOPs / step (jaxpr)", "model TFLOP/s", "compile")
 XLA_RATIO = "XLA / analytic (loop bodies counted once)"
