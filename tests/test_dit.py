@@ -365,7 +365,6 @@ def test_gates_at_init(tiny_ttt):
         gate = getattr(model.blocks.mixer, name)[...]
         assert gate.shape == (cfg.model.num_layers, 2, 64)   # layers x (text, video) x D
         np.testing.assert_array_equal(gate, np.full(gate.shape, 0.1, np.float32))
-    assert abs(np.tanh(0.1) - 0.0997) < 1e-4
 
 
 def test_segment_attention_matches_reference():

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -98,20 +97,42 @@ def test_groups_get_their_rates_frozen_stay_put_and_decay_is_masked():
     assert n_state == 2 * n_trained + 4  # mu, nu per trained scalar; Adam + schedule counts x 2 groups
 
 
-def test_clip_uses_the_global_norm():
-    params = {"a": {"kernel": jnp.ones((3,))}}
-    tx, _ = opt.make_optimizer(_optim(weight_decay=0.0, pretrained=dict(
-        lr=1.0, schedule="constant", warmup_steps=0, final_lr_fraction=0.0)), params,
-        trainable="all", total_steps=10)
+def _adam_reference(grads_per_step, *, clip, b1=0.9, b2=0.95, eps=1e-8):
+    """Float64 NumPy AdamW (lr 1, no decay) on gradients clipped to a global norm `clip`
+    (None: unclipped); returns the last step's updates, leaf by leaf."""
+    m = v = None
+    for t, grads in enumerate(grads_per_step, start=1):
+        g = [np.asarray(x, np.float64) for x in grads]
+        norm = np.sqrt(sum(np.sum(x * x) for x in g))
+        if clip is not None and norm > clip:
+            g = [x * clip / norm for x in g]
+        m = [(1 - b1) * x for x in g] if m is None else [b1 * a + (1 - b1) * x for a, x in zip(m, g)]
+        v = [(1 - b2) * x * x for x in g] if v is None else [b2 * a + (1 - b2) * x * x
+                                                             for a, x in zip(v, g)]
+        out = [-(a / (1 - b1 ** t)) / (np.sqrt(c / (1 - b2 ** t)) + eps) for a, c in zip(m, v)]
+    return out
+
+
+def test_gradients_are_clipped_to_the_global_norm_before_adam():
+    """Two steps, a large gradient then a small one: Adam's second update depends on how much
+    the first was clipped, and on the norm being global (both leaves together), so removing
+    `grad_clip`, or clipping leaf by leaf, changes it."""
+    params = {"a": {"kernel": jnp.ones((3,))}, "b": {"kernel": jnp.ones((2,))}}
+    constant = dict(lr=1.0, schedule="constant", warmup_steps=0, final_lr_fraction=0.0)
+    tx, _ = opt.make_optimizer(_optim(weight_decay=0.0, pretrained=constant, new=constant),
+                               params, trainable="all", total_steps=10)
+    steps = [([30.0, 40.0, 0.0], [0.0, 120.0]), ([0.01, -0.02, 0.03], [0.02, 0.01])]
     state = tx.init(params)
-    big = {"a": {"kernel": jnp.array([30.0, 40.0, 0.0])}}
-    # After clipping to norm 0.1 the first Adam step is still sign-like; check the clip
-    # directly on the chain's first element.
-    clipped, _ = tx.update(big, state, params)
-    assert np.isfinite(np.asarray(clipped["a"]["kernel"])).all()
-    clip = optax.clip_by_global_norm(0.1)
-    out, _ = clip.update(big, clip.init(params))
-    np.testing.assert_allclose(np.asarray(out["a"]["kernel"]), [0.06, 0.08, 0.0], rtol=1e-6)
+    for a, b in steps:
+        grads = {"a": {"kernel": jnp.array(a)}, "b": {"kernel": jnp.array(b)}}
+        updates, state = tx.update(grads, state, params)
+    got = [np.asarray(updates["a"]["kernel"]), np.asarray(updates["b"]["kernel"])]
+    want = _adam_reference(steps, clip=0.1)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    # The check can fail: without the clip the second update is far from the clipped one.
+    unclipped = _adam_reference(steps, clip=None)
+    assert max(np.abs(u - w).max() for u, w in zip(unclipped, want)) > 0.1
 
 
 def test_optimizer_state_is_sharded_like_the_parameters():

@@ -7,6 +7,7 @@ scan of a few mini-batches; a wrong gradient is off by O(1)).
 """
 
 import functools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,12 @@ from tttjax.ops import ttt
 from ttt_reference import ttt_reference
 
 OPS = {"mlp": ttt.ttt_mlp, "linear": ttt.ttt_linear}
+
+
+def stable_seed(*parts) -> int:
+    """A seed fixed by the test case: `hash()` of strings changes per process (PYTHONHASHSEED),
+    which would give every run different inputs and make failures irreproducible."""
+    return zlib.crc32(repr(parts).encode())
 
 
 def make_inputs(seed, kind, bsz, h, length, d, w_scale=0.3):
@@ -59,7 +66,7 @@ def jitted(kind, b, causal, group):
 
 @pytest.mark.parametrize("kind,bsz,h,length,d,b,causal", CASES)
 def test_forward_matches_reference(kind, bsz, h, length, d, b, causal):
-    q, k, v, eta, params = make_inputs(hash((kind, length, d, causal)) % 2**31, kind, bsz, h, length, d)
+    q, k, v, eta, params = make_inputs(stable_seed(kind, length, d, causal), kind, bsz, h, length, d)
     z = jitted(kind, b, causal, 2)(*f32((q, k, v, eta, params)))
     z_ref, _ = ttt_reference(kind, q, k, v, eta, params, b, causal=causal)
     assert z.dtype == jnp.float32 and z.shape == q.shape
