@@ -114,7 +114,15 @@ def get_config(arg: str = "3s,ttt_mlp") -> ml_collections.ConfigDict:
     # pass) are split over `tensor` along the tokens, 4x less than replicated; from 9 s on the
     # memory plan does not fit without it (README, "memory plan of the 5B stages").
     config.mesh = ml_collections.ConfigDict(dict(axes=dict(data=-1, fsdp=8, tensor=4),
-                                                  rules=(("length", "tensor"),), num_devices=0))
+                                                  rules=(("length", "tensor"),), num_devices=0,
+                                                  dcn_axes=dict(data=-1), num_slices=0))
     # init_from: the converted CogVideoX-5B checkpoint for 3s, the previous stage's workdir after.
     config.checkpoint = ml_collections.ConfigDict(dict(keep=3, async_save=True, init_from=""))
+    # Observability (tttjax.train.config): held-out loss every eval_every steps (0: never),
+    # a jax.profiler trace of profile.num_steps steps (0: none), the persistent XLA cache.
+    config.eval_every = 500
+    config.eval = ml_collections.ConfigDict(dict(split="validation", batches=2,
+                                                  timesteps=(100, 500, 900), seed=0))
+    config.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0, all_hosts=False))
+    config.compile_cache_dir = ""
     return config

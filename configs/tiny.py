@@ -69,6 +69,14 @@ def get_config(arg: str = "none") -> ml_collections.ConfigDict:
         manual_dir="", split="train", shuffle=True, worker_count=0, text_encoder_seed=0,
         toy_latent_seed=0))
     config.mesh = ml_collections.ConfigDict(dict(axes=dict(data=-1, fsdp=1, tensor=1), rules=(),
-                                                  num_devices=0))
+                                                  num_devices=0, dcn_axes=dict(data=-1),
+                                                  num_slices=0))
     config.checkpoint = ml_collections.ConfigDict(dict(keep=3, async_save=True, init_from=""))
+    # Observability (tttjax.train.config): held-out loss every eval_every steps (0: never),
+    # a jax.profiler trace of profile.num_steps steps (0: none), the persistent XLA cache.
+    config.eval_every = 0
+    config.eval = ml_collections.ConfigDict(dict(split="validation", batches=1,
+                                                  timesteps=(100, 500, 900), seed=0))
+    config.profile = ml_collections.ConfigDict(dict(start_step=3, num_steps=0, all_hosts=False))
+    config.compile_cache_dir = ""
     return config

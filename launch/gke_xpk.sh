@@ -40,6 +40,10 @@ done
 [[ -n "$WORKDIR" ]] || die "--workdir is required (shared storage such as gs://bucket/run)"
 need_cmd xpk "install it with 'pip install xpk'"
 
+[[ "$NUM_SLICES" =~ ^[1-9][0-9]*$ ]] || die "--num-slices must be a positive integer, got '$NUM_SLICES'"
+# The trainer checks that its devices form this many slices (else a slice that did not join
+# over DCN would train as a smaller job) and lays config.mesh.dcn_axes across them.
+[[ -n "$TPU_TYPE" ]] && EXTRA=("--config.mesh.num_slices=$NUM_SLICES" "${EXTRA[@]}")
 CMD="TTTJAX_DISTRIBUTED=auto python -m tttjax.train $(quote_args --config "$CONFIG" --workdir "$WORKDIR" "${EXTRA[@]}")"
 XPK=(xpk workload create --cluster "$CLUSTER" --workload "$WORKLOAD" --docker-image "$IMAGE")
 if [[ -n "$TPU_TYPE" ]]; then

@@ -105,6 +105,12 @@ def test_tiny_step_compiles_for_two_slices(capsys):
     out = capsys.readouterr().out
     assert "v5p-8 x 2 slices" in out and "'data': 4, 'fsdp': 2" in out
     assert LAST_LINE.match(out.strip().splitlines()[-1])
+    # The hybrid mesh puts `data` across the slices (config.mesh.dcn_axes): the compiled
+    # program's only transfers between slices are summed reductions (gradients, loss); fsdp
+    # gathers and scatters stay inside a slice (tttjax.bench.dcn_traffic reads the HLO).
+    dcn = [line for line in out.splitlines() if line.startswith("between slices (DCN):")]
+    assert len(dcn) == 1 and "all-reduce" in dcn[0], out
+    assert dcn[0].endswith("only reductions (data-parallel gradients and loss)"), dcn[0]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -24,9 +24,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 LogicalRules = Sequence[tuple[str, Any]]
@@ -78,11 +78,24 @@ def resolve_mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> dict[
 
 
 def make_mesh(axis_sizes: Mapping[str, int] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+              devices: Sequence[jax.Device] | None = None, *,
+              dcn_axes: Mapping[str, int] | None = None, num_slices: int = 0) -> Mesh:
     """Builds a `Mesh` from `{axis_name: size}` (one size may be -1 to fill).
 
     Defaults to all devices on the `data` axis, with `fsdp` and `tensor` of size 1, so code
     written against the three default axes runs unchanged on one device.
+
+    Devices of several TPU slices (distinct `slice_index`) get a hybrid mesh
+    (`mesh_utils.create_hybrid_device_mesh`): `dcn_axes` `{axis: slices}` (one may be -1:
+    all the slices) says which axes span the slices, over the data-centre network; every
+    other axis stays inside a slice. `None` picks the first of DCN_AXES the number of slices
+    divides. `num_slices` > 0 asserts how many slices the devices must form (a multi-slice
+    job whose devices show one slice has lost its DCN wiring). The sizes in `axis_sizes` are
+    global (ICI x DCN).
+
+    Raises ValueError naming the mesh and the fix when the devices cannot be laid out as
+    asked: there is no fallback to an unplaced reshape, whose collectives would cross the
+    slower links silently.
     """
     devices = list(jax.devices() if devices is None else devices)
     if axis_sizes is None:
@@ -90,13 +103,37 @@ def make_mesh(axis_sizes: Mapping[str, int] | None = None,
     sizes = resolve_mesh_shape(axis_sizes, len(devices))
     shape = tuple(sizes.values())
     slices = len({getattr(d, "slice_index", 0) or 0 for d in devices})
+    if num_slices and slices != num_slices:
+        raise ValueError(
+            f"config.mesh.num_slices={num_slices} but the {len(devices)} devices form {slices} "
+            "slice(s); on a multi-slice job check that every slice joined (MEGASCALE_* "
+            "environment, `--num-slices` of the launcher), or set config.mesh.num_slices=0")
     if slices > 1:
-        return Mesh(_hybrid_device_mesh(sizes, devices, slices), tuple(sizes.keys()))
+        dcn = resolve_dcn_axes(sizes, dcn_axes, slices)
+        ici = [s // dcn[n] for n, s in sizes.items()]
+        try:
+            dev_array = mesh_utils.create_hybrid_device_mesh(
+                ici, [dcn[n] for n in sizes], devices=devices)
+        except (ValueError, AssertionError, NotImplementedError) as err:
+            raise ValueError(
+                f"mesh {dict(sizes)} (inside each slice {dict(zip(sizes, ici))}, across "
+                f"{slices} slices {dcn}) does not fit the slices' devices: {err}; change "
+                "config.mesh.axes / config.mesh.dcn_axes") from None
+        return Mesh(dev_array, tuple(sizes.keys()))
+    if dcn_axes:
+        asked = {n: s for n, s in dcn_axes.items() if s not in (-1, 1)}
+        if asked:
+            raise ValueError(f"config.mesh.dcn_axes {dict(dcn_axes)} spans several slices, but "
+                             f"the devices form one slice; set those axes to -1 or 1")
     try:
-        # Topology-aware placement where jax knows the hardware; plain reshape otherwise.
-        dev_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # noqa: BLE001 - fake CPU devices have no topology
-        dev_array = np.asarray(devices).reshape(shape)
+        # Topology-aware placement (ICI torus on TPU, global ids on GPU, device order on CPU).
+        dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
+    except (ValueError, AssertionError, NotImplementedError) as err:
+        kind = devices[0].device_kind if devices else "?"
+        raise ValueError(
+            f"mesh {dict(sizes)} cannot be laid out on the {len(devices)} {kind} devices' "
+            f"interconnect: {err}; choose axis sizes that follow the slice's torus (e.g. "
+            "powers of two that divide its dimensions)") from None
     return Mesh(dev_array, tuple(sizes.keys()))
 
 
@@ -107,24 +144,42 @@ def make_mesh(axis_sizes: Mapping[str, int] | None = None,
 DCN_AXES = ("data", "fsdp")
 
 
-def _hybrid_device_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device],
-                        slices: int) -> np.ndarray:
-    """Device array of a multi-slice mesh: the first of DCN_AXES whose size the number of
-    slices divides spans the slices; every other axis stays inside a slice (ICI)."""
-    from jax.experimental import mesh_utils
+def resolve_dcn_axes(sizes: Mapping[str, int], dcn_axes: Mapping[str, int] | None,
+                     slices: int) -> dict[str, int]:
+    """`{axis: slices it spans}` for every axis of `sizes` (1 for axes inside a slice).
 
-    names = list(sizes)
-    for axis in DCN_AXES:
-        if axis in sizes and sizes[axis] % slices == 0:
-            break
-    else:
+    `dcn_axes` gives the spanning axes (one may be -1: the remaining slices); None picks the
+    first of DCN_AXES whose size the number of slices divides. Raises ValueError when the
+    product is not `slices` or an axis is not a multiple of the slices it spans.
+    """
+    if not dcn_axes:
+        for axis in DCN_AXES:
+            if axis in sizes and sizes[axis] % slices == 0:
+                dcn_axes = {axis: slices}
+                break
+        else:
+            raise ValueError(
+                f"mesh {dict(sizes)} on {slices} TPU slices: one of the axes {DCN_AXES} must be "
+                f"a multiple of the number of slices ({slices}) so that slices exchange only "
+                f"gradients; e.g. set config.mesh.axes.data to -1 or to a multiple of {slices}")
+    unknown = [n for n in dcn_axes if n not in sizes]
+    if unknown:
+        raise ValueError(f"config.mesh.dcn_axes names {unknown}, which config.mesh.axes "
+                         f"{sorted(sizes)} does not have")
+    dcn = {n: 1 for n in sizes}
+    dcn.update({n: s for n, s in dcn_axes.items()})
+    try:
+        dcn = resolve_mesh_shape(dcn, slices)
+    except ValueError as err:
+        raise ValueError(f"config.mesh.dcn_axes {dict(dcn_axes)} on {slices} slices: "
+                         f"{str(err).removeprefix('mesh: ')}") from None
+    uneven = {n: (sizes[n], d) for n, d in dcn.items() if sizes[n] % d}
+    if uneven:
         raise ValueError(
-            f"mesh {dict(sizes)} on {slices} TPU slices: one of the axes {DCN_AXES} must be a "
-            f"multiple of the number of slices ({slices}) so that slices exchange only gradients; "
-            f"e.g. set config.mesh.axes.data to -1 or to a multiple of {slices}")
-    ici = [s // slices if n == axis else s for n, s in sizes.items()]
-    dcn = [slices if n == axis else 1 for n in names]
-    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+            f"mesh {dict(sizes)} on {slices} TPU slices: axes {uneven} (size, slices spanned) "
+            "must be multiples of the slices they span; e.g. set config.mesh.axes.data to -1 "
+            f"or to a multiple of {slices}")
+    return dcn
 
 
 def merge_rules(overrides: LogicalRules, base: LogicalRules = DEFAULT_RULES) -> LogicalRules:

@@ -15,7 +15,9 @@ batch; accumulation splits it inside the step). Nothing is allocated or run.
 `--topology NAME` compiles for a TPU slice described by libtpu (`tttjax.tpu_topology`: v5p-8,
 v5p-256, v6e-256, v5e-256 or v5p:4x4x8; `--num-slices N` for N slices joined over DCN), on any
 host, a CPU-only one included: the real TPU compiler (XLA:TPU, Mosaic for Pallas kernels). Its
-figures are *compiled, not run*. Without `--topology`, the mesh is built of fake CPU devices
+figures are *compiled, not run*. With several slices the mesh is the trainer's hybrid mesh
+(config.mesh.dcn_axes cross the slices) and a line says what the program sends between
+slices (`tttjax.bench.dcn_traffic`): only reductions for a data-parallel DCN axis. Without `--topology`, the mesh is built of fake CPU devices
 and the CPU compiler plans it (a plan: GPU and TPU fusion differ).
 
 Printed per chip: arguments (parameters, optimiser state, batch), outputs, aliased (outputs
@@ -121,7 +123,7 @@ def compile_train_step(config, devices, *, dump_dir: str | None = None) -> Compi
 
     config_lib.validate(config)
     sizes = config_lib.validate_mesh(config, len(devices))
-    mesh = make_mesh(sizes, devices=list(devices))
+    mesh = make_mesh(sizes, devices=list(devices), **config_lib.mesh_layout(config))
     rules = config_lib.rules(config)
     setup = train_step_setup(config, mesh, rules)
     params, opt_state, counters, batch = abstract_step_inputs(setup)
@@ -147,11 +149,9 @@ def compile_train_step(config, devices, *, dump_dir: str | None = None) -> Compi
 def model_flops_per_step(config) -> float:
     """Analytic model FLOPs of one step, an update over the global batch (3 x forward
     matmuls x global batch); NaN for a mixer the analytic count does not cover."""
-    from tttjax.bench.flops import COUNTED_MIXERS, stage_forward_flops
+    from tttjax.bench.flops import train_step_flops
 
-    if config.model.mixer not in COUNTED_MIXERS:
-        return math.nan
-    return 3.0 * config.train.global_batch_size * stage_forward_flops(config)["total"]
+    return train_step_flops(config)
 
 
 def report_lines(step: CompiledStep, *, chip=None, what: str) -> list[str]:
@@ -198,6 +198,11 @@ def report_lines(step: CompiledStep, *, chip=None, what: str) -> list[str]:
         kernels = step.pallas_kernels
         lines.append("TTT inner loop: " + (f"Pallas kernel ({kernels} kernel calls in the program)"
                                            if kernels else "XLA scan (no Pallas kernel)"))
+    slices = len({getattr(d, "slice_index", 0) or 0 for d in mesh.devices.flat})
+    if slices > 1:
+        from tttjax.bench import dcn_traffic
+
+        lines.append(dcn_traffic.of_compiled(step.compiled).describe())
     lines.append(f"compiled in {step.compile_seconds:.1f} s")
     if chip is None:
         lines.append(f"peak per device: {m.peak / GIB:.2f} GiB (fake CPU devices, CPU compiler: "

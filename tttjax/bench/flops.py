@@ -210,6 +210,15 @@ def stage_forward_flops(config: ml_collections.ConfigDict, num_segments: int | N
                              text_length=s.text_length)
 
 
+def train_step_flops(config: ml_collections.ConfigDict) -> float:
+    """Model FLOPs of one train step, an optimiser update over the global batch: 3 x the
+    forward matmuls x config.train.global_batch_size (accumulation does not change it). NaN
+    for a mixer without an analytic count (not in COUNTED_MIXERS)."""
+    if config.model.mixer not in COUNTED_MIXERS:
+        return math.nan
+    return 3.0 * config.train.global_batch_size * stage_forward_flops(config)["total"]
+
+
 def _sub_jaxprs(value):
     """Jaxprs held by an equation parameter (a jaxpr, closed jaxpr, or a tuple of them)."""
     from jax.extend import core

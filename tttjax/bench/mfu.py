@@ -31,6 +31,13 @@ def peak_tflops(device_kind: str, override: float | None = None) -> float | None
     return None
 
 
+def device_peak_tflops(devices) -> float | None:
+    """Peak dense bf16 TFLOP/s of one of `devices` (jax.Device); None when the kind has no
+    listed peak (CPU, an unknown accelerator) or the devices are of several kinds."""
+    kinds = {d.device_kind for d in devices}
+    return peak_tflops(kinds.pop()) if len(kinds) == 1 else None
+
+
 def mfu(model_flops: float, seconds: float, devices: int, peak: float | None) -> float:
     """model_flops / seconds / (devices * peak TFLOP/s); NaN when the peak is unknown."""
     if peak is None or not seconds > 0:

@@ -38,7 +38,8 @@ def mesh_for(config):
 
     num_devices = config_lib.mesh_device_count(config, jax.device_count(), jax.process_count())
     sizes = config_lib.validate_mesh(config, num_devices)
-    return make_mesh(sizes, devices=jax.devices()[:num_devices]), config_lib.rules(config)
+    return (make_mesh(sizes, devices=jax.devices()[:num_devices], **config_lib.mesh_layout(config)),
+            config_lib.rules(config))
 
 
 def define_peak_flag(fv) -> None:

@@ -19,8 +19,20 @@ A training config (`configs/tiny.py`, `configs/cogvideox_5b.py`) holds, besides 
                 toy_latent_seed
     mesh        axes {name: size, one may be -1}, rules (logical axis -> mesh axes, overriding
                 those of tttjax.sharding.DEFAULT_RULES), num_devices (0 = all devices; N = the first
-                N devices of a single process, e.g. to compare meshes in one test process)
+                N devices of a single process, e.g. to compare meshes in one test process),
+                dcn_axes {axis: slices spanned, one may be -1} (multi-slice TPU: the axes
+                that cross slices over DCN; sizes in `axes` stay global), num_slices (0 = as
+                the devices show; N = fail unless the devices form N slices)
     checkpoint  keep, async_save, init_from ("" | converted checkpoint | previous workdir)
+    eval_every  held-out loss every N steps (0 = never; tttjax.train.evaluation)
+    eval        split, batches (global batches per evaluation), timesteps (fixed diffusion
+                timesteps the loss is taken at), seed (of the fixed noise)
+    profile     start_step, num_steps (0 = no trace), all_hosts (else process 0 only):
+                a jax.profiler trace into WORKDIR/profile (tttjax.train.profiling)
+    compile_cache_dir  persistent XLA compilation cache ("" = WORKDIR/compile_cache,
+                "none" = off; tttjax.compile_cache)
+The last four are optional: a config without them runs with them off (eval, profile) or
+at their default (compile cache).
 
 `validate(config)` checks all of it, including that the dataset's geometry matches the model
 and the stage, and raises one ValueError naming the field and the fix. It also warns
@@ -184,6 +196,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
     _validate_data(config)
     _validate_mesh_static(config)
+    _validate_observability(config)
     _validate_mixer_sequence(config)
 
     init_from = config.checkpoint.init_from
@@ -258,8 +271,52 @@ def _validate_mesh_static(config) -> None:
     bad = [a for a, s in axes.items() if s != -1 and (not isinstance(s, int) or s < 1)]
     _need(not bad, f"config.mesh.axes: sizes must be positive ints or -1, bad axes {bad}")
     _validate_rules(config.mesh.get("rules") or (), axes)
+    _validate_dcn(config.mesh, axes)
     if not fill:
         _check_batch_divides(config, axes)
+
+
+def _validate_dcn(mesh, axes: dict) -> None:
+    """dcn_axes: {mesh axis: slices it spans}, known axes, one -1 at most; num_slices >= 0."""
+    dcn = mesh.get("dcn_axes") or {}
+    _need(isinstance(dcn, (dict, ml_collections.ConfigDict)),
+          f"config.mesh.dcn_axes must be a dict {{mesh axis: slices}}, got {dcn!r}; e.g. "
+          "{'data': -1}")
+    dcn = dict(dcn)
+    unknown = [a for a in dcn if a not in axes]
+    _need(not unknown, f"config.mesh.dcn_axes names {unknown}, which config.mesh.axes "
+          f"{sorted(axes)} does not have")
+    _need(sum(s == -1 for s in dcn.values()) <= 1,
+          f"config.mesh.dcn_axes {dcn}: at most one axis may be -1")
+    bad = [a for a, s in dcn.items() if s != -1 and (not isinstance(s, int) or s < 1)]
+    _need(not bad, f"config.mesh.dcn_axes: sizes must be positive ints or -1, bad axes {bad}")
+    _int(mesh.get("num_slices", 0), "mesh.num_slices", lo=0)
+
+
+def _validate_observability(config) -> None:
+    """eval_every / eval, profile and compile_cache_dir (all optional)."""
+    _int(config.get("eval_every", 0), "eval_every", lo=0)
+    if config.get("eval_every", 0):
+        _need("eval" in config, "config.eval_every is set but config has no eval section; add "
+              "config.eval = dict(split='validation', batches=1, timesteps=(100, 500, 900), "
+              "seed=0)")
+        ev = config.eval
+        _int(ev.batches, "eval.batches")
+        _int(ev.seed, "eval.seed", lo=0)
+        steps = config.diffusion.num_train_timesteps
+        ts = tuple(ev.timesteps)
+        _need(ts and all(isinstance(t, int) and 0 <= t < steps for t in ts),
+              f"config.eval.timesteps must be ints in [0, {steps}), got {ts}")
+        _need(isinstance(ev.split, str) and ev.split,
+              f"config.eval.split must name a dataset split, got {ev.split!r}")
+    profile = config.get("profile")
+    if profile is not None:
+        _int(profile.start_step, "profile.start_step", lo=0)
+        _int(profile.num_steps, "profile.num_steps", lo=0)
+        _need(isinstance(profile.all_hosts, bool),
+              f"config.profile.all_hosts must be True or False, got {profile.all_hosts!r}")
+    _need(isinstance(config.get("compile_cache_dir", ""), str),
+          "config.compile_cache_dir must be a path, '' (WORKDIR/compile_cache) or 'none'")
 
 
 def _validate_rules(rules, axes: dict) -> None:
@@ -302,6 +359,12 @@ def validate_mesh(config, num_devices: int) -> dict[str, int]:
     sizes = resolve_mesh_shape(dict(config.mesh.axes), num_devices)
     _check_batch_divides(config, sizes)
     return sizes
+
+
+def mesh_layout(config) -> dict:
+    """The `make_mesh` keywords of config.mesh that place the axes over TPU slices."""
+    return {"dcn_axes": dict(config.mesh.get("dcn_axes") or {}) or None,
+            "num_slices": config.mesh.get("num_slices", 0) or 0}
 
 
 def rules(config) -> tuple:

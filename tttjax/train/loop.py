@@ -244,7 +244,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None)
     num_devices = config_lib.mesh_device_count(config, jax.device_count(), jax.process_count())
     sizes = config_lib.validate_mesh(config, num_devices)
     config = config_lib.resolve_accumulation(config, sizes)
-    mesh = make_mesh(sizes, devices=jax.devices()[:num_devices])
+    mesh = make_mesh(sizes, devices=jax.devices()[:num_devices], **config_lib.mesh_layout(config))
     rules = config_lib.rules(config)
     is_primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
