@@ -202,6 +202,32 @@ def test_latents_builder_round_trip_and_loading(tmp_path):
                                rtol=1e-6, atol=1e-6)
 
 
+def test_latent_scale_option_overrides_the_recorded_vae_scale():
+    """0 keeps the dataset's VAE scale; 1.0 is the seed code's (docs/design.md §8); the sampler's
+    VAE decoder divides by the same factor."""
+    import ml_collections
+
+    from tttjax.generation import VAEDecoder
+    from tttjax.video_io import to_uint8
+
+    assert loader.model_latent_scale(ml_collections.ConfigDict({"latent_scale": 0.0}), 0.7) == 0.7
+    assert loader.model_latent_scale(ml_collections.ConfigDict({"latent_scale": 1.0}), 0.7) == 1.0
+    assert loader.model_latent_scale(ml_collections.ConfigDict({}), 0.7) == 0.7
+
+    class IdentityVAE:   # decode = identity, so the decoder's output shows its scaling
+        scaling_factor = 0.7
+        config = ml_collections.ConfigDict({"temporal_compress_level": 2})
+
+        def decode_chunks(self, z, tile_batches):
+            yield np.tanh(z)   # [1, F, C, H, W] in [-1, 1]
+
+    z = np.full((2, 3, 1, 1), 0.35, np.float32)
+    for scale, want in ((None, 0.5), (1.0, 0.35)):
+        frames = VAEDecoder(IdentityVAE(), latent_scale=scale).decode(z)
+        expected = to_uint8(np.tanh(np.full((2, 1, 1, 3), want, np.float32)))
+        np.testing.assert_array_equal(frames, expected)
+
+
 def test_latents_source_examples_are_validated(tmp_path):
     rng = np.random.default_rng(1)
     good = dict(latents_mean=rng.standard_normal((5, 4, 2, 2)),

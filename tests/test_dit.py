@@ -258,6 +258,14 @@ def reference_forward(model, mixer_factory, x, e, t):
     ones, zeros = np.ones(d, np.float32), np.zeros(d, np.float32)
     seq_cos = np.stack([glob_cos[o[1]] if o[0] else ones for o in order])
     seq_sin = np.stack([glob_sin[o[1]] if o[0] else zeros for o in order])
+    if cfg.reverse_rope == "position":
+        # The seed code's choice: the reversed pass's slot j rotates its token by slot j's
+        # forward position, i.e. video token tok by the position of its mirror N-1-tok.
+        nv = lay.video_len
+        rev_rope = (np.stack([glob_cos[nv - 1 - o[1]] if o[0] else ones for o in rev]),
+                    np.stack([glob_sin[nv - 1 - o[1]] if o[0] else zeros for o in rev]))
+    else:
+        rev_rope = (seq_cos[rev_idx], seq_sin[rev_idx])
 
     def ln(v, scale=None, bias=None, eps=cfg.norm_eps):
         mu = v.mean(-1, keepdims=True)
@@ -310,7 +318,7 @@ def reference_forward(model, mixer_factory, x, e, t):
                 gf = jnp.tanh(P("mixer/alpha_fwd"))[is_video.astype(int)]
                 gb = jnp.tanh(P("mixer/alpha_bwd"))[is_video.astype(int)]
                 z = seq + gf * mixer(seq[None], rope=(seq_cos, seq_sin))[0]
-                yr = mixer(z[rev_idx][None], rope=(seq_cos[rev_idx], seq_sin[rev_idx]))[0]
+                yr = mixer(z[rev_idx][None], rope=rev_rope)[0]
                 z2 = z + gb * jnp.zeros_like(yr).at[rev_idx].set(yr)
                 at = z2[~is_video][np.argsort(vid_tok[~is_video])]
                 av = z2[is_video][np.argsort(vid_tok[is_video])]
@@ -394,6 +402,17 @@ def test_ttt_integration_matches_reference(tiny_ttt_perturbed):
     x, e, t = inputs(cfg.model, cfg.stage, batch=2)
     np.testing.assert_allclose(forward(model, x, e, t), reference(model, x, e, t),
                                rtol=5e-5, atol=5e-5)
+
+
+def test_reverse_rope_by_position_matches_reference(tiny_ttt_perturbed):
+    """`reverse_rope="position"` (the seed code's rotation by slot after the flip) against the
+    reference's own mirror-position tables; it must also change the output."""
+    cfg, model = tiny_ttt_perturbed
+    by_slot = with_config(model, reverse_rope="position")
+    x, e, t = inputs(cfg.model, cfg.stage, batch=2)
+    out = forward(by_slot, x, e, t)
+    np.testing.assert_allclose(out, reference(by_slot, x, e, t), rtol=5e-5, atol=5e-5)
+    assert np.abs(np.asarray(out - forward(model, x, e, t))).max() > 1e-3
 
 
 def test_gradients_reach_mixer_and_gates(tiny_ttt):

@@ -67,16 +67,18 @@ class ToyDecoder:
 
 
 class VAEDecoder:
-    """CogVideoX's VAE decoding DiT-scale latents (divided by the VAE's scaling factor)."""
+    """CogVideoX's VAE decoding DiT-scale latents (divided by `latent_scale`, default the
+    VAE's scaling factor; 1.0 for checkpoints trained as the seed code, docs/design.md §8)."""
 
-    def __init__(self, vae, *, tile_batches: int = 2):
+    def __init__(self, vae, *, tile_batches: int = 2, latent_scale: float | None = None):
         self.vae, self.tile_batches = vae, tile_batches
         self.temporal = 2 ** vae.config.temporal_compress_level
 
+        self.latent_scale = float(latent_scale or vae.scaling_factor)
     def decode(self, latents: np.ndarray) -> np.ndarray:
         from tttjax.video_io import to_uint8
 
-        z = np.asarray(latents, np.float32)[None] / self.vae.scaling_factor
+        z = np.asarray(latents, np.float32)[None] / self.latent_scale
         chunks = [np.asarray(c[0]) for c in self.vae.decode_chunks(z, tile_batches=self.tile_batches)]
         video = np.concatenate(chunks, axis=0)          # [F, C, H, W]
         return to_uint8(np.transpose(video, (0, 2, 3, 1)))
@@ -132,14 +134,14 @@ def _read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def _vae_decoder(vae: str | None, what: str) -> VAEDecoder:
+def _vae_decoder(vae: str | None, what: str, latent_scale: float | None = None) -> VAEDecoder:
     if not vae:
         raise ValueError(f"{what} needs the CogVideoX VAE to decode its latents: pass --vae "
                          "DIR (a diffusers AutoencoderKLCogVideoX folder)")
     from tttjax.models.vae_convert import from_diffusers_vae
 
     model, _ = from_diffusers_vae(vae)
-    return VAEDecoder(model)
+    return VAEDecoder(model, latent_scale=latent_scale)
 
 
 def _text_encoder(text_encoder: str | None, hashed_text_seed: int | None, dim: int,
@@ -164,7 +166,8 @@ def _text_encoder(text_encoder: str | None, hashed_text_seed: int | None, dim: i
 def load_generator(path: str, *, vae: str | None = None, text_encoder: str | None = None,
                    hashed_text_seed: int | None = None, text_length: int | None = None,
                    mesh_axes: dict[str, int] | None = None,
-                   rules: LogicalRules = DEFAULT_RULES, seed: int = 0) -> Generator:
+                   rules: LogicalRules = DEFAULT_RULES, seed: int = 0,
+                   latent_scale: float | None = None) -> Generator:
     """Loads a training workdir or a converted checkpoint for sampling (see the module doc).
 
     Args:
@@ -179,6 +182,8 @@ def load_generator(path: str, *, vae: str | None = None, text_encoder: str | Non
         the batch of 2 (CFG) replicated).
       seed: initialises mixer parameters a converted checkpoint lacks (SPEC section 1/2).
     Raises:
+      latent_scale: the factor between VAE latents and the model's (docs/design.md §8);
+        default a workdir's `data.latent_scale`, else the VAE's scaling factor.
       ValueError naming what is missing or inconsistent.
     """
     from tttjax.models.convert import read_checkpoint_config
@@ -197,7 +202,7 @@ def load_generator(path: str, *, vae: str | None = None, text_encoder: str | Non
         model_config = read_checkpoint_config(path)
         schedule, what = DEFAULT_SCHEDULE, f"converted checkpoint {path}"
         text = _text_encoder(text_encoder, hashed_text_seed, model_config.text_embed_dim, what)
-        decoder = _vae_decoder(vae, what)
+        decoder = _vae_decoder(vae, what, latent_scale)
         latent_hw = (model_config.sample_height, model_config.sample_width)
         text_length = text_length or 226
     else:
@@ -217,7 +222,7 @@ def load_generator(path: str, *, vae: str | None = None, text_encoder: str | Non
         else:
             text = _text_encoder(text_encoder, hashed_text_seed, model_config.text_embed_dim,
                                  what)
-            decoder = _vae_decoder(vae, what)
+            decoder = _vae_decoder(vae, what, latent_scale or config.data.get("latent_scale", 0.0))
     if text_length < 1:
         raise ValueError(f"text_length must be >= 1, got {text_length}")
     dim = getattr(text, "dim", model_config.text_embed_dim)

@@ -59,6 +59,13 @@ class ToonToModelInputs(grain.transforms.Map):
                 "text": self.encoder.encode(prompts, self.text_length)}
 
 
+def model_latent_scale(data, recorded: float) -> float:
+    """The factor from VAE latents to the model's: `config.data.latent_scale`, or when it is 0
+    the VAE scaling factor the dataset was written with (1.0 trains as the seed code,
+    docs/design.md §8)."""
+    return float(data.get("latent_scale", 0.0) or recorded)
+
+
 class LatentsToModelInputs(grain.transforms.Map):
     """Latents window -> scaled posterior (mean, log-variance) and text embeddings, float32."""
 
@@ -149,7 +156,7 @@ def open_training_source(config) -> tuple[SegmentWindows, grain.transforms.Map]:
             config=cfg, data_dir=data_dir, file_format="array_record"), download_config)
         meta = builder.info.metadata
         crop = crop_latents(meta["frames_per_segment"], meta["prefix_frames"])
-        transform = LatentsToModelInputs(meta["scaling_factor"])
+        transform = LatentsToModelInputs(model_latent_scale(data, meta["scaling_factor"]))
     else:
         raise ValueError(f"config.data.dataset {data.dataset!r} not in {DATASETS}")
     counts = builder.info.metadata["segment_counts"]

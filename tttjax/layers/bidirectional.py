@@ -5,7 +5,8 @@
 
 `rev` is a token permutation: a plain flip by default, or any order given as indices (the
 DiT reverses video token-wise but text segment-wise). Rotary tables travel with their tokens,
-so each token keeps its own position in the reversed pass.
+so each token keeps its own position in the reversed pass, unless `rope_reversed` gives the
+reversed pass its own tables (docs/design.md §2: the seed code's rotation by slot).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def _permute_rope(rope: Rope | None, index) -> Rope | None:
 
 def gated_bidirectional(fn: Callable[..., jax.Array], x: jax.Array, gate_fwd: jax.Array,
                         gate_bwd: jax.Array, *, reverse_index: jax.Array | None = None,
-                        rope: Rope | None = None) -> jax.Array:
-    """SPEC section 2's forward-then-reversed gated residual.
+                        rope: Rope | None = None, rope_reversed: Rope | None = None
+                        ) -> jax.Array:
+    """The forward-then-reversed gated residual (docs/design.md §2).
 
     Args:
       fn: mixer, `fn(x [B, L, D], rope=...) -> [B, L, D]` (parameters shared by both passes).
@@ -48,6 +50,8 @@ def gated_bidirectional(fn: Callable[..., jax.Array], x: jax.Array, gate_fwd: ja
       rope: optional (cos, sin) [L, d] or [B, L, d] for the forward order.
     Returns:
       Z' [B, L, D] in x's dtype.
+      rope_reversed: optional tables for the reversed pass, indexed like `rope` (by each
+        token's forward position); default `rope`, i.e. every token keeps its own rotation.
     """
     z = x + jnp.tanh(gate_fwd).astype(x.dtype) * fn(x, rope=rope)
     if reverse_index is None:
@@ -56,7 +60,8 @@ def gated_bidirectional(fn: Callable[..., jax.Array], x: jax.Array, gate_fwd: ja
         undo = np.argsort(reverse_index).astype(reverse_index.dtype)
     else:
         undo = jnp.argsort(reverse_index)
-    y_rev = fn(_permute(z, reverse_index, 1), rope=_permute_rope(rope, reverse_index))
+    rope_rev = rope if rope_reversed is None else rope_reversed
+    y_rev = fn(_permute(z, reverse_index, 1), rope=_permute_rope(rope_rev, reverse_index))
     return z + jnp.tanh(gate_bwd).astype(x.dtype) * _permute(y_rev, undo, 1)
 
 
@@ -88,11 +93,13 @@ class GatedBidirectional(nnx.Module):
         self.alpha_bwd = nnx.Param(jnp.full(shape, gate_init, param_dtype), out_sharding=(None, "embed"))
 
     def __call__(self, x: jax.Array, *, modality: jax.Array | None = None,
-                 reverse_index: jax.Array | None = None, rope: Rope | None = None) -> jax.Array:
+                 reverse_index: jax.Array | None = None, rope: Rope | None = None,
+                 rope_reversed: Rope | None = None) -> jax.Array:
         """x [B, L, D]; modality [L] int; returns [B, L, D]."""
         if modality is None:
             modality = jnp.zeros((x.shape[1],), jnp.int32)
         gate_fwd = _per_token(self.alpha_fwd[...], modality, x.dtype)   # [L, D]
         gate_bwd = _per_token(self.alpha_bwd[...], modality, x.dtype)
         return gated_bidirectional(self.mixer, x, gate_fwd, gate_bwd,
-                                   reverse_index=reverse_index, rope=rope)
+                                   reverse_index=reverse_index, rope=rope,
+                                   rope_reversed=rope_reversed)

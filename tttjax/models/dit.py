@@ -304,7 +304,8 @@ class DiTBlock(nnx.Module):
             seq = with_logical_constraint(seq, ("batch", "length", "embed"))
             seq = self.mixer(seq, modality=jnp.asarray(layout.modality),
                              reverse_index=layout.reverse_index,
-                             rope=tables.get("mixer_rope"))
+                             rope=tables.get("mixer_rope"),
+                             rope_reversed=tables.get("mixer_rope_reversed"))
             seq = checkpoint_name(seq, "mixer_out")
             at, av = layout.deinterleave(seq)
             at = with_logical_constraint(at, per_segment).reshape(b, layout.total_text_len, d)
@@ -404,6 +405,10 @@ class CogVideoXDiT(nnx.Module):
                                theta=cfg.rope_theta)
             tables["mixer_rope"] = layout.interleave_rope(cos, sin)
         return tables
+            if cfg.reverse_rope == "position":
+                # The (t, h, w)-ordered tables flipped: video token (t, h, w) is rotated as
+                # (T-1-t, H-1-h, W-1-w), the position of its slot after the flip.
+                tables["mixer_rope_reversed"] = layout.interleave_rope(cos[::-1], sin[::-1])
 
     # -- forward --------------------------------------------------------------------------
 

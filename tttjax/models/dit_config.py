@@ -23,6 +23,7 @@ FRAMES_PER_SEGMENT = 12   # latent frames per 3-second segment
 PREFIX_FRAMES = 1         # the extra first latent frame; also each window's overlap
 
 ATTENTION_MODES = ("full", "segment")
+REVERSE_ROPE = ("token", "position")
 ATTENTION_IMPLS = ("xla", "cudnn", "chunked", "auto")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_block_outputs")
 POSITIONAL_EMBEDDINGS = ("rope", "sincos")
@@ -73,6 +74,9 @@ def cogvideox_5b() -> ml_collections.ConfigDict:
         frames_per_segment=FRAMES_PER_SEGMENT,
         prefix_frames=PREFIX_FRAMES,
         gate_init=0.1,
+        # RoPE of the mixer's reversed pass (docs/design.md §2, §8): "token" rotates each token
+        # by its own position; "position" by its slot after the flip (the seed code's choice).
+        reverse_rope="token",
         # --- execution ---
         dtype="float32",                    # activation / matmul dtype
         param_dtype="float32",
@@ -103,6 +107,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(cfg.attention in ATTENTION_MODES, f"attention {cfg.attention!r} not in {ATTENTION_MODES}")
     need(cfg.attention_impl in ATTENTION_IMPLS,
          f"attention_impl {cfg.attention_impl!r} not in {ATTENTION_IMPLS}")
+    need(cfg.reverse_rope in REVERSE_ROPE,
+         f"reverse_rope {cfg.reverse_rope!r} not in {REVERSE_ROPE} (token: each token by its own "
+         "position; position: by its slot after the flip, as the seed code)")
     need(cfg.remat_policy in REMAT_POLICIES, f"remat_policy {cfg.remat_policy!r} not in {REMAT_POLICIES}")
     need(cfg.dtype in DTYPES and cfg.param_dtype in DTYPES,
          f"dtype/param_dtype must be in {DTYPES}, got {cfg.dtype!r}/{cfg.param_dtype!r}")

@@ -7,7 +7,7 @@ A training config (`configs/tiny.py`, `configs/cogvideox_5b.py`) holds, besides 
     train       global_batch_size (examples per optimiser update), grad_accum_steps
                 (micro-batches per update, accumulated inside the step; 0 = automatic: one
                 example per batch shard in each micro-batch),
-                prompt_dropout, trainable ("all" | "mixer_qkvo" | "mixer"),
+                prompt_dropout, trainable ("all" | "mixer_qkvo" | "mixer_qkvo_norms" | "mixer"),
                 max_nonfinite_in_a_row, progress_bar, compiler_options (XLA options for
                 the step, e.g. {"xla_backend_optimization_level": 0} for fast CPU compiles)
     optim       b1, b2, eps, weight_decay, grad_clip, mu_dtype,
@@ -229,6 +229,10 @@ def _validate_data(config) -> None:
     _need(data.dataset in DATASETS, f"config.data.dataset {data.dataset!r} not in {DATASETS}")
     _int(data.worker_count, "data.worker_count", lo=0)
     _int(stage.num_segments, "stage.num_segments")
+    scale = data.get("latent_scale", 0.0)
+    _need(isinstance(scale, (int, float)) and scale >= 0 and scale == scale,
+          f"config.data.latent_scale must be a number >= 0 (0: the VAE's scaling factor, 1.0: the "
+          f"seed code's), got {scale!r}")
     want_frames = model.prefix_frames + stage.num_segments * model.frames_per_segment
     _need(stage.latent_frames == want_frames,
           f"config.stage.latent_frames {stage.latent_frames} must be prefix_frames + num_segments "

@@ -35,13 +35,15 @@ import jax.numpy as jnp
 import optax
 
 PRETRAINED, NEW, FROZEN = "pretrained", "new", "frozen"
-TRAINABLE_SETS = ("all", "mixer_qkvo", "mixer")
+TRAINABLE_SETS = ("all", "mixer_qkvo", "mixer_qkvo_norms", "mixer")
 SCHEDULES = ("constant", "cosine")
 
 # Leaf names that are never decayed (besides anything ending in "bias" or inside a norm).
 _NO_DECAY = {"scale", "b_lr", "b1", "b2", "ln_weight", "ln_bias", "alpha_fwd", "alpha_bwd",
              "A_log", "D", "dt_bias", "token_idx_offset"}
 _QKVO = {"to_q", "to_k", "to_v", "to_out"}
+# The attention q/k LayerNorms, which the seed code also trains from 9 s on (docs/design.md §8).
+_QK_NORMS = {"norm_q", "norm_k"}
 
 
 def path_names(path: Sequence[Any]) -> tuple[str, ...]:
@@ -69,6 +71,9 @@ def is_trainable(names: Sequence[str], trainable: str) -> bool:
         return is_new(names)
     if trainable == "mixer_qkvo":
         return is_new(names) or ("attn" in names and any(n in _QKVO for n in names))
+    if trainable == "mixer_qkvo_norms":
+        return is_trainable(names, "mixer_qkvo") or (
+            "attn" in names and any(n in _QK_NORMS for n in names))
     raise ValueError(f"trainable set {trainable!r} not in {TRAINABLE_SETS}")
 
 
