@@ -27,24 +27,32 @@ import dataclasses
 import functools
 import json
 import os
+import time
 import typing
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from tttjax import compile_cache
+from tttjax.bench.flops import train_step_flops
+from tttjax.bench.mfu import device_peak_tflops
 from tttjax.data import loader as data_loader
 from tttjax.diffusion.schedule import NoiseSchedule
 from tttjax.sharding import logical_to_spec, make_mesh
 from tttjax.train import config as config_lib
+from tttjax.train import run_record
 from tttjax.train.checkpoints import Checkpointer, check_workdir_fits
+from tttjax.train.evaluation import HeldOutEval
 from tttjax.train.metrics import MetricsLogger
 from tttjax.train.model_state import init_params, load_params, model_spec
 from tttjax.train.optimizer import make_optimizer, optimizer_shardings, trainable_mask
 from tttjax.train.preemption import PreemptionWatch
+from tttjax.train.profiling import StepProfiler
 from tttjax.train.step import initial_counters, make_train_step
 from tttjax.train.workdir_lock import WorkdirLock
 
@@ -148,7 +156,8 @@ _NOT_COMPILED = ("log_every", "checkpoint_every", "checkpoint", "mesh.num_device
                  "data.data_dir", "data.manual_dir", "data.split", "data.shuffle",
                  "data.worker_count", "data.builder_config", "data.builder_overrides",
                  "data.text_encoder_seed", "data.toy_latent_seed", "train.progress_bar",
-                 "train.max_nonfinite_in_a_row")
+                 "train.max_nonfinite_in_a_row", "eval_every", "eval", "profile",
+                 "compile_cache_dir", "mesh.num_slices")
 _PLANS: collections.OrderedDict = collections.OrderedDict()
 
 
@@ -232,15 +241,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     preemption would (for time-limited jobs and tests); the next call resumes from it.
     Raises `WorkdirBusy` (a ValueError) at once when another run holds the workdir.
     """
+    started = time.perf_counter()
     config_lib.validate(config)
     _initialize_distributed()
     # One run per workdir: process 0 holds the lock (the other hosts belong to its run).
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-    with lock:
-        return _train(config, workdir, stop_at)
+    with lock, compile_cache.persistent(compile_cache.directory(config, workdir)):
+        return _train(config, workdir, stop_at, started)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None) -> TrainResult:
+def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
+           started: float) -> TrainResult:
     num_devices = config_lib.mesh_device_count(config, jax.device_count(), jax.process_count())
     sizes = config_lib.validate_mesh(config, num_devices)
     config = config_lib.resolve_accumulation(config, sizes)
@@ -266,6 +277,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None)
     # ---------------------------------------------------------------- model and optimiser
     plan = _plan(config, mesh, rules)
     spec, step_fn = plan.spec, plan.step_fn
+    evaluator = (HeldOutEval(config, mesh, spec, batch_sh, shapes)
+                 if config.get("eval_every", 0) else None)
+    record = run_record.collect(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     check_workdir_fits(workdir, config, spec.abstract)   # before anything is written
@@ -311,13 +325,18 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None)
             f.write(config.to_json(indent=2, sort_keys=True))
         os.replace(path + ".tmp", path)
 
+    if is_primary:   # what ran (tttjax.train.run_record); also in every checkpoint's meta
+        epath.Path(workdir, "run.json").write_text(json.dumps(record, indent=2, sort_keys=True))
     logger = MetricsLogger(workdir, total_steps=config.steps, start_step=start,
                            tokens_per_step=_tokens_per_step(config, global_batch),
                            enabled=is_primary,
-                           progress_bar=config.train.progress_bar)
+                           progress_bar=config.train.progress_bar,
+                           model_flops_per_step=train_step_flops(config), num_devices=mesh.size,
+                           peak_tflops=device_peak_tflops(mesh.devices.flat))
     for m in messages:
         logger.message(m)
     watch = PreemptionWatch()
+    profiler = StepProfiler(config.get("profile"), workdir, jax.process_index())
     records, pending = [], []
     last_saved = latest
     preempted = False
@@ -325,7 +344,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None)
     def save(step_done: int) -> bool:
         host = {k: int(v) for k, v in jax.device_get(counters).items()}
         meta = {"counters": host, "examples_consumed": step_done * global_batch,
-                "config": json.loads(config.to_json())}
+                "config": json.loads(config.to_json()), "run": record}
         refused = ckpt.save(step_done, params, opt_state, meta, iterator.get_state())
         if refused:
             logger.message(refused)
@@ -346,12 +365,18 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None)
                 batch = {k: jax.make_array_from_process_local_data(batch_sh[k], local[k], shapes[k])
                          for k in batch_sh}
                 previous = counters  # not donated: readable after the next step is queued
-                params, opt_state, counters, metrics = step_fn(params, opt_state, counters, batch)
+                with profiler.step(step):
+                    params, opt_state, counters, metrics = step_fn(params, opt_state, counters,
+                                                                   batch)
                 pending.append(metrics)
                 done = step + 1
+                profiler.step_done(done, metrics)
                 if step == start:
                     jax.block_until_ready(metrics)   # compilation is not throughput
                     logger.reset_clock(done)
+                    logger.message(f"start-up: {time.perf_counter() - started:.1f} s to the "
+                                   f"first step (compile cache: "
+                                   f"{compile_cache.directory(config, workdir) or 'off'})")
                 else:
                     check_diverged(int(previous["nonfinite_in_a_row"]), done - 1)
                 logger.advance()
@@ -362,6 +387,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None)
                     host_counters = {k: int(v) for k, v in jax.device_get(counters).items()}
                     records.append(logger.log(done, window, host_counters))
                     check_diverged(host_counters["nonfinite_in_a_row"], done)
+                if evaluator is not None and done % config.eval_every == 0:
+                    logger.log_eval(done, evaluator(params))
                 preempted = watch.requested(done) or done == stop_at
                 due = done % config.checkpoint_every == 0 or done == config.steps or preempted
                 if due and save(done):
@@ -373,6 +400,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None)
                                    f"{ckpt.directory}; rerun the same command to resume")
                     break
     finally:
+        profiler.close()
         watch.close()
         ckpt.close()
         logger.close()

@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from tttjax.train import log_lines
+
 
 def _drop_records_after(path: str, step: int) -> None:
     """Rewrites `path` (through a temporary file) without the records of steps > `step`
@@ -55,9 +57,16 @@ class MetricsLogger:
     """Writes metric records; a no-op on processes other than 0 (`enabled=False`)."""
 
     def __init__(self, workdir: str, *, total_steps: int, start_step: int, tokens_per_step: int,
-                 enabled: bool = True, progress_bar: bool = True):
+                 enabled: bool = True, progress_bar: bool = True,
+                 model_flops_per_step: float = math.nan, num_devices: int = 1,
+                 peak_tflops: float | None = None):
         self.enabled = enabled
         self.tokens_per_step = tokens_per_step
+        # MFU as MaxText logs it: analytic model FLOPs (tttjax.bench.flops, 3 x forward) per
+        # second per device, over the device kind's peak; no peak (CPU): TFLOP/s only.
+        self.model_flops_per_step = model_flops_per_step
+        self.num_devices = num_devices
+        self.peak_tflops = peak_tflops
         self._last_time, self._last_step = time.perf_counter(), start_step
         self._writer = self._bar = self._jsonl = None
         if not enabled:
@@ -100,6 +109,11 @@ class MetricsLogger:
         record.update(steps_per_sec=steps_per_sec,
                       tokens_per_sec=steps_per_sec * self.tokens_per_step,
                       nonfinite_total=int(counters["nonfinite_total"]))
+        tflops = steps_per_sec * self.model_flops_per_step / self.num_devices / 1e12
+        if math.isfinite(self.model_flops_per_step):
+            record["model_tflops_per_device"] = tflops
+            if self.peak_tflops:
+                record["mfu"] = tflops / self.peak_tflops
         if not self.enabled:
             return record
         finite_or_null = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
@@ -111,18 +125,45 @@ class MetricsLogger:
                 self._writer.add_scalar(f"train/{key}", value, step)
         text = (f"step {step}: loss {record['loss']:.4f}, grad norm {record['grad_norm']:.3f}, "
                 f"{steps_per_sec:.2f} steps/s, {record['tokens_per_sec']:.0f} tokens/s")
+        rate = {}
+        if "model_tflops_per_device" in record:
+            text += f", {tflops:.3g} TFLOP/s/device"
+            rate["tflops"] = f"{tflops:.3g}"
+        if "mfu" in record:
+            text += f", MFU {record['mfu']:.1%}"
+            rate["mfu"] = f"{record['mfu']:.1%}"
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", steps_s=f"{steps_per_sec:.2f}",
-                                  tokens_s=f"{record['tokens_per_sec']:.0f}")
+                                  tokens_s=f"{record['tokens_per_sec']:.0f}", **rate)
+        self._say(text)
+        return record
+
+    def log_eval(self, step: int, values: dict[str, float]) -> dict:
+        """Writes the held-out evaluation of `step` (tttjax.train.evaluation): a record
+        {"step", "eval_loss", "eval_loss_t<T>"...} in metrics.jsonl, `eval/...` in TensorBoard."""
+        record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+        if not self.enabled:
+            return record
+        self._jsonl.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v)
+                                          else None) for k, v in record.items()}) + "\n")
+        for key, value in values.items():
+            if math.isfinite(value):
+                self._writer.add_scalar(f"eval/{key.removeprefix('eval_')}", value, step)
+        self._say(f"step {step}: held-out " + ", ".join(
+            f"{k.removeprefix('eval_')} {v:.4f}" for k, v in values.items()))
+        return record
+
+    def _say(self, text: str) -> None:
+        text = log_lines.line(text, source="train")
+        if self._bar is not None:
             self._bar.write(text)
         else:
             print(text, flush=True)
-        return record
 
     def message(self, text: str) -> None:
         if not self.enabled:
             return
-        (self._bar.write if self._bar is not None else print)(text)
+        self._say(text)
 
     def close(self) -> None:
         if self._bar is not None:
