@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tttjax.logical_params import logical_init, logical_param
 from tttjax.ops import attention as attention_ops
 from tttjax.ops.rope import apply_rope
 from tttjax.sharding import with_logical_constraint
@@ -42,8 +43,8 @@ class _AttentionMixer(nnx.Module):
 
         def linear(names):
             return nnx.Linear(width, width, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                              kernel_init=nnx.with_partitioning(normal, names),
-                              bias_init=nnx.with_partitioning(nnx.initializers.zeros, names[1:]),
+                              kernel_init=logical_init(normal, names),
+                              bias_init=logical_init(nnx.initializers.zeros, names[1:]),
                               rngs=rngs)
 
         self.wq, self.wk, self.wv = (linear(("embed", "heads")) for _ in range(3))
@@ -51,8 +52,8 @@ class _AttentionMixer(nnx.Module):
         self.qk_norm = qk_norm
         if qk_norm:
             d = self.head_dim
-            ones = lambda: nnx.Param(jnp.ones((d,), param_dtype), out_sharding=("kv",))  # noqa: E731
-            zeros = lambda: nnx.Param(jnp.zeros((d,), param_dtype), out_sharding=("kv",))  # noqa: E731
+            ones = lambda: logical_param(jnp.ones((d,), param_dtype), ("kv",))  # noqa: E731
+            zeros = lambda: logical_param(jnp.zeros((d,), param_dtype), ("kv",))  # noqa: E731
             self.q_norm_scale, self.q_norm_bias = ones(), zeros()
             self.k_norm_scale, self.k_norm_bias = ones(), zeros()
 

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tttjax.logical_params import logical_param
+
 Rope = tuple[jax.Array, jax.Array]
 
 
@@ -89,8 +91,8 @@ class GatedBidirectional(nnx.Module):
                  gate_init: float = 0.1, param_dtype=jnp.float32):
         self.mixer = mixer
         shape = (num_modalities, width)
-        self.alpha_fwd = nnx.Param(jnp.full(shape, gate_init, param_dtype), out_sharding=(None, "embed"))
-        self.alpha_bwd = nnx.Param(jnp.full(shape, gate_init, param_dtype), out_sharding=(None, "embed"))
+        self.alpha_fwd = logical_param(jnp.full(shape, gate_init, param_dtype), (None, "embed"))
+        self.alpha_bwd = logical_param(jnp.full(shape, gate_init, param_dtype), (None, "embed"))
 
     def __call__(self, x: jax.Array, *, modality: jax.Array | None = None,
                  reverse_index: jax.Array | None = None, rope: Rope | None = None,

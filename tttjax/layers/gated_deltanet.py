@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tttjax.layers import ssm_init
+from tttjax.logical_params import logical_init, logical_param
 from tttjax.ops.causal_conv import causal_depthwise_conv
 from tttjax.ops.delta_rule import gated_delta_rule
 from tttjax.ops.gated_rms_norm import gated_rms_norm
@@ -34,7 +35,7 @@ _INIT_STD = 0.02
 
 def _linear(d_in, d_out, names, *, dtype, param_dtype, rngs):
     return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=nnx.with_partitioning(nnx.initializers.normal(_INIT_STD), names),
+                      kernel_init=logical_init(nnx.initializers.normal(_INIT_STD), names),
                       rngs=rngs)
 
 
@@ -77,14 +78,15 @@ class GatedDeltaNet(nnx.Module):
 
         def conv(channels):
             value = ssm_init.uniform_fan_in(rngs.params(), (conv_size, channels), conv_size, param_dtype)
-            return nnx.Param(value, out_sharding=("conv", "heads"))
+            return logical_param(value, ("conv", "heads"))
 
         self.q_conv, self.k_conv, self.v_conv = conv(key_dim), conv(key_dim), conv(value_dim)
-        self.A_log = nnx.Param(ssm_init.a_log(rngs.params(), (num_heads,), low=0.0, high=16.0,
-                                              dtype=param_dtype), out_sharding=("heads",))
-        self.dt_bias = nnx.Param(ssm_init.dt_bias(rngs.params(), (num_heads,), dtype=param_dtype),
-                                 out_sharding=("heads",))
-        self.o_norm_weight = nnx.Param(jnp.ones((head_v,), param_dtype), out_sharding=("kv",))
+        self.A_log = logical_param(
+            ssm_init.a_log(rngs.params(), (num_heads,), low=0.0, high=16.0, dtype=param_dtype),
+            ("heads",))
+        self.dt_bias = logical_param(
+            ssm_init.dt_bias(rngs.params(), (num_heads,), dtype=param_dtype), ("heads",))
+        self.o_norm_weight = logical_param(jnp.ones((head_v,), param_dtype), ("kv",))
 
     def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None
                  ) -> jax.Array:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tttjax.layers import ssm_init
+from tttjax.logical_params import logical_init, logical_param
 from tttjax.ops.causal_conv import causal_depthwise_conv
 from tttjax.ops.gated_rms_norm import gated_rms_norm
 from tttjax.ops.ssd import ssd
@@ -36,7 +37,7 @@ _INIT_STD = 0.02
 
 def _linear(d_in, d_out, names, *, dtype, param_dtype, rngs):
     return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=nnx.with_partitioning(nnx.initializers.normal(_INIT_STD), names),
+                      kernel_init=logical_init(nnx.initializers.normal(_INIT_STD), names),
                       rngs=rngs)
 
 
@@ -75,18 +76,18 @@ class Mamba2(nnx.Module):
         def conv(channels, axis):
             kernel = ssm_init.uniform_fan_in(rngs.params(), (conv_size, channels), conv_size, param_dtype)
             bias = ssm_init.uniform_fan_in(rngs.params(), (channels,), conv_size, param_dtype)
-            return (nnx.Param(kernel, out_sharding=("conv", axis)),
-                    nnx.Param(bias, out_sharding=(axis,)))
+            return (logical_param(kernel, ("conv", axis)),
+                    logical_param(bias, (axis,)))
 
         self.x_conv, self.x_conv_bias = conv(d_inner, "heads")
         self.bc_conv, self.bc_conv_bias = conv(bc_dim, "state")
-        self.A_log = nnx.Param(ssm_init.a_log(rngs.params(), (nheads,), low=1.0, high=16.0,
-                                              dtype=param_dtype), out_sharding=("heads",))
-        self.dt_bias = nnx.Param(ssm_init.dt_bias(rngs.params(), (nheads,), dtype=param_dtype),
-                                 out_sharding=("heads",))
-        self.D = nnx.Param(jnp.ones((nheads,), param_dtype), out_sharding=("heads",))
-        self.norm_weight = nnx.Param(jnp.ones((nheads, head_dim), param_dtype),
-                                     out_sharding=("heads", "kv"))
+        self.A_log = logical_param(
+            ssm_init.a_log(rngs.params(), (nheads,), low=1.0, high=16.0, dtype=param_dtype),
+            ("heads",))
+        self.dt_bias = logical_param(
+            ssm_init.dt_bias(rngs.params(), (nheads,), dtype=param_dtype), ("heads",))
+        self.D = logical_param(jnp.ones((nheads,), param_dtype), ("heads",))
+        self.norm_weight = logical_param(jnp.ones((nheads, head_dim), param_dtype), ("heads", "kv"))
 
     def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None
                  ) -> jax.Array:

@@ -27,6 +27,7 @@ from flax import nnx
 from flax.core import spmd as core_spmd
 
 from tttjax import sharding
+from tttjax.logical_params import logical_init, logical_param
 from tttjax.ops import ttt as ttt_ops
 from tttjax.ops.rope import apply_rope
 from tttjax.ops.ttt_context_parallel import ttt_context_parallel
@@ -50,7 +51,7 @@ def _param(rngs, shape, names, dtype, kind):
         value = jnp.ones(shape, dtype)
     else:
         value = jnp.zeros(shape, dtype)
-    return nnx.Param(value, out_sharding=names)
+    return logical_param(value, names)
 
 
 class _TTTLayer(nnx.Module):
@@ -81,8 +82,8 @@ class _TTTLayer(nnx.Module):
 
         def linear(names):
             return nnx.Linear(width, width, use_bias=True, dtype=dtype, param_dtype=param_dtype,
-                              kernel_init=nnx.with_partitioning(normal, names),
-                              bias_init=nnx.with_partitioning(nnx.initializers.zeros, names[1:]),
+                              kernel_init=logical_init(normal, names),
+                              bias_init=logical_init(nnx.initializers.zeros, names[1:]),
                               rngs=rngs)
 
         self.wq, self.wk, self.wv = (linear(("embed", "heads")) for _ in range(3))
@@ -102,8 +103,8 @@ class _TTTLayer(nnx.Module):
             self.token_idx_offset = _param(rngs, (mini_batch_size,), (None,), param_dtype, "zeros")
         self.post_norm = nnx.LayerNorm(
             width, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
-            scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
-            bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("norm",)), rngs=rngs)
+            scale_init=logical_init(nnx.initializers.ones, ("norm",)),
+            bias_init=logical_init(nnx.initializers.zeros, ("norm",)), rngs=rngs)
 
     def inner_params(self) -> dict[str, jax.Array]:
         """The op's params dict (initial inner state + TTT LayerNorm), float32."""

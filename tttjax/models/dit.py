@@ -57,6 +57,7 @@ from jax.ad_checkpoint import checkpoint_name
 from tttjax import platform
 from tttjax.layers.bidirectional import GatedBidirectional
 from tttjax.layers.registry import make_mixer
+from tttjax.logical_params import logical_param
 from tttjax.models import dit_config
 from tttjax.models.embeddings import (pipeline_rope_positions, rope_3d_at, sincos_3d_positions,
                                       timestep_embedding)
@@ -89,7 +90,7 @@ def _param(rngs: nnx.Rngs, kind: str, shape, names, dtype) -> nnx.Param:
         value = jnp.ones(shape, dtype)
     else:
         value = jnp.zeros(shape, dtype)
-    return nnx.Param(value, out_sharding=names)
+    return logical_param(value, names)
 
 
 def _layer_norm(x: jax.Array, scale: nnx.Param | None, bias: nnx.Param | None, eps: float

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tttjax.logical_params import logical_init
 from tttjax.sharding import with_logical_constraint
 
 Segments = tuple[int, ...]  # lengths of consecutive frame batches along T
@@ -236,16 +237,16 @@ def _conv(cin: int, cout: int, kernel: tuple[int, ...], *, strides: int = 1, pad
     init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
     return nnx.Conv(cin, cout, kernel, strides=strides, padding=padding, dtype=dtype,
                     param_dtype=param_dtype, precision=precision,
-                    kernel_init=nnx.with_partitioning(init, axes),
-                    bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("conv",)), rngs=rngs)
+                    kernel_init=logical_init(init, axes),
+                    bias_init=logical_init(nnx.initializers.zeros, ("conv",)), rngs=rngs)
 
 
 def _group_norm(channels: int, groups: int, eps: float, *, rngs: nnx.Rngs, dtype: Any,
                 param_dtype: Any) -> nnx.GroupNorm:
     return nnx.GroupNorm(channels, groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
                          use_fast_variance=False,
-                         scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
-                         bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("norm",)),
+                         scale_init=logical_init(nnx.initializers.ones, ("norm",)),
+                         bias_init=logical_init(nnx.initializers.zeros, ("norm",)),
                          rngs=rngs)
 
 

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tttjax.logical_params import logical_param
 from tttjax.safetensors_folder import (ShapeMismatch, TensorReader, model_folder, read_parameter,
                                        weight_files)
 from tttjax.text.tokenizer import SCENE_TOKENS, T5SentencePieceTokenizer
@@ -138,7 +139,7 @@ class T5Encoder(nnx.Module):
         def param(shape, names, std):
             value = std * jax.random.normal(rngs.params(), shape, self.dtype) if std else (
                 jnp.ones(shape, self.dtype))
-            return nnx.Param(value, out_sharding=names)
+            return logical_param(value, names)
 
         self.embed = param((c.vocab_size, D), ("vocab", "embed"), 1.0)
         self.relative_attention_bias = param((c.relative_attention_num_buckets, H),
