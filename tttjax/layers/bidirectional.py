@@ -50,10 +50,10 @@ def gated_bidirectional(fn: Callable[..., jax.Array], x: jax.Array, gate_fwd: ja
         then computed once on the host instead of by an argsort that XLA constant-folds at
         every compile (9.5 s of CPU compile time at the 63 s stage's 346k tokens).
       rope: optional (cos, sin) [L, d] or [B, L, d] for the forward order.
-    Returns:
-      Z' [B, L, D] in x's dtype.
       rope_reversed: optional tables for the reversed pass, indexed like `rope` (by each
         token's forward position); default `rope`, i.e. every token keeps its own rotation.
+    Returns:
+      Z' [B, L, D] in x's dtype.
     """
     z = x + jnp.tanh(gate_fwd).astype(x.dtype) * fn(x, rope=rope)
     if reverse_index is None:

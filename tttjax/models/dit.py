@@ -405,11 +405,11 @@ class CogVideoXDiT(nnx.Module):
             cos, sin = rope_3d((layout.num_frames, layout.grid_h, layout.grid_w), d,
                                theta=cfg.rope_theta)
             tables["mixer_rope"] = layout.interleave_rope(cos, sin)
-        return tables
             if cfg.reverse_rope == "position":
                 # The (t, h, w)-ordered tables flipped: video token (t, h, w) is rotated as
                 # (T-1-t, H-1-h, W-1-w), the position of its slot after the flip.
                 tables["mixer_rope_reversed"] = layout.interleave_rope(cos[::-1], sin[::-1])
+        return tables
 
     # -- forward --------------------------------------------------------------------------
 
