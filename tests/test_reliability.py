@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import jax
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from test_train_run import STEPS, flat, losses, saved_params, tiny
+from test_train_run import STEPS, flat, losses, saved_params, signal_after_logging, tiny
 
 from tttjax import sample as sample_cli
 from tttjax.train import __main__ as train_cli
@@ -448,24 +447,13 @@ def test_ctrl_c_saves_the_current_step_exits_130_and_resumes_exactly(
         uninterrupted, data_dir, tmp_path, capsys, monkeypatch):
     workdir_a, _ = uninterrupted
     workdir = str(tmp_path / "run")
-    metrics = os.path.join(workdir, "metrics.jsonl")
     cfg = tiny(data_dir, checkpoint_every=4)
     monkeypatch.setattr("tttjax.command_line.parse_config_flags",
                         lambda *a, **k: (cfg, type("F", (), {"workdir": workdir})()))
-
-    def ctrl_c_after_six_steps():
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if os.path.exists(metrics) and len(_read(metrics).splitlines()) >= 6:
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-            time.sleep(0.005)
-
     handler_before = signal.getsignal(signal.SIGINT)
-    killer = threading.Thread(target=ctrl_c_after_six_steps, daemon=True)
-    killer.start()
-    code = train_cli.main(["prog"])
-    killer.join()
+    with monkeypatch.context() as patch:
+        signal_after_logging(patch, 6, signal.SIGINT)
+        code = train_cli.main(["prog"])
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 130 and out[-1].startswith("interrupted (Ctrl-C): "), out[-3:]
     assert signal.getsignal(signal.SIGINT) == handler_before

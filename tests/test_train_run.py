@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import threading
-import time
 
 import jax
 import numpy as np
@@ -124,27 +123,32 @@ def test_resume_is_exact_including_data_order(uninterrupted, data_dir, tmp_path)
     assert data(workdir) == data(workdir_a)
 
 
+def signal_after_logging(monkeypatch, step: int, signum: int) -> None:
+    """Sends `signum` to this process from the training loop itself, right after it logs
+    `step`: deterministic, unlike a watcher thread racing the loop."""
+    from tttjax.train.metrics import MetricsLogger
+
+    log = MetricsLogger.log
+
+    def log_then_signal(self, at, *args, **kwargs):
+        out = log(self, at, *args, **kwargs)
+        if at == step:
+            os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_signal)
+
+
 def test_sigterm_saves_the_current_step_and_the_run_resumes_exactly(uninterrupted, data_dir,
-                                                                   tmp_path):
+                                                                   tmp_path, monkeypatch):
     """Preemption: SIGTERM mid-run saves the step in flight; rerunning finishes identically."""
     assert threading.current_thread() is threading.main_thread()  # the handler lives here
     workdir_a, _ = uninterrupted
     workdir = str(tmp_path / "sigterm")
-    metrics = os.path.join(workdir, "metrics.jsonl")
-
-    def preempt_after_six_steps():
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if os.path.exists(metrics) and len(open(metrics).readlines()) >= 6:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.005)
-
     handler_before = signal.getsignal(signal.SIGTERM)
-    killer = threading.Thread(target=preempt_after_six_steps, daemon=True)
-    killer.start()
-    result = train(tiny(data_dir, checkpoint_every=4), workdir)
-    killer.join()
+    with monkeypatch.context() as patch:
+        signal_after_logging(patch, 6, signal.SIGTERM)
+        result = train(tiny(data_dir, checkpoint_every=4), workdir)
     assert result.preempted and 6 <= result.step < STEPS, result
     # no step is lost: the last logged step is the one saved, and it restores
     assert Checkpointer(workdir).latest_step() == result.step == max(losses(workdir))
