@@ -70,7 +70,9 @@ import warnings
 
 import numpy as np
 
+from tttjax import storage
 from tttjax.command_line import ArgumentParser, UsageError, fail
+from tttjax.optional_dependency import require
 
 _PROG = "python -m tttjax.precompute"
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif")
@@ -151,7 +153,7 @@ def _start(reader) -> dict:
 
 def video_header(path: str) -> dict:
     """ffmpeg's metadata of a video (fps, size, duration) without decoding frames."""
-    import imageio_ffmpeg
+    imageio_ffmpeg = require("imageio_ffmpeg", "video", "reading videos")
 
     reader = imageio_ffmpeg.read_frames(path)
     try:
@@ -168,7 +170,7 @@ def read_video(path: str, num_frames: int, fps: float, height: int, width: int) 
 
     Raises UsageError naming the file when the video is shorter.
     """
-    import imageio_ffmpeg
+    imageio_ffmpeg = require("imageio_ffmpeg", "video", "reading videos")
 
     reader = imageio_ffmpeg.read_frames(path)
     try:
@@ -344,6 +346,25 @@ def _mark_skipped(out_dir: str, vid: str, err) -> None:
         f.write(" ".join(str(err).split()) + "\n")
 
 
+def _build_dataset_in_bucket(manual_dir: str, data_dir: str, config) -> str:
+    """`build_dataset` for a gs:// data_dir: TFDS's ArrayRecord writer opens local files only,
+    so the dataset is built in a local temporary folder, the bucket's older build of it is
+    deleted and the new one uploaded, `dataset_info.json` (what readers check) last."""
+    import tempfile
+
+    from tttjax.data.latents import build_latents_dataset
+
+    with tempfile.TemporaryDirectory(prefix="tttjax-precompute-") as scratch:
+        with contextlib.redirect_stdout(io.StringIO()):
+            built = build_latents_dataset(manual_dir, scratch, config)
+        src = str(built.data_dir)
+        dst = f"{storage.resolve(data_dir)}/{os.path.relpath(src, scratch)}"
+        if storage.path(dst).exists():
+            storage.path(dst).rmtree()
+        storage.upload_tree(src, dst, last=("dataset_info.json",))
+    return dst
+
+
 def build_dataset(manual_dir: str, data_dir: str, config) -> str:
     """Builds `latents/<config.name>` into `data_dir`, replacing an older build; returns its folder.
 
@@ -356,6 +377,8 @@ def build_dataset(manual_dir: str, data_dir: str, config) -> str:
     from tttjax.data.latents import build_latents_dataset
 
     tfds.disable_progress_bar()
+    if storage.is_url(data_dir):
+        return _build_dataset_in_bucket(manual_dir, data_dir, config)
     scratch = os.path.join(data_dir, f".precompute_build_{config.name}")
     shutil.rmtree(scratch, ignore_errors=True)
     try:
@@ -453,7 +476,13 @@ def _check_args(args) -> None:
         raise UsageError("--vae is required (a diffusers AutoencoderKLCogVideoX folder)")
     if args.text_encoder is None and args.hashed_text_dim is None:
         raise UsageError("give --text-encoder T5_FOLDER or --hashed-text-dim D")
+    if storage.is_url(args.manual_dir):
+        raise UsageError(f"--manual-dir {args.manual_dir!r}: the per-video source files need a "
+                         "local or shared folder; only --data-dir (the built dataset) may be "
+                         "gs://...")
     for flag, path in (("--manual-dir", args.manual_dir), ("--data-dir", args.data_dir)):
+        if storage.is_url(path):
+            continue
         if os.path.exists(path) and not os.path.isdir(path):
             raise UsageError(f"{flag} {path!r} is not a folder")
 

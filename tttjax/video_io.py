@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from tttjax.optional_dependency import require
+
 
 def to_uint8(frames, low: float = -1.0, high: float = 1.0) -> np.ndarray:
     """Float frames in [low, high] -> uint8 [0, 255] (clipped, rounded); same shape."""
@@ -65,7 +67,7 @@ def write_mp4(frames: np.ndarray | Iterable[np.ndarray], path: str, fps: float =
       fps: frames per second (16 for CogVideoX).
       quality: imageio-ffmpeg quality, 0 (worst) to 10 (best).
     """
-    import imageio_ffmpeg
+    imageio_ffmpeg = require("imageio_ffmpeg", "video", "writing MP4")
 
     if fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps}")
@@ -110,7 +112,7 @@ def write_gif(frames: np.ndarray, path: str, fps: float = 16, *, every: int = 1,
       every: keep every `every`-th frame (the GIF plays at fps / every, same duration).
       max_width: downscale (keeping the aspect ratio) to at most this width.
     """
-    import imageio.v3 as iio
+    iio = require("imageio.v3", "video", "writing GIF")
 
     frames = _check_video(frames)
     if fps <= 0 or every < 1:

@@ -38,6 +38,7 @@ from tttjax.command_line import ArgumentParser
 from tttjax.layers import registry
 from tttjax.layers.attention_mixers import LocalAttention
 from tttjax.ops.rope import rope_1d
+from tttjax.optional_dependency import require
 
 ALL_MIXERS = ("local",) + registry.mixer_names()
 
@@ -109,7 +110,7 @@ def run(mixers, lengths, *, width, heads, batch=1, repeats=3, direction="forward
 def plot(rows, path, title):
     """Figure 6 analog: time relative to local attention vs L, forward and forward+backward,
     plus compiled forward+backward memory."""
-    import matplotlib
+    matplotlib = require("matplotlib", "plots", "the mixer benchmark plot")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

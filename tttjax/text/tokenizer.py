@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tttjax.optional_dependency import require
+
 SCENE_TOKENS = ("<end_scene>", "<start_scene>")
 
 
@@ -38,7 +40,7 @@ class T5SentencePieceTokenizer:
 
     def __init__(self, spiece_model: str, *, special_tokens: dict[str, int] | None = None,
                  extra_ids: int = 100, extra_tokens: Sequence[str] = ()):
-        import sentencepiece
+        sentencepiece = require("sentencepiece", "text", "the T5 tokenizer")
 
         if not os.path.isfile(spiece_model):
             raise ValueError(f"no sentencepiece model at {spiece_model!r}; give the tokenizer "
