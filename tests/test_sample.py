@@ -169,3 +169,39 @@ def test_module_entry_point_fails_cleanly(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "empty" in proc.stderr and not (tmp_path / "o.mp4").exists()
+
+
+def test_pipeline_from_prompts_matches_generate_and_batches_over_seeds(workdir, generator):
+    from tttjax.pipeline import TTTVideoPipeline, prompts_storyboard
+
+    prompts = [s["text"] for s in STORY[:2]]
+    pipe = TTTVideoPipeline(generator)
+    out = pipe(prompts=prompts, negative_prompt="blurry", seed=3, num_inference_steps=2)
+    assert out.frames.dtype == np.uint8 and out.frames.shape == (17, 64, 64, 3)
+    story = prompts_storyboard(prompts, "blurry")
+    assert story.negative_prompts == ["blurry", "blurry"]
+    ref = generate(generator, story, seed=3, steps=2)   # the same machinery, bitwise
+    np.testing.assert_array_equal(out.latents, ref.latents)
+    np.testing.assert_array_equal(out.frames, ref.frames)
+    batch = pipe(prompts=prompts, negative_prompt="blurry", seed=[3, 4], num_inference_steps=2)
+    assert batch.frames.shape == (2, 17, 64, 64, 3) and batch.seeds == [3, 4]
+    np.testing.assert_array_equal(batch.latents[0], ref.latents)
+    assert np.abs(batch.latents[1] - ref.latents).max() > 1e-3
+    loaded = TTTVideoPipeline.from_pretrained(workdir)
+    np.testing.assert_array_equal(
+        loaded(prompts=prompts[:1], seed=0, num_inference_steps=1).latents,
+        pipe(prompts=prompts[:1], seed=0, num_inference_steps=1).latents)
+    with pytest.raises(ValueError, match="segment 1: field 'text' is empty"):
+        pipe(prompts=["a cat", " "], seed=0, num_inference_steps=1)
+
+
+def test_cli_prompts_instead_of_a_storyboard(tmp_path, workdir, capsys):
+    out = tmp_path / "p.mp4"
+    rc = sample_cli.main(["--workdir", workdir, "--prompt", STORY[0]["text"], "--prompt",
+                          STORY[1]["text"], "--out", str(out), "--steps", "1"])
+    assert rc == 0 and out.stat().st_size > 0
+    assert "wrote 17 frames" in capsys.readouterr().out
+    for argv in (["--prompt", "a"] + ["--storyboard", _story(tmp_path, STORY)], []):
+        rc = sample_cli.main(["--workdir", workdir, "--out", str(tmp_path / "q.mp4")] + argv)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "either --storyboard" in err and "\n" not in err

@@ -4,6 +4,8 @@
         [--seed S] [--steps N] [--sampler dpm++2m_sde|ddim] [--guidance 4.0] \\
         [--gif OUT.gif] [--contact-sheet OUT.png] [--vae DIR]
         [--text-encoder DIR | --hashed-text-seed S]
+    python -m tttjax.sample --workdir DIR --prompt "segment 1" --prompt "segment 2" \\
+        [--negative-prompt TEXT] --out OUT.mp4 [...]
 
 --workdir is a training workdir (its latest checkpoint; `python -m tttjax.train`) or a
 converted checkpoint (`python -m tttjax.convert`). Checkpoints trained on real latents and
@@ -121,7 +123,12 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True,
                         help="training workdir or converted checkpoint folder")
-    parser.add_argument("--storyboard", required=True, help="storyboard JSON (SPEC section 6)")
+    parser.add_argument("--storyboard", default=None, help="storyboard JSON (SPEC section 6)")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="instead of --storyboard: one per 3-second segment, in order "
+                             "(repeat the flag)")
+    parser.add_argument("--negative-prompt", default="",
+                        help="with --prompt: the negative prompt of every segment")
     parser.add_argument("--out", required=True, help="output MP4 file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
@@ -158,7 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         _check_output(args.contact_sheet, ".png", "--contact-sheet")
         if not os.path.isdir(args.workdir):
             raise UsageError(f"--workdir {args.workdir!r} is not a folder")
-        storyboard = load_storyboard(args.storyboard)
+        if (args.storyboard is None) == (args.prompt is None):
+            raise UsageError("give either --storyboard FILE.json or --prompt TEXT (once per "
+                             "segment), not both or neither")
+        if args.storyboard is not None:
+            storyboard = load_storyboard(args.storyboard)
+        else:
+            from tttjax.pipeline import prompts_storyboard
+
+            storyboard = prompts_storyboard(args.prompt, args.negative_prompt)
     except (UsageError, StoryboardError) as err:
         return _fail(err)
 
