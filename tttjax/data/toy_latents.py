@@ -22,6 +22,10 @@ keeps one colour per 4 x 8 x 8 block, so decoded toon videos are blocky (an 8 x 
 CPU, not to make pretty videos. SHIFT and SCALE are fixed constants measured once on the toon
 world (mean colour and overall standard deviation after the shift) so latents are roughly
 zero-mean with unit variance, as diffusion training expects.
+
+`make_toon_codec("learned", C)` gives the learned alternative of the same geometry
+(`tttjax.data.toon_codec`, a small convolutional autoencoder whose decoded frames show the
+characters); `config.data.toon_codec` picks one for training and sampling.
 """
 
 from __future__ import annotations
@@ -94,3 +98,23 @@ class ToyLatentCodec:
         """latents [T, C, h, w] -> uint8 frames [1 + 4(T-1), 8h, 8w, 3]."""
         x = np.clip(self.decode_float(latents), -1.0, 1.0)
         return np.round((x + 1.0) * 127.5).astype(np.uint8)
+
+
+TOON_CODECS = ("linear", "learned")
+
+
+def make_toon_codec(kind: str, channels: int, *, seed: int = 0):
+    """The toon world's latent codec named by `config.data.toon_codec`.
+
+    "linear": this module's fixed `ToyLatentCodec` (an 8 x 8 colour mosaic per frame);
+    "learned": the convolutional autoencoder of `tttjax.data.toon_codec` (the weights shipped
+    with tttjax), which draws the cat, the mouse and the cheese. Both map uint8 frames
+    [1 + 4k, H, W, 3] to float32 latents [1 + k, channels, H/8, W/8] and back.
+    """
+    if kind == "linear":
+        return ToyLatentCodec(channels, seed=seed)
+    if kind == "learned":
+        from tttjax.data.toon_codec import codec_for_channels
+
+        return codec_for_channels(channels)
+    raise ValueError(f"config.data.toon_codec {kind!r} not in {TOON_CODECS}")

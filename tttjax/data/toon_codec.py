@@ -1,0 +1,341 @@
+"""A learned latent codec for the toon world: a small convolutional autoencoder in Flax NNX.
+
+It has the CogVideoX latent geometry of the fixed linear codec (`tttjax.data.toy_latents`):
+4x in time, 8x in space, C channels (4 for `configs/tiny.py`), so the DiT configs are
+unchanged, but where the linear map keeps one colour per 4 x 8 x 8 block, the autoencoder
+learns to put the cat, the mouse and the cheese into the latents and draw them back:
+
+    encode:  frames uint8 [F = 1 + 4k, H, W, 3]  ->  latents float32 [1 + k, C, H/8, W/8]
+      latent frame 0 codes frame 0 alone (as a group of 4 copies of it), latent frame j >= 1
+      codes frames 4j-3 .. 4j (CogVideoX's causal grouping); the 4 frames of a group are
+      stacked as 12 input channels, then 3 stride-2 convolutions reach 1/8 of the size.
+      Latents are standardised per channel (mean and standard deviation measured on the
+      training frames, stored with the weights), so diffusion sees zero-mean, unit-variance
+      latents.
+    decode:  latents [T, C, h, w] -> uint8 frames [1 + 4(T - 1), 8h, 8w, 3]
+      (3 nearest-neighbour upsamplings + convolutions; frame 0 is the last frame of group 0).
+
+Trained here, on CPU, on frames drawn by `tttjax.data.toon_render` from `tttjax.data.toon_world`
+episodes (not from any dataset on disk): 64 x 64 frames, and 64 x 64 crops of 128 x 192 ones
+so the `small` geometry decodes too (the network is fully convolutional). The loss is the
+pixel L1 error, weighted up where a character or the cheese is drawn (the renderer's empty
+room is the reference), with Gaussian noise added to the latents so the decoder tolerates the
+imperfect latents a diffusion model samples.
+
+The weights shipped in `tttjax/data/toon_codec_weights/` (Orbax, float16, 201k parameters,
+380 kB on disk) were made by
+
+    python -m tttjax.data.toon_codec --out tttjax/data/toon_codec_weights
+
+(defaults: --steps 1000 --batch 12 --groups 3000 --seed 0; 12 minutes on the 2-core CPU
+sandbox shared with other jobs, load average 10-15; final weighted L1 0.15 in [-1, 1] units).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tttjax.command_line import ArgumentParser, fail
+
+TEMPORAL, SPATIAL = 4, 8
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toon_codec_weights")
+_PROG = "python -m tttjax.data.toon_codec"
+
+
+class ToonCodecNet(nnx.Module):
+    """The autoencoder: groups of 4 frames [B, H, W, 12] <-> raw latents [B, H/8, W/8, C].
+
+    Pixels enter and leave through a 2x space-to-depth / depth-to-space, so no convolution
+    runs at full resolution (a CPU trains it in minutes).
+    """
+
+    def __init__(self, channels: int = 4, width: int = 32, *, rngs: nnx.Rngs):
+        w = width
+        conv = functools.partial(nnx.Conv, kernel_size=(3, 3), padding="SAME", rngs=rngs)
+        self.enc = nnx.List([conv(12 * TEMPORAL, w), conv(w, 2 * w, strides=2),
+                             conv(2 * w, 2 * w, strides=2), conv(2 * w, 2 * w)])
+        self.to_latent = nnx.Conv(2 * w, channels, kernel_size=(1, 1), rngs=rngs)
+        self.from_latent = conv(channels, 2 * w)
+        self.dec = nnx.List([conv(2 * w, 2 * w), conv(2 * w, 3 * w // 2), conv(3 * w // 2, w)])
+        self.to_pixels = conv(w, 12 * TEMPORAL)
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b, h // 2, w // 2, 4 * c)                    # space-to-depth 2x
+        for layer in self.enc:
+            x = jax.nn.silu(layer(x))
+        return self.to_latent(x)
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        x = jax.nn.silu(self.from_latent(z))
+        x = jax.nn.silu(self.dec[0](x))
+        for layer in self.dec[1:]:  # 2 x (upsample 2x, convolve): 1/8 -> 1/2 size
+            b, h, w, c = x.shape
+            x = jax.image.resize(x, (b, 2 * h, 2 * w, c), "nearest")
+            x = jax.nn.silu(layer(x))
+        x = self.to_pixels(x)
+        b, h, w, c = x.shape
+        x = x.reshape(b, h, w, 2, 2, c // 4).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, 2 * h, 2 * w, c // 4)                  # depth-to-space 2x
+
+
+# ------------------------------------------------------------------------------ geometry
+
+
+def _groups(frames: np.ndarray) -> np.ndarray:
+    """float [F = 1 + 4k, H, W, 3] -> [1 + k, H, W, 12]: frame 0 alone (4 copies), then by 4."""
+    first = np.repeat(frames[:1], TEMPORAL, axis=0)[None]
+    rest = frames[1:].reshape(-1, TEMPORAL, *frames.shape[1:])
+    g = np.concatenate([first, rest], axis=0)                  # [T, 4, H, W, 3]
+    t, _, h, w, _ = g.shape
+    return g.transpose(0, 2, 3, 1, 4).reshape(t, h, w, 3 * TEMPORAL)
+
+
+def _ungroup(groups: np.ndarray) -> np.ndarray:
+    """[T, H, W, 12] -> [1 + 4(T - 1), H, W, 3]: group 0's last frame, then every frame."""
+    t, h, w, _ = groups.shape
+    g = groups.reshape(t, h, w, TEMPORAL, 3).transpose(0, 3, 1, 2, 4)
+    return np.concatenate([g[0, -1:], g[1:].reshape(-1, h, w, 3)], axis=0)
+
+
+@nnx.jit
+def _encode(net: ToonCodecNet, x: jax.Array) -> jax.Array:
+    return net.encode(x)
+
+
+@nnx.jit
+def _decode(net: ToonCodecNet, z: jax.Array) -> jax.Array:
+    return net.decode(z)
+
+
+class LearnedToonCodec:
+    """Toon frames <-> standardised latents with a trained `ToonCodecNet` (module doc).
+
+    Same interface as `tttjax.data.toy_latents.ToyLatentCodec`: `encode`, `decode`,
+    `decode_float`, `latent_frames`, `video_frames`, `channels`, `temporal`, `spatial`.
+    """
+
+    temporal, spatial = TEMPORAL, SPATIAL
+
+    def __init__(self, net: ToonCodecNet, shift: np.ndarray, scale: np.ndarray):
+        self.net = net
+        self.shift = np.asarray(shift, np.float32)             # [C] raw latent mean
+        self.scale = np.asarray(scale, np.float32)             # [C] raw latent std
+        self.channels = int(self.shift.shape[0])
+
+    def latent_frames(self, num_frames: int) -> int:
+        if num_frames < 1 or (num_frames - 1) % TEMPORAL:
+            raise ValueError(f"the toon codec needs 1 + {TEMPORAL} k frames, got {num_frames}")
+        return 1 + (num_frames - 1) // TEMPORAL
+
+    def video_frames(self, latent_frames: int) -> int:
+        return 1 + (latent_frames - 1) * TEMPORAL
+
+    def encode(self, frames: np.ndarray) -> np.ndarray:
+        """frames [F, H, W, 3] (uint8, or float in [-1, 1]) -> latents float32 [T, C, h, w]."""
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be [F, H, W, 3], got shape {frames.shape}")
+        f, h, w, _ = frames.shape
+        if h % SPATIAL or w % SPATIAL:
+            raise ValueError(f"frame size {h}x{w} must be a multiple of {SPATIAL}")
+        self.latent_frames(f)
+        x = frames.astype(np.float32)
+        if frames.dtype == np.uint8:
+            x = x / 127.5 - 1.0
+        z = np.asarray(_encode(self.net, jnp.asarray(_groups(x))))     # [T, h, w, C]
+        z = (z - self.shift) / self.scale
+        return np.ascontiguousarray(z.transpose(0, 3, 1, 2), np.float32)
+
+    def decode_float(self, latents: np.ndarray) -> np.ndarray:
+        """latents [T, C, h, w] -> frames float32 [1 + 4(T-1), 8h, 8w, 3] in about [-1, 1]."""
+        z = np.asarray(latents, np.float32)
+        if z.ndim != 4 or z.shape[1] != self.channels:
+            raise ValueError(f"latents must be [T, {self.channels}, h, w], got shape {z.shape}")
+        z = z.transpose(0, 2, 3, 1) * self.scale + self.shift
+        return _ungroup(np.asarray(_decode(self.net, jnp.asarray(z)), np.float32))
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """latents [T, C, h, w] -> uint8 frames [1 + 4(T-1), 8h, 8w, 3]."""
+        x = np.clip(self.decode_float(latents), -1.0, 1.0)
+        return np.round((x + 1.0) * 127.5).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------ save / load
+
+
+def save_codec(path: str, codec: LearnedToonCodec, meta: dict) -> str:
+    """Writes the weights (float16, Orbax) and `codec.json` (shapes, latent statistics, meta)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    state = jax.tree.map(lambda a: np.asarray(a, np.float16), nnx.state(codec.net, nnx.Param))
+    target = os.path.join(path, "params")
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(target, nnx.to_pure_dict(state), force=True)
+    width = int(codec.net.enc[0].out_features)
+    info = dict(channels=codec.channels, width=width, shift=codec.shift.tolist(),
+                scale=codec.scale.tolist(), **meta)
+    with open(os.path.join(path, "codec.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def load_codec(path: str = DEFAULT_WEIGHTS) -> LearnedToonCodec:
+    """The codec saved at `path` (default: the weights shipped with tttjax)."""
+    import orbax.checkpoint as ocp
+
+    info_path = os.path.join(path, "codec.json")
+    if not os.path.isfile(info_path):
+        raise ValueError(f"{path!r} holds no toon codec (no codec.json); train one with "
+                         f"`{_PROG} --out DIR`")
+    with open(info_path, encoding="utf-8") as f:
+        info = json.load(f)
+    net = ToonCodecNet(info["channels"], info["width"], rngs=nnx.Rngs(0))
+    graph, state = nnx.split(net, nnx.Param)
+    pure = nnx.to_pure_dict(state)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float16), pure)
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(os.path.join(os.path.abspath(path), "params"), abstract)
+    restored = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), restored)
+    nnx.replace_by_pure_dict(state, restored)
+    return LearnedToonCodec(nnx.merge(graph, state), np.array(info["shift"]),
+                            np.array(info["scale"]))
+
+
+def codec_for_channels(channels: int, path: str = DEFAULT_WEIGHTS) -> LearnedToonCodec:
+    """`load_codec(path)`, checked to have `channels` latent channels."""
+    codec = load_codec(path)
+    if codec.channels != channels:
+        raise ValueError(f"the toon codec at {path} has {codec.channels} latent channels, the "
+                         f"model {channels}; train one with `{_PROG} --channels {channels}`")
+    return codec
+
+
+# ------------------------------------------------------------------------------ training data
+
+
+def training_groups(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` 64 x 64 groups of 4 frames and their loss weights, rendered from the world.
+
+    Returns (frames float32 [count, 64, 64, 12] in [-1, 1], weights float32 [count, 64, 64, 12]):
+    3/4 of the groups are 64 x 64 renders, 1/4 are 64 x 64 crops of 128 x 192 renders; one in
+    8 is a still (4 copies of one frame, as latent frame 0 is). Weights are 1 on the empty
+    room and 8 where the characters or the cheese differ from it.
+    """
+    from tttjax.data import toon_render, toon_world
+
+    rng = np.random.default_rng(seed)
+    xs, ws = [], []
+    index = 0
+    while len(xs) < count:
+        small = rng.random() < 0.25
+        h, w = (128, 192) if small else (64, 64)
+        ep = toon_world.make_episode(seed, index, num_segments=3, frames_per_segment=8)
+        index += 1
+        states = ep.states()
+        for start in range(1, len(states), TEMPORAL):
+            if len(xs) >= count:
+                break
+            group = states[start:start + TEMPORAL]
+            if rng.random() < 0.125:
+                group = [group[int(rng.integers(TEMPORAL))]] * TEMPORAL
+            frames = np.stack([toon_render.render_state(s, h, w) for s in group])
+            backs = np.stack([np.asarray(toon_render._background(s.room, h, w)) for s in group])
+            if small:
+                y0 = 8 * int(rng.integers(0, (h - 64) // 8 + 1))
+                x0 = 8 * int(rng.integers(0, (w - 64) // 8 + 1))
+                frames = frames[:, y0:y0 + 64, x0:x0 + 64]
+                backs = backs[:, y0:y0 + 64, x0:x0 + 64]
+            weight = 1.0 + 7.0 * np.any(frames != backs, axis=-1, keepdims=True)
+            weight = np.broadcast_to(weight, frames.shape)
+            xs.append(frames.transpose(1, 2, 0, 3).reshape(64, 64, 12))
+            ws.append(weight.transpose(1, 2, 0, 3).reshape(64, 64, 12))
+    x = np.stack(xs).astype(np.float32) / 127.5 - 1.0
+    return x, np.stack(ws).astype(np.float32)
+
+
+def train_codec(*, channels: int = 4, width: int = 32, steps: int = 1000, batch: int = 12,
+                groups: int = 3000, lr: float = 2e-3, latent_noise: float = 0.1, seed: int = 0,
+                log=print) -> tuple[LearnedToonCodec, dict]:
+    """Trains a `ToonCodecNet` (AdamW, cosine schedule); returns the codec and its figures."""
+    import optax
+
+    t0 = time.time()
+    x_all, w_all = training_groups(groups, seed)
+    log(f"rendered {len(x_all)} training groups in {time.time() - t0:.0f} s")
+    net = ToonCodecNet(channels, width, rngs=nnx.Rngs(seed))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), steps,
+                                                  lr * 0.05)
+    opt = nnx.Optimizer(net, optax.adamw(schedule, weight_decay=1e-5), wrt=nnx.Param)
+
+    def loss_fn(net, x, w, key):
+        z = net.encode(x)
+        # Noise relative to the latents' own spread: the decoder must tolerate sampled latents.
+        spread = jnp.std(z, axis=(0, 1, 2), keepdims=True) + 1e-3
+        z = z + latent_noise * spread * jax.random.normal(key, z.shape)
+        err = jnp.abs(net.decode(z) - x)
+        return jnp.sum(w * err) / jnp.sum(w)
+
+    @nnx.jit
+    def step(net, opt, x, w, key):
+        loss, grads = nnx.value_and_grad(loss_fn)(net, x, w, key)
+        opt.update(net, grads)
+        return loss
+
+    rng = np.random.default_rng(seed + 1)
+    key = jax.random.key(seed)
+    losses = []
+    for i in range(steps):
+        idx = rng.integers(0, len(x_all), batch)
+        key, sub = jax.random.split(key)
+        losses.append(float(step(net, opt, jnp.asarray(x_all[idx]), jnp.asarray(w_all[idx]), sub)))
+        if (i + 1) % 100 == 0 or i + 1 == steps:
+            log(f"step {i + 1}/{steps}  weighted L1 {np.mean(losses[-100:]):.4f}  "
+                f"({time.time() - t0:.0f} s)")
+    z = np.concatenate([np.asarray(_encode(net, jnp.asarray(x_all[i:i + 256])))
+                        for i in range(0, len(x_all), 256)])
+    shift = z.mean(axis=(0, 1, 2))
+    scale = z.std(axis=(0, 1, 2)) + 1e-6
+    meta = dict(steps=steps, batch=batch, groups=groups, lr=lr, latent_noise=latent_noise,
+                seed=seed, final_weighted_l1=float(np.mean(losses[-100:])),
+                train_seconds=round(time.time() - t0, 1))
+    return LearnedToonCodec(net, shift, scale), meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog=_PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder for the weights (Orbax) + codec.json")
+    parser.add_argument("--channels", type=int, default=4, help="latent channels (default 4)")
+    parser.add_argument("--width", type=int, default=32, help="network width (default 32)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--groups", type=int, default=3000, help="rendered training groups")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if min(args.channels, args.width, args.steps, args.batch, args.groups) < 1:
+        parser.error("--channels, --width, --steps, --batch and --groups must be >= 1")
+    try:
+        codec, meta = train_codec(channels=args.channels, width=args.width, steps=args.steps,
+                                  batch=args.batch, groups=args.groups, seed=args.seed)
+        path = save_codec(args.out, codec, meta)
+    except OSError as err:
+        return fail(_PROG, err, code=1)
+    print(f"wrote {path}: {json.dumps(meta)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
