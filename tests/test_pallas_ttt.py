@@ -9,8 +9,10 @@ kernel's shard_map under a mesh: tests/test_pallas_tpu_compile.py.
 Tolerances: kernel vs XLA op on the same float32 inputs, every output and gradient within
 2e-5 x the array's largest magnitude (float32 round-off of differently ordered sums; a wrong
 term is off by O(1)). bf16 inputs: outputs and the bf16 input gradients are rounded to bf16 by
-both, so 1e-2 x max. The hand-written step VJP is checked against jax.vjp of the XLA step in
-float64 to 1e-12.
+both, so 1e-2 x max. Every case, bf16 included, is also checked against the float64 per-token
+reference: outputs, and all gradients through a central difference of the reference along a
+random direction (1e-4 of the summed magnitudes for float32 inputs, 3e-2 for bf16). The
+hand-written step VJP is checked against jax.vjp of the XLA step in float64 to 1e-12.
 """
 
 import csv
@@ -122,15 +124,47 @@ def test_kernel_outputs_and_all_gradients_equal_xla_op(case):
         else:
             close(g[name], g_ref[name], f"d/d{name}")
 
-    if dtype == "float32":  # and the float64 per-token reference, as the op's own tests
-        q, k, v, eta, params = raw
-        init = ({key: np.asarray(args["s_" + key]) for key in ttt_step.STATE_NAMES[kind]}
-                if with_state else None)
-        z64, s64 = ttt_reference(kind, q, k, v, eta, params, b, initial_state=init)
-        np.testing.assert_allclose(np.asarray(z), z64, rtol=0, atol=2e-5 * np.abs(z64).max())
+    _check_against_float64_reference(case, args, z, s, g, w_out, w_state, raw[4])
+
+
+def _check_against_float64_reference(case, args, z, s, g, w_out, w_state, param_names):
+    """The kernel against the independent per-token float64 reference, for every dtype:
+    outputs at the inputs the kernel saw (bf16-rounded in the bf16 cases), and all gradients
+    at once through a central difference of the reference's loss along a random direction in
+    the space of every input (q, k, v, eta, parameters, initial state)."""
+    kind, _, _, _, _, _, b, _, dtype, with_state = case
+    names = ttt_step.STATE_NAMES[kind]
+    x0 = {n: np.asarray(jnp.asarray(a, jnp.float32), np.float64) for n, a in args.items()}
+    w_out64 = np.asarray(w_out, np.float64)
+
+    def loss(x):
+        init = {key: x["s_" + key] for key in names} if with_state else None
+        z64, s64 = ttt_reference(kind, x["q"], x["k"], x["v"], x["eta"],
+                                 {n: x[n] for n in param_names}, b, initial_state=init)
+        total = np.sum(z64 * w_out64)
         if with_state:
-            for key in s64:
-                np.testing.assert_allclose(np.asarray(s[key]), s64[key], rtol=0, atol=2e-5)
+            total += sum(np.sum(s64[key] * np.asarray(w_state[key], np.float64)) for key in names)
+        return total, z64, s64
+
+    _, z64, s64 = loss(x0)
+    tol = 2e-5 if dtype == "float32" else 1e-2   # bf16: z itself is rounded to bf16
+    np.testing.assert_allclose(np.asarray(z, np.float64), z64, rtol=0,
+                               atol=tol * np.abs(z64).max(), err_msg="z vs float64 reference")
+    if with_state:
+        for key in s64:
+            np.testing.assert_allclose(np.asarray(s[key]), s64[key], rtol=0,
+                                       atol=2e-5 if dtype == "float32" else 2e-3, err_msg=key)
+
+    rng = np.random.default_rng(stable_seed("direction", *case))
+    u = {n: rng.standard_normal(x.shape) for n, x in x0.items()}
+    h = 1e-5
+    fd = (loss({n: x0[n] + h * u[n] for n in x0})[0]
+          - loss({n: x0[n] - h * u[n] for n in x0})[0]) / (2 * h)
+    terms = [np.sum(np.asarray(g[n], np.float64) * u[n]) for n in x0]
+    # bf16: input gradients are rounded to bf16 and the output cotangent too.
+    rtol = 1e-4 if dtype == "float32" else 3e-2
+    scale = sum(abs(t) for t in terms)
+    assert abs(sum(terms) - fd) <= rtol * scale, (sum(terms), fd, scale)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
