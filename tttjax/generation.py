@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from tttjax import storage
 from tttjax.diffusion.guidance import Guidance
 from tttjax.diffusion.samplers import sample
 from tttjax.diffusion.schedule import DEFAULT_SCHEDULE, NoiseSchedule
@@ -126,12 +127,11 @@ class Video:
 
 
 def _read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = storage.path(os.path.join(workdir, "config.json"))
+    if not path.is_file():
         raise ValueError(f"{workdir!r} has no config.json; give a training --workdir (written "
                          "by `python -m tttjax.train`) or a converted checkpoint folder")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def _vae_decoder(vae: str | None, what: str, latent_scale: float | None = None) -> VAEDecoder:
@@ -189,8 +189,8 @@ def load_generator(path: str, *, vae: str | None = None, text_encoder: str | Non
     from tttjax.models.convert import read_checkpoint_config
     from tttjax.train.model_state import checkpoint_kind, load_params, model_spec
 
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = storage.resolve(path)     # local: absolute; gs://...: as given
+    if not storage.path(path).is_dir():
         raise ValueError(f"checkpoint folder {path!r} not found")
     try:
         kind, _ = checkpoint_kind(path)

@@ -30,6 +30,7 @@ import signal
 import sys
 import tempfile
 
+from tttjax import storage
 from tttjax.command_line import ArgumentParser, UsageError, fail
 
 _PROG = "python -m tttjax.sample"
@@ -44,6 +45,15 @@ def _check_output(path: str | None, suffix: str, flag: str) -> str | None:
         return None
     if not path.lower().endswith(suffix):
         raise UsageError(f"{flag} {path!r} must end in {suffix}")
+    if storage.is_url(path):   # gs://...: written locally, then uploaded as one object
+        probe = storage.path(path + ".tttjax-write-probe")
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except Exception as err:  # noqa: BLE001 - any client error means "cannot write"
+            raise UsageError(f"{flag} {path!r}: cannot write there "
+                             f"({' '.join(str(err).split())[:200]})") from None
+        return path
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise UsageError(f"{flag} {path!r}: {parent!r} is not a folder")
@@ -85,7 +95,15 @@ def interruptible():
 
 
 def _atomic(write, path: str, *args, **kwargs):
-    """Writes through a temporary sibling file renamed into place."""
+    """Writes through a temporary sibling file renamed into place (for a gs:// `path`, a
+    local temporary file uploaded as one object: an upload appears whole or not at all)."""
+    if storage.is_url(path):
+        with tempfile.TemporaryDirectory(prefix="tttjax-sample-") as folder:
+            local = os.path.join(folder, os.path.basename(path))
+            out = write(*args, local, **kwargs)
+            with open(local, "rb") as f:
+                storage.path(path).write_bytes(f.read())
+        return out
     root, ext = os.path.splitext(path)
     tmp = f"{root}.partial{ext}"
     try:
@@ -102,7 +120,8 @@ def write_outputs(video, out: str, gif: str | None = None, sheet: str | None = N
     """Writes the MP4 (and optional GIF / contact sheet) of a `tttjax.generation.Video`."""
     from tttjax import video_io
 
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if not storage.is_url(out):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     _atomic(lambda frames, p: video_io.write_mp4(frames, p, fps=video.fps), out, video.frames)
     written = [out]
     if gif:
@@ -163,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_output(args.out, ".mp4", "--out")
         _check_output(args.gif, ".gif", "--gif")
         _check_output(args.contact_sheet, ".png", "--contact-sheet")
-        if not os.path.isdir(args.workdir):
+        if not storage.path(args.workdir).is_dir():
             raise UsageError(f"--workdir {args.workdir!r} is not a folder")
         if (args.storyboard is None) == (args.prompt is None):
             raise UsageError("give either --storyboard FILE.json or --prompt TEXT (once per "

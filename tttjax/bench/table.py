@@ -8,7 +8,10 @@ keeps fields the printed table leaves out.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterable, Sequence
+
+from tttjax import storage
 
 
 class MarkdownTable:
@@ -31,8 +34,9 @@ def write_csv(rows: Iterable[dict], path: str) -> None:
     """Writes `rows` to `path` (columns: every key, in first-seen order) and says so."""
     rows = list(rows)
     fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.path(path).write_text(text.getvalue())   # a local file or gs://...
     print(f"# wrote {path}")

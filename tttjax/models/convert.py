@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from tttjax import storage
 from tttjax.models import dit_config
 from tttjax.models.dit import CogVideoXDiT
 from tttjax.safetensors_folder import (ShapeMismatch, TensorReader, model_folder, read_parameter,
@@ -210,10 +211,10 @@ def save_checkpoint(model: CogVideoXDiT, path: str) -> str:
     """Writes `model_config.json` and an Orbax `state/` under `path`; returns `path`."""
     import orbax.checkpoint as ocp
 
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "model_config.json"), "w", encoding="utf-8") as f:
-        f.write(model.cfg.to_json(indent=2, sort_keys=True))
+    path = storage.resolve(path)       # a local folder or gs://...
+    storage.path(path).mkdir(parents=True, exist_ok=True)
+    storage.write_text_atomic(os.path.join(path, "model_config.json"),
+                              model.cfg.to_json(indent=2, sort_keys=True))
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(path, "state"), nnx.state(model), force=True)
     checkpointer.wait_until_finished()
@@ -222,12 +223,11 @@ def save_checkpoint(model: CogVideoXDiT, path: str) -> str:
 
 def read_checkpoint_config(path: str) -> ml_collections.ConfigDict:
     """The `config.model` stored next to a checkpoint written by `save_checkpoint`."""
-    file = os.path.join(path, "model_config.json")
-    if not os.path.isfile(file):
+    file = storage.path(os.path.join(storage.resolve(path), "model_config.json"))
+    if not file.is_file():
         raise ValueError(f"{path!r} has no model_config.json; give a folder written by "
                          "`python -m tttjax.convert` or `save_checkpoint`")
-    with open(file, encoding="utf-8") as f:
-        return dit_config.validate(ml_collections.ConfigDict(json.load(f)))
+    return dit_config.validate(ml_collections.ConfigDict(json.loads(file.read_text())))
 
 
 def load_checkpoint(path: str, config: ml_collections.ConfigDict | None = None, *,
@@ -245,7 +245,7 @@ def load_checkpoint(path: str, config: ml_collections.ConfigDict | None = None, 
     """
     import orbax.checkpoint as ocp
 
-    path = os.path.abspath(path)
+    path = storage.resolve(path)
     cfg = read_checkpoint_config(path) if config is None else config
     abstract = nnx.eval_shape(lambda: CogVideoXDiT(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)

@@ -36,13 +36,13 @@ import json
 import logging
 import os
 import re
-import shutil
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from tttjax import storage
 from tttjax.train import integrity
 
 _TMP_SUFFIX = ocp.path.step.TMP_DIR_SUFFIX   # Orbax's uncommitted step folder: "<step>" + this
@@ -101,7 +101,7 @@ class Checkpointer:
     """Save / restore of (params, opt_state, meta, data iterator) by step."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = storage.resolve(workdir)   # local: absolute; gs://...: as given
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.rejected_directory = os.path.join(self.workdir, "checkpoints_rejected")
         self.async_save = async_save
@@ -130,7 +130,9 @@ class Checkpointer:
         step folder is committed): writes the step's integrity manifest."""
         step = self._pending
         tmp = self.step_dir(step) + _TMP_SUFFIX
-        integrity.write_manifest(tmp if os.path.isdir(tmp) else self.step_dir(step))
+        # Orbax renames a temporary folder into place locally; on an object store (no
+        # rename) it writes the step in place and marks it committed afterwards.
+        integrity.write_manifest(tmp if storage.path(tmp).is_dir() else self.step_dir(step))
         self.keep_step.step = step
 
     def _write_failed(self, err: Exception) -> CheckpointWriteError:
@@ -208,7 +210,7 @@ class Checkpointer:
 
     def _restore_data(self, step, meta, data_iterator) -> bool:
         data_dir = os.path.join(self.step_dir(step), "data")
-        use_data = (data_iterator is not None and os.path.isdir(data_dir)
+        use_data = (data_iterator is not None and storage.path(data_dir).is_dir()
                     and meta.get("process_count") == jax.process_count())
         if use_data:
             self.manager.restore(step, args=ocp.args.Composite(
@@ -270,14 +272,14 @@ class Checkpointer:
 
             multihost_utils.sync_global_devices("tttjax_checkpoints_verified")
         if jax.process_index() == 0:
-            os.makedirs(self.rejected_directory, exist_ok=True)
+            storage.path(self.rejected_directory).mkdir(parents=True, exist_ok=True)
             for step in steps:
                 target = os.path.join(self.rejected_directory, str(step))
                 n = 1
-                while os.path.exists(target):
+                while storage.path(target).exists():
                     target = os.path.join(self.rejected_directory, f"{step}.{n}")
                     n += 1
-                shutil.move(self.step_dir(step), target)
+                storage.move_tree(self.step_dir(step), target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -321,13 +323,19 @@ def quiet_orbax_errors() -> None:
             target.addFilter(_DropOrbaxErrors())
 
 
+def _step_names(root: str) -> list[int]:
+    """The step numbers of the folders `root/<step>` (none when `root` does not exist)."""
+    folder = storage.path(root)
+    if not folder.is_dir():
+        return []
+    return [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
+
+
 def newest_intact_step(workdir: str, below: int | None = None) -> int | None:
     """The newest step of `workdir` (older than `below`) whose files match its manifest
     (without restoring it; for messages)."""
-    root = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True)
+    root = os.path.join(storage.resolve(workdir), "checkpoints")
+    steps = sorted(_step_names(root), reverse=True)
     for step in steps:
         if (below is None or step < below) and integrity.verify_step(os.path.join(root, str(step))) is None:
             return step
@@ -336,16 +344,15 @@ def newest_intact_step(workdir: str, below: int | None = None) -> int | None:
 
 def read_meta(workdir: str, step: int | None = None) -> dict:
     """The `meta` JSON of a saved step (latest by default), without touching arrays."""
-    root = os.path.join(os.path.abspath(workdir), "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit())
+    root = os.path.join(storage.resolve(workdir), "checkpoints")
+    steps = sorted(_step_names(root))
     if not steps:
         raise ValueError(f"no checkpoints under {root}")
     step = steps[-1] if step is None else step
     for name in ("metadata", "meta.json"):
-        path = os.path.join(root, str(step), "meta", name)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
+        path = storage.path(os.path.join(root, str(step), "meta", name))
+        if path.is_file():
+            return json.loads(path.read_text())
     raise ValueError(f"checkpoint {root}/{step} has no meta item")
 
 
@@ -367,9 +374,8 @@ def check_workdir_fits(workdir: str, config, abstract_params: Any) -> None:
     """
     from tttjax.train.model_state import _names
 
-    root = os.path.join(os.path.abspath(workdir), "checkpoints")
-    steps = (sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True)
-             if os.path.isdir(root) else [])
+    root = os.path.join(storage.resolve(workdir), "checkpoints")
+    steps = sorted(_step_names(root), reverse=True)
     for step in steps:
         try:
             stored = ocp.PyTreeCheckpointer().metadata(os.path.join(root, str(step), "params"))

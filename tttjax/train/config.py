@@ -46,11 +46,11 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import warnings
 
 import ml_collections
 
+from tttjax import storage
 from tttjax.models import dit_config
 
 SECTIONS = ("model", "stage", "train", "optim", "diffusion", "data", "mesh", "checkpoint")
@@ -201,7 +201,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
     init_from = config.checkpoint.init_from
     _int(config.checkpoint.keep, "checkpoint.keep")
-    _need(not init_from or os.path.isdir(init_from),
+    _need(not init_from or storage.path(init_from).is_dir(),
           f"config.checkpoint.init_from={init_from!r} does not exist; give a converted "
           "checkpoint folder or a previous stage's workdir, or '' to start from scratch")
     return config

@@ -14,6 +14,10 @@ words ("params/ocdbt.process_0/d/ab12...: 412 bytes, manifest says 8231"), or No
 step is intact. A step without a manifest (saved before manifests existed, or by a process
 killed between Orbax's commit and the synchronous-mode manifest write) can only be checked
 by restoring it, which callers do.
+
+Step folders may be local or on an object store (`gs://...`, through `etils.epath`): there
+the manifest is one object write, and Orbax writes the step in place (no temporary folder)
+and marks it committed after this callback.
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ import os
 from typing import Any
 
 import jax
+from etils import epath
 import jax.numpy as jnp
 import numpy as np
+
+from tttjax import storage
 
 MANIFEST = "integrity.json"
 _FORMAT = 1
@@ -33,17 +40,29 @@ _FORMAT = 1
 _UNTRACKED_TOP = frozenset({"_CHECKPOINT_METADATA", "commit_success.txt", MANIFEST})
 
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def _sha256(path: epath.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def _files(step_dir: str) -> list[str]:
+def _without_scheme(path) -> str:
+    # fsspec's walk yields "bucket/dir" for "gs://bucket/dir"
+    text = os.fspath(path)
+    return (text.split("://", 1)[1] if "://" in text else text).rstrip("/")
+
+
+def _files(step_dir: epath.Path) -> list[str]:
+    """'/'-joined paths relative to `step_dir` of every file under it, sorted."""
     out = []
-    for root, dirs, files in os.walk(step_dir):
+    top = _without_scheme(step_dir)
+    for root, dirs, files in step_dir.walk():
         dirs.sort()
+        sub = _without_scheme(root)[len(top):].strip("/")
         for name in sorted(files):
-            rel = os.path.relpath(os.path.join(root, name), step_dir)
+            rel = f"{sub}/{name}" if sub else name
             if rel not in _UNTRACKED_TOP:
                 out.append(rel)
     return out
@@ -52,46 +71,43 @@ def _files(step_dir: str) -> list[str]:
 def write_manifest(step_dir: str) -> dict:
     """Records size and SHA-256 of every file under `step_dir` in `step_dir/integrity.json`
     (written to a temporary name, flushed to disk and renamed)."""
+    root = storage.path(step_dir)
     files = {}
-    for rel in _files(step_dir):
-        path = os.path.join(step_dir, rel)
-        files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    for rel in _files(root):
+        path = root / rel
+        files[rel] = {"size": path.stat().length, "sha256": _sha256(path)}
     manifest = {"format": _FORMAT, "algorithm": "sha256", "files": files}
-    tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(step_dir, MANIFEST))
+    storage.write_text_atomic(os.path.join(storage.resolve(step_dir), MANIFEST),
+                              json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 
 
 def has_manifest(step_dir: str) -> bool:
-    return os.path.isfile(os.path.join(step_dir, MANIFEST))
+    return (storage.path(step_dir) / MANIFEST).is_file()
 
 
 def verify_step(step_dir: str) -> str | None:
     """None if every file of the manifest is present with its size and checksum, otherwise a
     few words naming the first problem. A step without a manifest also gives None: callers
     check `has_manifest` and verify such a step by restoring it (see the module doc)."""
-    if not os.path.isdir(step_dir):
+    root = storage.path(step_dir)
+    if not root.is_dir():
         return "missing"
-    path = os.path.join(step_dir, MANIFEST)
-    if not os.path.isfile(path):
+    path = root / MANIFEST
+    if not path.is_file():
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
+        manifest = json.loads(path.read_text())
         files = manifest["files"]
         if manifest.get("format") != _FORMAT or not isinstance(files, dict) or not files:
             raise ValueError("unknown format")
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"{MANIFEST} is unreadable ({type(err).__name__})"
     for rel, want in sorted(files.items()):
-        full = os.path.join(step_dir, rel)
-        if not os.path.isfile(full):
+        full = root / rel
+        if not full.is_file():
             return f"{rel}: missing"
-        size = os.path.getsize(full)
+        size = full.stat().length
         if size != want.get("size"):
             return f"{rel}: {size} bytes, manifest says {want.get('size')}"
         if _sha256(full) != want.get("sha256"):

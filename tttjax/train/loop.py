@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tttjax import compile_cache
 from tttjax.bench.flops import train_step_flops
 from tttjax.bench.mfu import device_peak_tflops
+from tttjax import storage
 from tttjax.data import loader as data_loader
 from tttjax.diffusion.schedule import NoiseSchedule
 from tttjax.sharding import logical_to_spec, make_mesh
@@ -258,7 +259,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
     mesh = make_mesh(sizes, devices=jax.devices()[:num_devices], **config_lib.mesh_layout(config))
     rules = config_lib.rules(config)
     is_primary = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.resolve(workdir)      # local: absolute; gs://...: as given
+    storage.path(workdir).mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- data
     source, transform = data_loader.open_training_source(config)
@@ -320,10 +322,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
         counters = {k: jax.device_put(v, replicated) for k, v in initial_counters().items()}
     start = int(counters["step"])
     if is_primary:   # the run is known to be valid: say what it is
-        path = os.path.join(workdir, "config.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(config.to_json(indent=2, sort_keys=True))
-        os.replace(path + ".tmp", path)
+        storage.write_text_atomic(os.path.join(workdir, "config.json"),
+                                  config.to_json(indent=2, sort_keys=True))
 
     if is_primary:   # what ran (tttjax.train.run_record); also in every checkpoint's meta
         epath.Path(workdir, "run.json").write_text(json.dumps(record, indent=2, sort_keys=True))

@@ -15,6 +15,10 @@ A resumed run restarts the streams at the restored step: records of later steps 
 by the run that crashed or was stopped after that checkpoint) are dropped from
 `metrics.jsonl` when the logger opens, and TensorBoard is told to purge its events from the
 next step on (`purge_step`), so every step has exactly one record.
+
+The workdir may be a `gs://` URL (`tttjax.storage`): `metrics.jsonl` is then uploaded whole
+every 30 s and when the logger closes (objects cannot be appended to), and tensorboardX
+uploads its event file through google-cloud-storage on each of its flushes and on close.
 """
 
 from __future__ import annotations
@@ -27,16 +31,18 @@ import time
 
 import numpy as np
 
+from tttjax import storage
+
 from tttjax.train import log_lines
 
 
 def _drop_records_after(path: str, step: int) -> None:
     """Rewrites `path` (through a temporary file) without the records of steps > `step`
     (and without a torn last line)."""
-    if not os.path.isfile(path):
+    file = storage.path(path)
+    if not file.is_file():
         return
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    lines = file.read_text().splitlines(keepends=True)
     kept = []
     for line in lines:
         try:
@@ -47,10 +53,7 @@ def _drop_records_after(path: str, step: int) -> None:
             kept.append(line if line.endswith("\n") else line + "\n")
     if kept == lines:
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    storage.write_text_atomic(path, "".join(kept))
 
 
 class MetricsLogger:
@@ -71,12 +74,16 @@ class MetricsLogger:
         self._writer = self._bar = self._jsonl = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
+        workdir = storage.resolve(workdir)
+        storage.path(workdir).mkdir(parents=True, exist_ok=True)
         path = os.path.join(workdir, "metrics.jsonl")
         _drop_records_after(path, start_step)
-        self._jsonl = open(path, "a", encoding="utf-8")
+        self._jsonl = storage.TextAppender(path)
         from tensorboardX import SummaryWriter
 
+        from tttjax.train.event_files import use_epath_for_object_stores
+
+        use_epath_for_object_stores()
         self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"),
                                      purge_step=start_step + 1 if start_step > 0 else None)
         if progress_bar:
@@ -118,8 +125,7 @@ class MetricsLogger:
             return record
         finite_or_null = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                           for k, v in record.items()}
-        self._jsonl.write(json.dumps(finite_or_null) + "\n")
-        self._jsonl.flush()
+        self._jsonl.write(json.dumps(finite_or_null) + "\n")   # flushed (locally) at once
         for key, value in record.items():
             if key != "step" and math.isfinite(value):
                 self._writer.add_scalar(f"train/{key}", value, step)

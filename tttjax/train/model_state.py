@@ -32,6 +32,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
+from tttjax import storage
 from tttjax.models.dit import CogVideoXDiT
 from tttjax.sharding import LogicalRules, state_shardings
 from tttjax.train.optimizer import is_new, path_names
@@ -111,23 +112,22 @@ def _initializer(spec: ModelSpec, seed: int, only: tuple[str, ...] | None,
 
 
 def _latest_params_dir(workdir: str) -> str | None:
-    root = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(root):
+    root = storage.path(os.path.join(workdir, "checkpoints"))
+    if not root.is_dir():
         return None
-    steps = [int(d) for d in os.listdir(root) if d.isdigit()
-             and os.path.isdir(os.path.join(root, d, "params"))]
-    return os.path.join(root, str(max(steps)), "params") if steps else None
+    steps = [int(d.name) for d in root.iterdir() if d.name.isdigit() and (d / "params").is_dir()]
+    return os.path.join(os.fspath(root), str(max(steps)), "params") if steps else None
 
 
 def checkpoint_kind(path: str) -> tuple[str, str]:
     """('converted' | 'stage', directory holding the Orbax parameter tree) for a warm start."""
-    path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, "model_config.json")):
+    path = storage.resolve(path)
+    if storage.path(os.path.join(path, "model_config.json")).is_file():
         return "converted", os.path.join(path, "state")
     params_dir = _latest_params_dir(path)
     if params_dir is not None:
         return "stage", params_dir
-    if os.path.basename(path.rstrip("/")) == "params" and os.path.isdir(path):
+    if os.path.basename(path.rstrip("/")) == "params" and storage.path(path).is_dir():
         return "stage", path
     raise ValueError(f"config.checkpoint.init_from={path!r} is neither a converted checkpoint "
                      "(model_config.json + state/) nor a training workdir with checkpoints/; "
@@ -141,7 +141,7 @@ class CorruptCheckpoint(ValueError):
 
 def _training_step(directory: str) -> tuple[str, int] | None:
     """(workdir, step) when `directory` is `<workdir>/checkpoints/<step>/params`."""
-    step_dir = os.path.dirname(os.path.abspath(directory))
+    step_dir = os.path.dirname(storage.resolve(directory))
     root = os.path.dirname(step_dir)
     name = os.path.basename(step_dir)
     if os.path.basename(root) == "checkpoints" and name.isdigit():
@@ -177,7 +177,7 @@ def load_params(spec: ModelSpec, path: str, seed: int, compiler_options: dict | 
     kind, directory = checkpoint_kind(path)
     located = _training_step(directory) if kind == "stage" else None
     if located is not None:
-        reason = integrity.verify_step(os.path.dirname(os.path.abspath(directory)))
+        reason = integrity.verify_step(os.path.dirname(storage.resolve(directory)))
         if reason is not None:
             raise _corrupt(*located, reason)
     def unreadable(err: Exception) -> ValueError:
