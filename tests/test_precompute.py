@@ -304,3 +304,26 @@ def test_videos_to_trained_model_to_sampled_video(folders, tmp_path, capsys):
     assert "--hashed-text-seed" in capsys.readouterr().err
     assert sample_main(sample + ["--hashed-text-seed", "0"]) == 0
     assert imageio_ffmpeg.count_frames_and_secs(str(out))[0] == 17   # 5 latent frames
+
+
+def test_dataset_built_into_a_bucket_loads_from_it(folders, tmp_path, capsys):
+    """--data-dir gs://...: built locally (TFDS's ArrayRecord writer opens local files only),
+    uploaded, and read back from the bucket by TFDS; --manual-dir gs:// is refused."""
+    import gcs_emulator
+
+    if gcs_emulator.available() is not None:
+        pytest.skip(gcs_emulator.available())
+    manual, hashed = tmp_path / "manual", ["--hashed-text-dim", "12"]
+    with gcs_emulator.GCSEmulator() as gcs:
+        gcs.create_bucket("bucket")
+        assert precompute.main(_argv(folders, manual, "gs://bucket/data", text=hashed)) == 0
+        assert len(_source("gs://bucket/data", text_dim=12)[1]) == 2
+        # a rebuild replaces the bucket's build (no stale files are left beside it)
+        assert precompute.main(_argv(folders, manual, "gs://bucket/data", "--build-only",
+                                     text=hashed)) == 0
+        builder, source = _source("gs://bucket/data", text_dim=12)
+        assert len(source) == 2 and str(builder.data_dir).startswith("gs://bucket/data/")
+        capsys.readouterr()
+        assert precompute.main(_argv(folders, "gs://bucket/manual", tmp_path / "d",
+                                     text=hashed)) == 2
+        assert "--manual-dir" in capsys.readouterr().err

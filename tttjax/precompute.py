@@ -70,6 +70,7 @@ import warnings
 
 import numpy as np
 
+from tttjax import storage
 from tttjax.command_line import ArgumentParser, UsageError, fail
 from tttjax.optional_dependency import require
 
@@ -345,6 +346,25 @@ def _mark_skipped(out_dir: str, vid: str, err) -> None:
         f.write(" ".join(str(err).split()) + "\n")
 
 
+def _build_dataset_in_bucket(manual_dir: str, data_dir: str, config) -> str:
+    """`build_dataset` for a gs:// data_dir: TFDS's ArrayRecord writer opens local files only,
+    so the dataset is built in a local temporary folder, the bucket's older build of it is
+    deleted and the new one uploaded, `dataset_info.json` (what readers check) last."""
+    import tempfile
+
+    from tttjax.data.latents import build_latents_dataset
+
+    with tempfile.TemporaryDirectory(prefix="tttjax-precompute-") as scratch:
+        with contextlib.redirect_stdout(io.StringIO()):
+            built = build_latents_dataset(manual_dir, scratch, config)
+        src = str(built.data_dir)
+        dst = f"{storage.resolve(data_dir)}/{os.path.relpath(src, scratch)}"
+        if storage.path(dst).exists():
+            storage.path(dst).rmtree()
+        storage.upload_tree(src, dst, last=("dataset_info.json",))
+    return dst
+
+
 def build_dataset(manual_dir: str, data_dir: str, config) -> str:
     """Builds `latents/<config.name>` into `data_dir`, replacing an older build; returns its folder.
 
@@ -357,6 +377,8 @@ def build_dataset(manual_dir: str, data_dir: str, config) -> str:
     from tttjax.data.latents import build_latents_dataset
 
     tfds.disable_progress_bar()
+    if storage.is_url(data_dir):
+        return _build_dataset_in_bucket(manual_dir, data_dir, config)
     scratch = os.path.join(data_dir, f".precompute_build_{config.name}")
     shutil.rmtree(scratch, ignore_errors=True)
     try:
@@ -454,7 +476,13 @@ def _check_args(args) -> None:
         raise UsageError("--vae is required (a diffusers AutoencoderKLCogVideoX folder)")
     if args.text_encoder is None and args.hashed_text_dim is None:
         raise UsageError("give --text-encoder T5_FOLDER or --hashed-text-dim D")
+    if storage.is_url(args.manual_dir):
+        raise UsageError(f"--manual-dir {args.manual_dir!r}: the per-video source files need a "
+                         "local or shared folder; only --data-dir (the built dataset) may be "
+                         "gs://...")
     for flag, path in (("--manual-dir", args.manual_dir), ("--data-dir", args.data_dir)):
+        if storage.is_url(path):
+            continue
         if os.path.exists(path) and not os.path.isdir(path):
             raise UsageError(f"{flag} {path!r} is not a folder")
 
