@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 
 import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tttjax import storage
 from tttjax.data import latents as latents_lib
 from tttjax.data import toon_storyboards
 from tttjax.data.sampler import BlockShardSampler
@@ -120,16 +123,35 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _download_and_prepare(make_builder, builder, download_config):
+    """`builder.download_and_prepare`, also for a `gs://` data_dir: TFDS's ArrayRecord writer
+    opens local files only (its reader does read gs://), so such a dataset is built in a
+    local temporary data_dir and its version folder uploaded, `dataset_info.json` (what
+    `is_prepared` looks for) last. Returns the builder to read the dataset with."""
+    target = os.fspath(builder.data_dir)
+    if not storage.is_url(target):
+        builder.download_and_prepare(download_config=download_config)
+        return builder
+    with tempfile.TemporaryDirectory(prefix="tttjax-tfds-") as local_root:
+        local = make_builder(local_root)
+        local.download_and_prepare(download_config=download_config)
+        storage.upload_tree(os.fspath(local.data_dir), target, last=("dataset_info.json",))
+    return make_builder()
+
+
 def prepared_builder(make_builder, download_config=None):
-    """Builds the dataset if needed (process 0 first, then any host that still lacks it)."""
+    """Builds the dataset if needed (process 0 first, then any host that still lacks it).
+
+    `make_builder(data_dir=None)` makes the builder, in the configured data_dir by default.
+    """
     builder = make_builder()
     if jax.process_count() > 1:
         if jax.process_index() == 0 and not builder.is_prepared():
-            builder.download_and_prepare(download_config=download_config)
+            _download_and_prepare(make_builder, builder, download_config)
         _barrier("tttjax.data.prepare")
         builder = make_builder()
     if not builder.is_prepared():
-        builder.download_and_prepare(download_config=download_config)
+        builder = _download_and_prepare(make_builder, builder, download_config)
     return builder
 
 
@@ -141,8 +163,8 @@ def open_training_source(config) -> tuple[SegmentWindows, grain.transforms.Map]:
     n = stage.num_segments
     if data.dataset == "toon_storyboards":
         cfg = toon_config(data.builder_config, dict(data.builder_overrides))
-        builder = prepared_builder(lambda: toon_storyboards.ToonStoryboards(
-            config=cfg, data_dir=data_dir, file_format="array_record"))
+        builder = prepared_builder(lambda d=None: toon_storyboards.ToonStoryboards(
+            config=cfg, data_dir=d or data_dir, file_format="array_record"))
         crop = crop_toon(cfg.frames_per_segment)
         transform = ToonToModelInputs(
             ToyLatentCodec(model.in_channels, seed=data.toy_latent_seed),
@@ -152,8 +174,8 @@ def open_training_source(config) -> tuple[SegmentWindows, grain.transforms.Map]:
         download_config = (tfds.download.DownloadConfig(manual_dir=data.manual_dir)
                            if data.manual_dir else None)
         cfg = latents_config(data.builder_config, dict(data.builder_overrides))
-        builder = prepared_builder(lambda: latents_lib.Latents(
-            config=cfg, data_dir=data_dir, file_format="array_record"), download_config)
+        builder = prepared_builder(lambda d=None: latents_lib.Latents(
+            config=cfg, data_dir=d or data_dir, file_format="array_record"), download_config)
         meta = builder.info.metadata
         crop = crop_latents(meta["frames_per_segment"], meta["prefix_frames"])
         transform = LatentsToModelInputs(model_latent_scale(data, meta["scaling_factor"]))
