@@ -126,9 +126,38 @@ def test_position_from_examples_consumed_matches_grain_state(toon):
     for _ in range(3):
         next(it)
     positioned = make()
-    _position_iterator(positioned, 3 * 2, shard_index=1, shard_count=2, worker_count=0)
+    _position_iterator(positioned, 3 * 2, shard_index=1, shard_count=2, worker_count=0,
+                       local_batch=2)
     assert json.loads(positioned.get_state()) == json.loads(it.get_state())
     np.testing.assert_array_equal(next(positioned)["text"], next(it)["text"])
+
+
+def test_multi_worker_loading_resumes_exactly(toon):
+    """worker_count > 0 (the 5B config's 4 workers): Grain's own iterator state, and the
+    position the trainer computes from the examples consumed, both continue the stream
+    exactly where an uninterrupted iterator goes on."""
+    from tttjax.train.loop import _position_iterator
+
+    source, transform = toon
+    make = lambda: iter(loader.make_loader(source, transform, global_batch=4, shard_index=1,  # noqa: E731
+                                           shard_count=2, seed=7, worker_count=2))
+    it = make()
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    # Copies: worker batches live in shared memory that Grain recycles.
+    copy = lambda batch: {key: np.array(batch[key]) for key in ("latents", "text")}  # noqa: E731
+    expected = [copy(next(it)) for _ in range(2)]
+    resumed = make()
+    resumed.set_state(state)
+    positioned = make()
+    _position_iterator(positioned, 3 * 2, shard_index=1, shard_count=2, worker_count=2,
+                       local_batch=2)
+    for want in expected:
+        for how, got in (("grain state", copy(next(resumed))),
+                         ("position", copy(next(positioned)))):
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=f"{how}: {key}")
 
 
 def test_host_rows_from_a_batch_sharding():

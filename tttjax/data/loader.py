@@ -206,6 +206,14 @@ def make_loader(source, transform: grain.transforms.Map, *, global_batch: int, s
     inner = grain.samplers.IndexSampler(num_records=len(source), shuffle=shuffle,
                                         seed=seed if shuffle else None, num_epochs=None)
     sampler = BlockShardSampler(inner, global_batch=global_batch, shard_count=shard_count)
+    if worker_count > 0:
+        # Grain's worker processes read absl flags; called from Python (a notebook, a test,
+        # `tttjax.train.train`) rather than a CLI, nothing has parsed them, and Grain fails
+        # with UnparsedFlagAccessError. Parsing defaults only is what an absl app would do.
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
     return grain.DataLoader(
         data_source=source, sampler=sampler,
         operations=[transform, grain.transforms.Batch(sampler.local_batch, drop_remainder=True)],

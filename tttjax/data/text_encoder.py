@@ -65,6 +65,14 @@ class HashedTextEncoder:
         self.dim, self.seed = int(dim), int(seed)
         self._word = functools.lru_cache(maxsize=65536)(self._word_vector)
 
+    # Grain's worker processes receive the transform pickled; the per-instance cache is not
+    # picklable, so it is dropped and rebuilt on the other side.
+    def __getstate__(self) -> dict:
+        return {"dim": self.dim, "seed": self.seed}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["dim"], seed=state["seed"])
+
     def _word_vector(self, word: str) -> np.ndarray:
         digest = hashlib.blake2b(f"{self.seed}:{word}".encode(), digest_size=16).digest()
         rng = np.random.default_rng(np.frombuffer(digest, dtype=np.uint32))

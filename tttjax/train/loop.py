@@ -119,8 +119,9 @@ def _tokens_per_step(config, batch: int) -> int:
 
 
 def _position_iterator(iterator, local_consumed: int, shard_index: int, shard_count: int,
-                       worker_count: int) -> None:
-    """Puts a fresh Grain iterator after `local_consumed` examples of this host's shard."""
+                       worker_count: int, local_batch: int) -> None:
+    """Puts a fresh Grain iterator after `local_consumed` examples of this host's shard
+    (`local_batch` examples per batch)."""
     state = json.loads(iterator.get_state())
     c, w = local_consumed, max(worker_count, 1)
     if c == 0:
@@ -129,12 +130,15 @@ def _position_iterator(iterator, local_consumed: int, shard_index: int, shard_co
     if worker_count == 0:
         state["last_seen_indices"] = {"0": (c - 1) * shard_count + shard_index}
     else:
+        # Worker i reads every w-th record of this host's shard and batches its own records;
+        # the loader takes whole batches from the workers in turn.
+        batches = c // local_batch
         seen = {}
         for i in range(w):
-            produced = max(0, (c - i + w - 1) // w)
+            produced = max(0, (batches - i + w - 1) // w) * local_batch
             seen[str(i)] = shard_index - g + i * shard_count + produced * g
         state["last_seen_indices"] = seen
-        state["last_worker_index"] = (c - 1) % w
+        state["last_worker_index"] = (batches - 1) % w
     iterator.set_state(json.dumps(state, indent=4).encode())
 
 
@@ -307,7 +311,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
                             f"{ckpt.rejected_directory})")
         if not restored.data_restored:
             _position_iterator(iterator, meta["examples_consumed"] // shard_count, shard_index,
-                               shard_count, config.data.worker_count)
+                               shard_count, config.data.worker_count,
+                               global_batch // shard_count)
         if not restored.rejected:
             messages.append(f"resumed from {ckpt.directory}/{latest} (step {latest})")
     else:
