@@ -67,7 +67,7 @@ def get_config(arg: str = "none") -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(
         dataset="toon_storyboards", builder_config="tiny", builder_overrides={}, data_dir="",
         manual_dir="", split="train", shuffle=True, worker_count=0, text_encoder_seed=0,
-        toy_latent_seed=0))
+        toy_latent_seed=0, toon_codec="linear"))
     config.mesh = ml_collections.ConfigDict(dict(axes=dict(data=-1, fsdp=1, tensor=1), rules=(),
                                                   num_devices=0, dcn_axes=dict(data=-1),
                                                   num_slices=0))

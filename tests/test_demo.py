@@ -20,8 +20,8 @@ FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes"
 def test_demo_trains_samples_and_writes_video_gif_and_sheet(tmp_path, monkeypatch, capsys):
     full = demo.demo_config
 
-    def small(steps, text_length):
-        cfg = full(steps, text_length)
+    def small(steps, text_length, codec="learned"):
+        cfg = full(steps, text_length, codec)
         cfg.data.builder_overrides = dict(num_train=32, num_validation=0)
         cfg.train.compiler_options = dict(FAST)
         cfg.train.progress_bar = False

@@ -10,13 +10,15 @@ On a CPU this takes a few minutes, all of it on this machine (no downloads):
      Orbax checkpoints; rerunning resumes, and skips training once it is done);
   3. sample the 3-segment storyboard below (written to `OUT/storyboard.json`) with
      DPM-Solver++(2M) SDE and rising classifier-free guidance (`tttjax.generation`);
-  4. decode with the toon world's fixed toy codec and write `OUT/demo.mp4`, `OUT/demo.gif`
+  4. decode with the toon world's learned codec and write `OUT/demo.mp4`, `OUT/demo.gif`
      and `OUT/contact_sheet.png` (one frame per segment with its caption).
 
-The toy codec keeps one colour per 4 frames x 8 x 8 pixels, so the video is an 8 x 8
-mosaic at 2.7 frames per second: it shows the room, the characters' colours and where
-they are, not detail. The same commands scale to real data (`python -m tttjax.precompute`,
-`configs/cogvideox_5b.py`). Sample the trained run again with
+The model works in the latents of the learned toon codec (`tttjax.data.toon_codec`, a small
+convolutional autoencoder with CogVideoX's 4x time / 8x space geometry, 4 channels; its
+weights ship with tttjax), so the video shows the room, the cat, the mouse and the cheese
+at 64 x 64 and 2.7 frames per second (`--codec linear` trains on the fixed linear map of
+`tttjax.data.toy_latents` instead: an 8 x 8 colour mosaic). The same commands scale to real
+data (`python -m tttjax.precompute`, `configs/cogvideox_5b.py`). Sample the trained run again with
 
     python -m tttjax.sample --workdir OUT/run --storyboard OUT/storyboard.json --out x.mp4
 """
@@ -45,8 +47,9 @@ STORYBOARD = [
 _PROG = "python -m tttjax.demo"
 
 
-def demo_config(steps: int, text_length: int):
-    """`configs/tiny.py:ttt_mlp,3` trained for `steps` steps, prompts of `text_length` words."""
+def demo_config(steps: int, text_length: int, codec: str = "learned"):
+    """`configs/tiny.py:ttt_mlp,3` trained for `steps` steps, prompts of `text_length` words,
+    on the latents of the toon codec `codec` ("learned" or "linear")."""
     import importlib.util
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -62,6 +65,7 @@ def demo_config(steps: int, text_length: int):
     config.log_every = max(1, min(50, steps))
     config.checkpoint_every = max(1, steps // 2)
     config.stage.text_length = text_length
+    config.data.toon_codec = codec
     config.optim.new.warmup_steps = config.optim.pretrained.warmup_steps = min(50, steps)
     return config
 
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-length", type=int, default=24,
                         help="prompt words the model reads (default 24)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--codec", default="learned", choices=("learned", "linear"),
+                        help="toon latent codec (default learned)")
     parser.add_argument("--data-dir", default="",
                         help="TFDS data dir for toon_storyboards (default: ~/tensorflow_datasets)")
     args = parser.parse_args(argv)
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     out = os.path.abspath(args.out)
     workdir = os.path.join(out, "run")
     try:
-        config = demo_config(args.steps, args.text_length)
+        config = demo_config(args.steps, args.text_length, args.codec)
         config.data.data_dir = args.data_dir
         config = config_lib.validate(config)
     except (FileNotFoundError, ValueError) as err:

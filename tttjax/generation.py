@@ -55,12 +55,13 @@ class TextEncoder(Protocol):
 
 
 class ToyDecoder:
-    """The toon world's fixed linear codec (`tttjax.data.toy_latents`) as a decoder."""
+    """The toon world's codec (`tttjax.data.toy_latents.make_toon_codec`: "linear" or
+    "learned", as the run was trained) as a decoder."""
 
-    def __init__(self, channels: int, seed: int):
-        from tttjax.data.toy_latents import ToyLatentCodec
+    def __init__(self, channels: int, seed: int, kind: str = "linear"):
+        from tttjax.data.toy_latents import make_toon_codec
 
-        self.codec = ToyLatentCodec(channels, seed=seed)
+        self.codec = make_toon_codec(kind, channels, seed=seed)
         self.temporal = self.codec.temporal
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -218,7 +219,8 @@ def load_generator(path: str, *, vae: str | None = None, text_encoder: str | Non
             from tttjax.data.text_encoder import HashedTextEncoder
 
             text = HashedTextEncoder(model_config.text_embed_dim, seed=config.data.text_encoder_seed)
-            decoder = ToyDecoder(model_config.in_channels, config.data.toy_latent_seed)
+            decoder = ToyDecoder(model_config.in_channels, config.data.toy_latent_seed,
+                                 config.data.get("toon_codec", "linear"))
         else:
             text = _text_encoder(text_encoder, hashed_text_seed, model_config.text_embed_dim,
                                  what)

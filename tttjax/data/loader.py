@@ -36,7 +36,7 @@ from tttjax.data import latents as latents_lib
 from tttjax.data import toon_storyboards
 from tttjax.data.sampler import BlockShardSampler
 from tttjax.data.text_encoder import HashedTextEncoder, segment_prompt
-from tttjax.data.toy_latents import ToyLatentCodec
+from tttjax.data.toy_latents import ToyLatentCodec, make_toon_codec
 from tttjax.data.windows import SegmentWindows, crop_latents, crop_toon
 
 DATASETS = ("toon_storyboards", "latents")
@@ -167,7 +167,8 @@ def open_training_source(config) -> tuple[SegmentWindows, grain.transforms.Map]:
             config=cfg, data_dir=d or data_dir, file_format="array_record"))
         crop = crop_toon(cfg.frames_per_segment)
         transform = ToonToModelInputs(
-            ToyLatentCodec(model.in_channels, seed=data.toy_latent_seed),
+            make_toon_codec(data.get("toon_codec", "linear"), model.in_channels,
+                            seed=data.toy_latent_seed),
             HashedTextEncoder(model.text_embed_dim, seed=data.text_encoder_seed),
             stage.text_length)
     elif data.dataset == "latents":

@@ -16,7 +16,8 @@ A training config (`configs/tiny.py`, `configs/cogvideox_5b.py`) holds, besides 
     diffusion   the noise schedule (tttjax.diffusion.schedule.NoiseSchedule fields)
     data        dataset ("toon_storyboards" | "latents"), builder_config, builder_overrides,
                 data_dir, manual_dir, split, shuffle, worker_count, text_encoder_seed,
-                toy_latent_seed
+                toy_latent_seed, toon_codec ("linear" | "learned": the toon world's latent
+                codec, `tttjax.data.toy_latents.make_toon_codec`; absent = "linear")
     mesh        axes {name: size, one may be -1}, rules (logical axis -> mesh axes, overriding
                 those of tttjax.sharding.DEFAULT_RULES), num_devices (0 = all devices; N = the first
                 N devices of a single process, e.g. to compare meshes in one test process),
@@ -241,6 +242,10 @@ def _validate_data(config) -> None:
         cfg = toon_config(data.builder_config, dict(data.builder_overrides))
         _need(model.in_channels >= 3,
               f"toy latents need config.model.in_channels >= 3, got {model.in_channels}")
+        from tttjax.data.toy_latents import TOON_CODECS
+
+        _need(data.get("toon_codec", "linear") in TOON_CODECS,
+              f"config.data.toon_codec {data.get('toon_codec')!r} not in {TOON_CODECS}")
         _need(model.prefix_frames == 1,
               "toy latents keep one prefix frame; config.model.prefix_frames must be 1")
         _need(cfg.frames_per_segment == 4 * model.frames_per_segment,
