@@ -25,6 +25,7 @@ machine runs. Full attention above `--full-max-length` is skipped (its cost grow
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 import jax
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tttjax import storage
 from tttjax.bench.table import MarkdownTable, write_csv
 from tttjax.bench.timing import median_time, peak_bytes
 from tttjax.command_line import ArgumentParser
@@ -133,8 +135,10 @@ def plot(rows, path, title):
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
+    storage.path(path).write_bytes(image.getvalue())   # a local file or gs://...
 
 
 def _ints(text, flag, parser):
