@@ -3,7 +3,15 @@
 Every `log_every` steps one record is written (process 0 only):
 
     {"step": 120, "loss": 0.41, "grad_norm": 1.3, "lr_pretrained": 1e-05, "lr_new": 0.0001,
-     "steps_per_sec": 3.2, "tokens_per_sec": 2900.0, "nonfinite_total": 0}
+     "steps_per_sec": 3.2, "tokens_per_sec": 2900.0, "nonfinite_total": 0,
+     "model_tflops_per_device": 210.5, "mfu": 0.459}
+
+`model_tflops_per_device` is the analytic model FLOPs of a step (`tttjax.bench.flops.
+train_step_flops`) times steps/s over the devices; `mfu` divides it by the device kind's
+peak (`tttjax.bench.mfu`) and is absent where no peak is listed (CPU). With
+`config.eval_every`, held-out records `{"step", "eval_loss", "eval_loss_t<T>", ...}`
+(`tttjax.train.evaluation`) share the file. Printed lines carry time and process index
+(`tttjax.train.log_lines`).
 
 `loss` and `grad_norm` are means over the steps since the previous record (with
 `log_every = 1`, exactly each step's values); steps whose loss was not finite are left out
@@ -14,7 +22,7 @@ throughput.
 A resumed run restarts the streams at the restored step: records of later steps (written
 by the run that crashed or was stopped after that checkpoint) are dropped from
 `metrics.jsonl` when the logger opens, and TensorBoard is told to purge its events from the
-next step on (`purge_step`), so every step has exactly one record.
+next step on (`purge_step`), so every step has exactly one training record.
 
 The workdir may be a `gs://` URL (`tttjax.storage`): `metrics.jsonl` is then uploaded whole
 every 30 s and when the logger closes (objects cannot be appended to), and tensorboardX
