@@ -119,7 +119,10 @@ def get_config(arg: str = "3s,ttt_mlp") -> ml_collections.ConfigDict:
     # memory plan does not fit without it (README, "memory plan of the 5B stages").
     config.mesh = ml_collections.ConfigDict(dict(axes=dict(data=-1, fsdp=8, tensor=4),
                                                   rules=(("length", "tensor"),), num_devices=0,
-                                                  dcn_axes=dict(data=-1), num_slices=0))
+                                                  dcn_axes=dict(data=-1), num_slices=0,
+                                                  # a weight replicated because an axis does
+                                                  # not divide it costs memory on every chip
+                                                  indivisible="error"))
     # init_from: the converted CogVideoX-5B checkpoint for 3s, the previous stage's workdir after.
     config.checkpoint = ml_collections.ConfigDict(dict(keep=3, async_save=True, init_from=""))
     # Observability (tttjax.train.config): held-out loss every eval_every steps (0: never),

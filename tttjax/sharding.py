@@ -20,6 +20,7 @@ Logical axes used in the code base:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -226,22 +227,64 @@ def _prune_spec(spec: PartitionSpec, mesh: Mesh, shape: Sequence[int], *,
     return PartitionSpec(*out)
 
 
-def state_shardings(state: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+INDIVISIBLE = ("ignore", "warn", "error")
+
+
+def indivisible_axes(spec: PartitionSpec, mesh_shape: Mapping[str, int],
+                     shape: Sequence[int]) -> list[tuple[int, str]]:
+    """(dimension, mesh axis) pairs of `spec` that `_prune_spec` drops because the axis
+    (of size > 1, present in the mesh) does not divide the dimension: those dimensions are
+    replicated over that axis instead of split."""
+    out, used = [], set()
+    for i, (dim, entry) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
+        axes = entry if isinstance(entry, tuple) else ((entry,) if entry else ())
+        size = 1
+        for a in axes:
+            if a not in mesh_shape or a in used:
+                continue
+            if dim % (size * mesh_shape[a]) == 0:
+                used.add(a)
+                size *= mesh_shape[a]
+            elif mesh_shape[a] > 1:
+                out.append((i, a))
+    return out
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, *,
+                    indivisible: str = "warn") -> Any:
     """`NamedSharding` for every leaf of an `nnx.State` from its `out_sharding` metadata.
 
-    Axes that do not divide a dimension are replicated instead of failing, so tiny test
-    models shard on any mesh.
+    A mesh axis that does not divide a parameter's dimension replicates that dimension
+    (so tiny models shard on any mesh); `indivisible` says what else happens: "ignore",
+    "warn" (one warning listing every such parameter) or "error" (ValueError; the 5B configs
+    use it, where a silently replicated weight costs memory on every chip).
     """
+    if indivisible not in INDIVISIBLE:
+        raise ValueError(f"indivisible={indivisible!r} not in {INDIVISIBLE}")
     with nnx.logical_axis_rules(tuple(rules)):
         specs = nnx.get_partition_spec(state)
+    found = []
 
-    def to_sharding(leaf, spec):
+    def to_sharding(path, leaf, spec):
         value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
         spec = spec.get_value() if isinstance(spec, nnx.Variable) else spec
+        for dim, axis in indivisible_axes(spec, mesh.shape, value.shape):
+            name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+            found.append(f"{name} dim {dim} ({value.shape[dim]}) over {axis} "
+                         f"({mesh.shape[axis]})")
         return NamedSharding(mesh, _prune_spec(spec, mesh, value.shape))
 
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    return jax.tree.map(to_sharding, state, specs, is_leaf=is_var)
+    out = jax.tree_util.tree_map_with_path(to_sharding, state, specs, is_leaf=is_var)
+    if found and indivisible != "ignore":
+        message = (f"{len(found)} parameter dimension(s) do not divide their mesh axis and are "
+                   f"replicated over it: {'; '.join(found[:8])}"
+                   f"{'; ...' if len(found) > 8 else ''}. Change config.mesh.axes or "
+                   "config.mesh.rules so that the axis divides them")
+        if indivisible == "error":
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=2)
+    return out
 
 
 def with_logical_constraint(x: jax.Array, names: Sequence[str | None],

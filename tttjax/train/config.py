@@ -229,11 +229,11 @@ def _validate_data(config) -> None:
     data, stage, model = config.data, config.stage, config.model
     _need(data.dataset in DATASETS, f"config.data.dataset {data.dataset!r} not in {DATASETS}")
     _int(data.worker_count, "data.worker_count", lo=0)
-    _int(stage.num_segments, "stage.num_segments")
     scale = data.get("latent_scale", 0.0)
     _need(isinstance(scale, (int, float)) and scale >= 0 and scale == scale,
           f"config.data.latent_scale must be a number >= 0 (0: the VAE's scaling factor, 1.0: the "
           f"seed code's), got {scale!r}")
+    _int(stage.num_segments, "stage.num_segments")
     want_frames = model.prefix_frames + stage.num_segments * model.frames_per_segment
     _need(stage.latent_frames == want_frames,
           f"config.stage.latent_frames {stage.latent_frames} must be prefix_frames + num_segments "
@@ -280,6 +280,11 @@ def _validate_mesh_static(config) -> None:
     bad = [a for a, s in axes.items() if s != -1 and (not isinstance(s, int) or s < 1)]
     _need(not bad, f"config.mesh.axes: sizes must be positive ints or -1, bad axes {bad}")
     _validate_rules(config.mesh.get("rules") or (), axes)
+    from tttjax.sharding import INDIVISIBLE
+
+    _need(config.mesh.get("indivisible", "warn") in INDIVISIBLE,
+          f"config.mesh.indivisible {config.mesh.get('indivisible')!r} not in {INDIVISIBLE} (what "
+          "happens when a mesh axis does not divide a parameter dimension)")
     _validate_dcn(config.mesh, axes)
     if not fill:
         _check_batch_divides(config, axes)

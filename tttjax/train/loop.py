@@ -188,7 +188,8 @@ def _plan(config, mesh, rules) -> _Plan:
         _PLANS.move_to_end(key)
         return _PLANS[key]
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        spec = model_spec(config.model, mesh, rules)
+        spec = model_spec(config.model, mesh, rules,
+                          indivisible=config.mesh.get("indivisible", "warn"))
     tx, schedules = make_optimizer(config.optim, spec.abstract, trainable=config.train.trainable,
                                    total_steps=config.steps)
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -58,13 +58,15 @@ class ModelSpec:
         return nnx.merge(self.graphdef, state)(latents, text, timesteps)
 
 
-def model_spec(model_config: ml_collections.ConfigDict, mesh: Mesh, rules: LogicalRules
-               ) -> ModelSpec:
+def model_spec(model_config: ml_collections.ConfigDict, mesh: Mesh, rules: LogicalRules, *,
+               indivisible: str = "warn") -> ModelSpec:
+    """The abstract DiT of `model_config` and its parameter shardings on `mesh`;
+    `indivisible` as `tttjax.sharding.state_shardings`."""
     abstract_model = nnx.eval_shape(lambda: CogVideoXDiT(model_config, rngs=nnx.Rngs(0)))
     graphdef, template, rest = nnx.split(abstract_model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ValueError("the DiT holds non-parameter state; the trainer only carries parameters")
-    shardings = nnx.to_pure_dict(state_shardings(template, mesh, rules))
+    shardings = nnx.to_pure_dict(state_shardings(template, mesh, rules, indivisible=indivisible))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             nnx.to_pure_dict(template), shardings)
     return ModelSpec(model_config, graphdef, template, abstract, shardings)
