@@ -137,12 +137,33 @@ class _TTTLayer(nnx.Module):
         heads = None if self.context_axis else "heads"
         return with_logical_constraint(y, ("batch", heads, "length", "kv"))
 
-    def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None
-                 ) -> jax.Array:
-        """x [B, L, D] -> [B, L, D]; rope: optional (cos, sin), each [L, d] or [B, L, d]."""
+    def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None,
+                 mask: jax.Array | None = None, initial_state: dict[str, jax.Array] | None = None,
+                 return_state: bool = False):
+        """x [B, L, D] -> y [B, L, D], or (y, final inner state) with `return_state`.
+
+        Args:
+          x: [B, L, D] tokens.
+          rope: optional (cos, sin), each [L, d] or [B, L, d].
+          mask: optional [B, L] or [L] (bool or 0/1): tokens where it is 0 (padding) take no
+            inner-loop step, so they change neither the state nor other tokens' outputs (each
+            mini-batch's step is still divided by the mini-batch size b, as for the padding
+            the layer adds itself). Their own outputs are computed but meaningless.
+          initial_state: optional inner state to start from, a dict W1, b1 (and W2, b2 for
+            TTT-MLP) of float32 [B, H, ...] (the `state` a previous call returned), to continue
+            a sequence processed in pieces; default the learned initial state.
+          return_state: also return the final inner state (same dict, float32 [B, H, ...]).
+        """
         batch, length, width = x.shape
+        name = type(self).__name__
         if width != self.width:
-            raise ValueError(f"{type(self).__name__}: input width {width} != layer width {self.width}")
+            raise ValueError(f"{name}: input width {width} != layer width {self.width}")
+        if mask is not None and jnp.shape(mask) not in ((length,), (batch, length)):
+            raise ValueError(f"{name}: mask must be [L] or [B, L] = {(batch, length)}, got "
+                             f"{tuple(jnp.shape(mask))}")
+        if self.context_axis is not None and (initial_state is not None or return_state):
+            raise ValueError(f"{name}: initial_state / return_state are not supported with "
+                             "context_axis (the context-parallel scan keeps its state local)")
         b = self.mini_batch_size
         pad_unit = b
         if self.context_axis is not None:
@@ -172,17 +193,24 @@ class _TTTLayer(nnx.Module):
         eta = self.base_lr * jax.nn.sigmoid(gate + self.b_lr[...].astype(jnp.float32)[:, None]) / self.head_dim
         if padded != length:
             eta = eta * (jnp.arange(padded) < length).astype(jnp.float32)
+        if mask is not None:
+            keep = jnp.broadcast_to(jnp.asarray(mask), (batch, length)).astype(jnp.float32)
+            eta = eta * jnp.pad(keep, ((0, 0), (0, padded - length)))[:, None, :]
 
         op = ttt_ops.ttt_mlp if self.kind == "mlp" else ttt_ops.ttt_linear
         if self.context_axis is not None:
             op = context_op
         offset = self.token_idx_offset[...] if self.causal else None
+        state_args = {} if self.context_axis is not None else dict(
+            initial_state=initial_state, return_state=return_state)
         z = op(q, k, v, eta, self.inner_params(), mini_batch_size=b,
                remat_group_size=self.remat_group_size, causal=self.causal, token_idx_offset=offset,
-               impl=self.impl)
+               impl=self.impl, **state_args)
+        z, state = z if return_state else (z, None)
         z = z.transpose(0, 2, 1, 3).reshape(batch, padded, width)[:, :length]
         z = with_logical_constraint(z, ("batch", "length", "embed"))
-        return self.wo(self.post_norm(z))
+        y = self.wo(self.post_norm(z))
+        return (y, state) if return_state else y
 
 
 class TTTMLP(_TTTLayer):
