@@ -50,17 +50,9 @@ _PROG = "python -m tttjax.demo"
 def demo_config(steps: int, text_length: int, codec: str = "learned"):
     """`configs/tiny.py:ttt_mlp,3` trained for `steps` steps, prompts of `text_length` words,
     on the latents of the toon codec `codec` ("learned" or "linear")."""
-    import importlib.util
+    from tttjax.command_line import load_config
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                        "tiny.py")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: run the demo from an editable install of a "
-                                "tttjax checkout (`pip install -e .`), which has configs/")
-    spec = importlib.util.spec_from_file_location("tttjax_configs_tiny", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("ttt_mlp,3")
+    config = load_config("tiny:ttt_mlp,3")
     config.steps = steps
     config.log_every = max(1, min(50, steps))
     config.checkpoint_every = max(1, steps // 2)
