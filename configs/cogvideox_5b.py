@@ -12,7 +12,7 @@ import ml_collections
 
 from tttjax.models import dit_config
 
-# Per-mixer settings of the paper (SPEC section 1); other mixers use their registry defaults.
+# Per-mixer settings of the paper (docs/design.md §1); other mixers use their registry defaults.
 # Stored as config.model.mixer_config.<mixer> for every mixer: the chosen mixer reads the
 # sub-dict of its own name, so `--config.model.mixer=...` picks its settings up too.
 # impl "auto": the fused Pallas kernel on TPU (Mosaic) and GPU (Triton) where the shape allows,
@@ -27,11 +27,11 @@ MIXER_CONFIGS = {
                        context_axis=""),
 }
 
-# Longer stages save less per block for the backward pass (SPEC section 5).
+# Longer stages save less per block for the backward pass (docs/design.md §5).
 STAGE_REMAT = {"3s": "save_block_outputs", "9s": "full", "18s": "full", "30s": "full",
                "63s": "full"}
 
-# SPEC section 5: trainable set, new-parameter rate and schedule, steps, warmup per stage
+# docs/design.md §5: trainable set, new-parameter rate and schedule, steps, warmup per stage
 # (the pretrained rate is 1e-5 constant throughout; 30 s uses the top of its 500-1000 range).
 STAGE_RECIPE = {
     "3s": dict(trainable="all", lr_new=1e-4, schedule_new="cosine", steps=5000, warmup=100,
@@ -79,7 +79,7 @@ def get_config(arg: str = "3s,ttt_mlp") -> ml_collections.ConfigDict:
         text_length=226,
     ))
 
-    # --- training: SPEC section 5 (fields documented in tttjax.train.config) ---
+    # --- training: docs/design.md §5 (fields documented in tttjax.train.config) ---
     recipe = STAGE_RECIPE[stage]
     config.seed = 0
     config.steps = recipe["steps"]

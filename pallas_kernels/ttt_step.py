@@ -6,7 +6,7 @@ single reference. Everything is 2-D float32 (`b` tokens x features) and written 
 operations both Pallas lowerings accept: 2-D matmuls (`lax.dot_general`, HIGHEST precision so
 Triton does not drop to TF32), elementwise math, and keep-dims reductions along one axis.
 
-Forward of one step (SPEC section 1, non-causal), with `w = eta / b` per token (column [b, 1]):
+Forward of one step (docs/design.md §1, non-causal), with `w = eta / b` per token (column [b, 1]):
 
     Z1 = K W1 + b1;  X2 = gelu(Z1);  Z2 = X2 W2 + b2             (TTT-Linear: Z2 = Z1)
     G  = LN(Z2) - Y;  dZ2 = LN'(Z2)^T G;  dZ1 = (dZ2 W2^T) * gelu'(Z1)
@@ -25,7 +25,7 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-LN_EPS = 1e-8  # SPEC section 1: inner LayerNorm epsilon
+LN_EPS = 1e-8  # docs/design.md §1: inner LayerNorm epsilon
 _HI = lax.Precision.HIGHEST
 _C = math.sqrt(2.0 / math.pi)
 _A = 0.044715

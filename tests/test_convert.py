@@ -228,7 +228,7 @@ def test_rope_positions_match_pipeline(grid, base):
 
 
 def test_bfloat16_checkpoint_and_fresh_mixer(tmp_path):
-    """bf16 safetensors import exactly; a configured mixer is freshly initialised per SPEC."""
+    """bf16 safetensors import exactly; a configured mixer is freshly initialised (docs/design.md §1-2)."""
     pytest.importorskip("tttjax.layers.registry")
     kwargs, _ = CASES["rope"]
     model = _torch_model(kwargs)

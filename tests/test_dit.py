@@ -1,6 +1,6 @@
-"""The video DiT: token layout, configs, remat, and the paper's integration (SPEC section 2).
+"""The video DiT: token layout, configs, remat, and the paper's integration (docs/design.md §2).
 
-The integration is checked against `reference_forward`, a plain re-statement of SPEC section 2
+The integration is checked against `reference_forward`, a plain re-statement of docs/design.md §2
 written with explicit per-window loops, explicit token index lists for the interleaved and
 reversed orders, `tttjax.ops.rope.rope_3d` tables and textbook softmax attention. It reuses
 only the model's embedding and output head (diffusers parity in test_convert.py) and the mixer
@@ -228,7 +228,7 @@ def _attend(q, k, v):
 
 
 def reference_forward(model, mixer_factory, x, e, t):
-    """SPEC sections 2-3 stated plainly for one example at a time (see module docstring)."""
+    """docs/design.md §2-3 stated plainly for one example at a time (see module docstring)."""
     cfg = model.cfg
     lay = model.layout(x.shape, e.shape)
     temb = model.time_embedding(t)

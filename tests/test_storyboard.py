@@ -44,7 +44,7 @@ def test_load_list_and_object_forms(tmp_path):
 
 
 def test_frame_counts_follow_cogvideox():
-    # SPEC section 3: 13 / 37 / 73 / 121 / 253 latent frames for 3 / 9 / 18 / 30 / 63 s.
+    # docs/design.md §3: 13 / 37 / 73 / 121 / 253 latent frames for 3 / 9 / 18 / 30 / 63 s.
     assert [num_latent_frames(n) for n in (1, 3, 6, 10, 21)] == [13, 37, 73, 121, 253]
     assert num_video_frames(1) == 49 and num_video_frames(21) == 48 * 21 + 1
     assert num_latent_frames(3, frames_per_segment=2) == 7  # the tiny config

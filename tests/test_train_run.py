@@ -209,7 +209,7 @@ def test_every_registered_mixer_trains_in_the_slot(mixer, data_dir, tmp_path):
     moved = {k for k in p1 if not np.array_equal(p1[k], p2[k])}
     assert any(k.startswith("blocks/mixer/mixer/") for k in moved), moved
     assert "blocks/mixer/alpha_fwd" in moved and "blocks/attn/to_q/kernel" in moved
-    # frozen in this stage (SPEC section 5, after 3 s): the MLP and the patch embedding
+    # frozen in this stage (docs/design.md §5, after 3 s): the MLP and the patch embedding
     assert "blocks/ff/proj_in/kernel" not in moved and "patch_proj/kernel" not in moved
 
 

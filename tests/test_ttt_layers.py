@@ -16,7 +16,7 @@ LAYERS = {"mlp": TTTMLP, "linear": TTTLinear}
 
 
 def np_layer_forward(layer, x, rope=None):
-    """float64 NumPy composition of SPEC section 1 from the layer's parameters."""
+    """float64 NumPy composition of docs/design.md §1 from the layer's parameters."""
     p = lambda v: np.asarray(v[...], np.float64)  # noqa: E731
     bsz, length, width = x.shape
     h, d, b = layer.num_heads, layer.head_dim, layer.mini_batch_size

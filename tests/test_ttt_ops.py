@@ -1,4 +1,4 @@
-"""TTT-MLP / TTT-Linear ops against the per-token float64 reference (SPEC section 1).
+"""TTT-MLP / TTT-Linear ops against the per-token float64 reference (docs/design.md §1).
 
 Tolerances: forward |jax(float32) - ref(float64)| <= 2e-5 relative to the output scale.
 Gradients: the op's float32 autodiff against central finite differences of the float64

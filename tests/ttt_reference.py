@@ -1,4 +1,4 @@
-"""Per-token float64 NumPy reference of the TTT inner loop, written from SPEC section 1.
+"""Per-token float64 NumPy reference of the TTT inner loop, written from docs/design.md §1.
 
 Deliberately different from the op: one token at a time, the LayerNorm gradient through its
 explicit Jacobian matrix, the state materialised for every causal prefix. Shared by the op,

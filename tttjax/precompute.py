@@ -1,4 +1,4 @@
-"""Pre-compute the `latents` dataset (SPEC section 6) from videos and their storyboards.
+"""Pre-compute the `latents` dataset (docs/design.md §6) from videos and their storyboards.
 
     python -m tttjax.precompute --videos DIR --vae VAE_DIR \\
         (--text-encoder T5_DIR | --hashed-text-dim D [--hashed-text-seed S]) \\

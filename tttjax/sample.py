@@ -11,7 +11,7 @@
 converted checkpoint (`python -m tttjax.convert`). Checkpoints trained on real latents and
 converted CogVideoX checkpoints also need --vae and --text-encoder (or --hashed-text-seed
 when their data was pre-computed with the hashed encoder; see `tttjax.generation`). The
-storyboard (SPEC section 6, `tttjax.storyboard`) sets the length:
+storyboard (docs/design.md §6, `tttjax.storyboard`) sets the length:
 n segments give (prefix + n * frames_per_segment - 1) * 4 + 1 frames (48n + 1 at 16 fps for
 CogVideoX). The storyboard and output paths are checked before anything is loaded; a bad
 one exits with code 2 and a one-line message and writes nothing (every output folder is
@@ -142,7 +142,7 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True,
                         help="training workdir or converted checkpoint folder")
-    parser.add_argument("--storyboard", default=None, help="storyboard JSON (SPEC section 6)")
+    parser.add_argument("--storyboard", default=None, help="storyboard JSON (docs/design.md §6)")
     parser.add_argument("--prompt", action="append", default=None,
                         help="instead of --storyboard: one per 3-second segment, in order "
                              "(repeat the flag)")

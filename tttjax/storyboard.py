@@ -1,4 +1,4 @@
-"""Storyboards: the sampling input of SPEC section 6, one entry per 3-second segment.
+"""Storyboards: the sampling input of docs/design.md §6, one entry per 3-second segment.
 
 A storyboard file is JSON, either a list of segments or {"segments": [...]}:
 

@@ -7,7 +7,7 @@
     python -m tttjax.bench kernels --topology v5p-8 [--lengths 17550,85050,341550] \\
         [--tensor 4] [--impls xla,pallas]                    # TPU compiler on any host
 
-For each kind (TTT-MLP, b = 64; TTT-Linear, b = 16 per SPEC section 1) and sequence length
+For each kind (TTT-MLP, b = 64; TTT-Linear, b = 16 per docs/design.md §1) and sequence length
 (default: the five training stages, 13..253 latent frames x 1350 tokens, rounded up to whole
 mini-batches) it times forward and forward+backward of `impl="xla"` and `impl="pallas"`
 (medians after a warm-up, bf16 q/k/v/eta, float32 params), checks the kernel's z and gradients

@@ -6,7 +6,7 @@
         [--full-impl chunked] [--full-max-length 16384] [--batch 1] [--repeats 3]
         [--dtype float32] [--csv mixers.csv] [--plot mixers.png]
 
-Each mixer is the registry's layer (`tttjax.layers.registry.make_mixer`, SPEC defaults:
+Each mixer is the registry's layer (`tttjax.layers.registry.make_mixer`, the paper's defaults:
 TTT-MLP b = 64, TTT-Linear b = 16, Mamba 2 d_state 128 / chunk 256, Gated DeltaNet chunk 64)
 with all its projections, called as in the DiT slot (`mixer(x [B, L, D], rope=...)`).
 `local` is attention inside non-overlapping windows of `--local-window` tokens, the analog

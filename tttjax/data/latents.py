@@ -1,4 +1,4 @@
-"""`latents`: pre-computed VAE latents and text embeddings of real videos (SPEC section 6).
+"""`latents`: pre-computed VAE latents and text embeddings of real videos (docs/design.md §6).
 
 Training on real video never touches pixels or T5 at train time: every video is encoded
 once (`python -m tttjax.precompute`, the generation tools) into the VAE's posterior mean and

@@ -1,6 +1,6 @@
 """Fixed-length training clips: every window of `n` consecutive segments of every record.
 
-A stage trains on clips of exactly `n` 3-second segments (SPEC section 5), but a dataset
+A stage trains on clips of exactly `n` 3-second segments (docs/design.md §5), but a dataset
 holds videos of any length. `SegmentWindows` is a Grain random-access source over all
 (record, first segment) pairs with `first + n <= record segments`, built from the per-record
 segment counts the dataset stores in its metadata (no record is read to build it).

@@ -1,6 +1,6 @@
 """Diffusion: the zero-terminal-SNR DDPM schedule (v-prediction), training pieces and samplers.
 
-  schedule   NoiseSchedule, add_noise, v_target, x0_from_v, eps_from_v  (SPEC section 4)
+  schedule   NoiseSchedule, add_noise, v_target, x0_from_v, eps_from_v  (docs/design.md §4)
   guidance   Guidance: classifier-free guidance scale schedules (constant, linear, cosine)
   samplers   sample(): DDIM / DPM-Solver++(2M) SDE in one jitted loop
 """

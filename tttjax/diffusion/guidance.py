@@ -1,4 +1,4 @@
-"""Classifier-free guidance with a scale that changes over the sampling steps (SPEC section 4).
+"""Classifier-free guidance with a scale that changes over the sampling steps (docs/design.md §4).
 
     v = v_uncond + w_i (v_cond - v_uncond),     i = 0 .. steps-1 (0 = the noisiest step)
 

@@ -1,4 +1,4 @@
-"""The training objective: v-prediction mean squared error (SPEC section 4).
+"""The training objective: v-prediction mean squared error (docs/design.md §4).
 
 For a batch of clean latents `x0` [B, T, C, H, W] and prompt embeddings [B, n, S, Dt]:
 

@@ -1,4 +1,4 @@
-"""Prompt dropout for classifier-free guidance (SPEC section 4).
+"""Prompt dropout for classifier-free guidance (docs/design.md §4).
 
 With probability `p` (0.1) an example's whole prompt embedding is zeroed (every segment's
 prompt, all tokens), so one network learns both the conditional and the unconditional

@@ -1,4 +1,4 @@
-"""The discrete DDPM noise schedule of CogVideoX (SPEC section 4) and v-prediction algebra.
+"""The discrete DDPM noise schedule of CogVideoX (docs/design.md §4) and v-prediction algebra.
 
     betas_i       = (linspace(sqrt(0.00085), sqrt(0.012), 1000)_i)^2        ("scaled_linear")
     alphabar_i    = prod_{j<=i} (1 - betas_j)
@@ -33,7 +33,7 @@ _BETA_SCHEDULES = ("scaled_linear", "linear")
 class NoiseSchedule:
     """Discrete DDPM schedule; hashable, so it can be a static argument of jitted functions.
 
-    Defaults are CogVideoX-5B's (SPEC section 4); `snr_shift_scale=3.0` gives CogVideoX-2B's.
+    Defaults are CogVideoX-5B's (docs/design.md §4); `snr_shift_scale=3.0` gives CogVideoX-2B's.
     """
 
     num_train_timesteps: int = 1000

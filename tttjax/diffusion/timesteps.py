@@ -1,4 +1,4 @@
-"""Training timesteps: uniform over [0, N), stratified over the global batch (SPEC section 4).
+"""Training timesteps: uniform over [0, N), stratified over the global batch (docs/design.md §4).
 
 A global batch of `B` rows takes exactly one timestep from each of `B` equal strata of
 `[0, N)`, the strata dealt to the rows in a random order:

@@ -1,4 +1,4 @@
-"""The paper's gated bidirectional use of a sequence mixer (SPEC section 2).
+"""The paper's gated bidirectional use of a sequence mixer (docs/design.md §2).
 
     Z  = X + tanh(alpha_fwd) * f(X)
     Z' = Z + tanh(alpha_bwd) * rev(f(rev(Z)))      # the same f, reversed sequence

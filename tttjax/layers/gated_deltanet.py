@@ -1,4 +1,4 @@
-"""Gated DeltaNet sequence mixer (SPEC section 7; fla's `GatedDeltaNet` layer).
+"""Gated DeltaNet sequence mixer (docs/design.md §7; fla's `GatedDeltaNet` layer).
 
     q, k, v = SiLU(causal_conv4(W_q x)), SiLU(causal_conv4(W_k x)), SiLU(causal_conv4(W_v x))
     q, k    = l2normalize(q), l2normalize(k)                   per head (fla: x / sqrt(|x|^2 + 1e-6))

@@ -1,4 +1,4 @@
-"""Mamba 2 sequence mixer (SPEC section 7; mamba_ssm's `Mamba2` block).
+"""Mamba 2 sequence mixer (docs/design.md §7; mamba_ssm's `Mamba2` block).
 
     z, xs, (B, C), dt_raw = in_proj(x)                   d_inner = expand * D
     xs, B, C = SiLU(causal_conv4([xs, B, C]))            depthwise, with bias

@@ -17,7 +17,7 @@ configs/ does). Options a mixer does not take are refused by name.
 Directions:
   forward        one pass in sequence order: recurrent mixers scan forward, TTT uses the
                  video form (non-causal inside a mini-batch), attention is non-causal. This
-                 is the mixer the DiT wraps in `GatedBidirectional` (SPEC section 2), which
+                 is the mixer the DiT wraps in `GatedBidirectional` (docs/design.md §2), which
                  adds the gated reversed pass itself.
   causal         every output depends only on earlier tokens: TTT's causal (ttt-lm) form,
                  causal masks for attention; recurrent mixers as in `forward`.
@@ -65,7 +65,7 @@ def mixer_names() -> tuple[str, ...]:
 
 
 def default_mixer_config(width: int, num_heads: int) -> ml_collections.ConfigDict:
-    """Config with SPEC defaults for every mixer (sections 1 and 7)."""
+    """Config with the paper's defaults for every mixer (docs/design.md §1 and §7)."""
     return ml_collections.ConfigDict(dict(
         width=width,
         num_heads=num_heads,

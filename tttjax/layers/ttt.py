@@ -1,4 +1,4 @@
-"""TTT-Linear and TTT-MLP as Flax NNX sequence mixers (SPEC section 1).
+"""TTT-Linear and TTT-MLP as Flax NNX sequence mixers (docs/design.md §1).
 
 Each layer owns every outer parameter of the published layer: the q/k/v/o projections,
 the per-head learning-rate gate, the TTT LayerNorm, the initial inner state and the

@@ -6,7 +6,7 @@
 read one at a time with `safe_open`; a stacked (per-layer) parameter is assembled in one
 host buffer and handed to JAX, so peak host memory is the model plus one stacked tensor,
 never two copies of the model. Parameters of a configured mixer (TTT, gates, ...) are not
-in diffusers checkpoints: they are freshly initialised as SPEC section 1/2 prescribes.
+in diffusers checkpoints: they are freshly initialised as docs/design.md §1-2 prescribes.
 
 Checkpoints (`save_checkpoint` / `load_checkpoint`): a folder with
   model_config.json   `config.model` as JSON (enough to rebuild the module)

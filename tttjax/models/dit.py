@@ -1,6 +1,6 @@
 """The CogVideoX video Diffusion Transformer in Flax NNX, with the paper's mixer slot.
 
-Base model (SPEC section 3, diffusers' `CogVideoXTransformer3DModel`, CogVideoX 1.0):
+Base model (docs/design.md §3, diffusers' `CogVideoXTransformer3DModel`, CogVideoX 1.0):
 
     video tokens = Conv2d(p, stride p) per latent frame      [B, T*h*w, D]  (t, h, w order)
     text tokens  = Linear(text_embed_dim, D)                  [B, n*S, D]
@@ -14,7 +14,7 @@ Base model (SPEC section 3, diffusers' `CogVideoXTransformer3DModel`, CogVideoX 
     out = Linear(LN(LN_final(video)) * (1 + scale) + shift), un-patchified to [B, T, C, H, W]
 
 With `mixer != "none"` every block adds the gated bidirectional mixer after attention
-(SPEC section 2, `tttjax.models.video_layout` for the token order):
+(docs/design.md §2, `tttjax.models.video_layout` for the token order):
 
     X' = Attention(X)                       local 3 s windows when attention == "segment"
     Z' = GatedBidirectional(mixer)(interleave(X'))     per-token text/video gates

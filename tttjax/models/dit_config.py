@@ -2,10 +2,10 @@
 
 The architecture fields carry diffusers' `CogVideoXTransformer3DModel` names where one exists
 (`num_layers`, `norm_eps`, `flip_sin_to_cos`, ...), so a diffusers `config.json` maps onto
-them one to one. The integration fields (SPEC section 2) and the execution fields (dtypes,
+them one to one. The integration fields (docs/design.md §2) and the execution fields (dtypes,
 remat, attention kernel) are tttjax's own.
 
-Stage geometry (SPEC section 3): 480 x 720 video, 16 fps, 4x temporal compression; a 3 s
+Stage geometry (docs/design.md §3): 480 x 720 video, 16 fps, 4x temporal compression; a 3 s
 segment is 12 latent frames and the video starts with one extra latent frame, so a stage of
 `n` segments has `12 n + 1` latent frames.
 """
@@ -65,7 +65,7 @@ def cogvideox_5b() -> ml_collections.ConfigDict:
         sample_width=90,
         spatial_interpolation_scale=1.875,  # sin-cos positions only
         temporal_interpolation_scale=1.0,
-        # --- the paper's integration (SPEC section 2) ---
+        # --- the paper's integration (docs/design.md §2) ---
         mixer="none",                       # "none" or a name from tttjax.layers.registry
         # make_mixer options: flat, and/or per mixer under its name ({ttt_mlp: {...}, ...});
         # only the sub-dict named like `mixer` is read, so settings follow the mixer.

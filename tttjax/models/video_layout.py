@@ -1,4 +1,4 @@
-"""Token layout of a multi-segment video for the paper's integration (SPEC section 2).
+"""Token layout of a multi-segment video for the paper's integration (docs/design.md §2).
 
 The DiT keeps text and video tokens apart, `text [B, n, S, D]` (one prompt of `S` tokens per
 3-second segment) and `video [B, T*h*w, D]` in (t, h, w) order. The sequence mixer instead

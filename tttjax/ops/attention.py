@@ -268,7 +268,7 @@ def segment_attention(text_q: jax.Array, text_k: jax.Array, text_v: jax.Array,
                       video_rope: tuple[jax.Array, jax.Array] | None = None,
                       implementation: str | None = None, chunk: int = 1024
                       ) -> tuple[jax.Array, jax.Array]:
-    """Joint text + video attention inside the DiT's 3-second windows (SPEC section 2).
+    """Joint text + video attention inside the DiT's 3-second windows (docs/design.md §2).
 
     Window i holds latent frames `stride*i .. stride*i + frames_per_window - 1` with
     `stride = frames_per_window - overlap_frames` (adjacent windows share `overlap_frames`

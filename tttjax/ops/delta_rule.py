@@ -1,4 +1,4 @@
-"""Gated delta rule (Gated DeltaNet, SPEC section 7), chunkwise-parallel with the UT transform.
+"""Gated delta rule (Gated DeltaNet, docs/design.md §7), chunkwise-parallel with the UT transform.
 
 Per head, with state `S` [d_k, d_v], log-decay `g_t <= 0`, write strength `beta_t` in [0, 1]:
 

@@ -1,4 +1,4 @@
-"""Mamba 2's state space dual (SSD, SPEC section 7), chunked.
+"""Mamba 2's state space dual (SSD, docs/design.md §7), chunked.
 
 Per head h (head dim P, state size N), with its group's B_t, C_t [N]:
 

@@ -1,4 +1,4 @@
-"""TTT-MLP and TTT-Linear inner loops as pure functions (SPEC section 1).
+"""TTT-MLP and TTT-Linear inner loops as pure functions (docs/design.md §1).
 
 The hidden state of a TTT layer is the weights `W` of a small network `g(x; W)`. For every
 mini-batch `B_i` of `b` consecutive tokens the state takes one gradient step of the
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 Kind = Literal["mlp", "linear"]
 
-_LN_EPS = 1e-8  # inner LayerNorm and target normalisation epsilon (SPEC section 1)
+_LN_EPS = 1e-8  # inner LayerNorm and target normalisation epsilon (docs/design.md §1)
 
 PARAM_SHAPES = {
     # name: shape as a function of (H, d)
@@ -476,7 +476,7 @@ def _dispatch(kind, impl, q, k, v, eta, params, *, mini_batch_size, remat_group_
 def ttt_mlp(q, k, v, eta, params, *, mini_batch_size: int, remat_group_size: int = 16,
             return_state: bool = False, causal: bool = False, token_idx_offset=None,
             initial_state=None, return_inner_loss: bool = False, impl: Impl = "xla"):
-    """TTT-MLP inner loop (SPEC section 1): g(x; W) = GELU_tanh(x W1 + b1) W2 + b2.
+    """TTT-MLP inner loop (docs/design.md §1): g(x; W) = GELU_tanh(x W1 + b1) W2 + b2.
 
     Args:
       q, k: [B, H, L, d], already L2-normalised and rotated; any float dtype.
@@ -511,7 +511,7 @@ def ttt_mlp(q, k, v, eta, params, *, mini_batch_size: int, remat_group_size: int
 def ttt_linear(q, k, v, eta, params, *, mini_batch_size: int, remat_group_size: int = 16,
                return_state: bool = False, causal: bool = False, token_idx_offset=None,
                initial_state=None, return_inner_loss: bool = False, impl: Impl = "xla"):
-    """TTT-Linear inner loop (SPEC section 1): g(x; W) = x W1 + b1.
+    """TTT-Linear inner loop (docs/design.md §1): g(x; W) = x W1 + b1.
 
     Same arguments and returns as `ttt_mlp`, with params W1 [H, d, d], b1 [H, 1, d],
     ln_weight, ln_bias [H, d] (initial_state: W1, b1 with a leading batch axis).

@@ -11,7 +11,7 @@ Warm starts (`load_params`), by what the path holds:
   - a training workdir (`checkpoints/<step>/params`), e.g. the previous stage's: its
     latest parameters (stage chaining; optimiser state, step and data position start afresh).
 Parameters the source lacks may only be the mixer slot's (TTT layer and gates): they are
-initialised fresh, as SPEC section 1/2 prescribes. Anything else missing, or any shape
+initialised fresh, as docs/design.md §1-2 prescribes. Anything else missing, or any shape
 mismatch, is an error naming the parameters. Every tensor is restored straight into its
 sharding on the current mesh.
 

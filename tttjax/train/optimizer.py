@@ -1,4 +1,4 @@
-"""The optimiser of SPEC section 5: AdamW with two parameter groups and per-stage trainable sets.
+"""The optimiser of docs/design.md §5: AdamW with two parameter groups and per-stage trainable sets.
 
     tx = optax.chain(
         clip_by_global_norm(0.1),                       # over the trainable gradients
