@@ -17,7 +17,7 @@ What a checkpoint is paired with follows from how it was trained:
     (`text_encoder=`, transformers `T5EncoderModel` + tokenizer).
 
 The video length follows the storyboard: n segments are `prefix + n * frames_per_segment`
-latent frames (SPEC section 6), decoded to `(T - 1) * temporal + 1` frames.
+latent frames (docs/design.md §6), decoded to `(T - 1) * temporal + 1` frames.
 """
 
 from __future__ import annotations
@@ -74,9 +74,9 @@ class VAEDecoder:
 
     def __init__(self, vae, *, tile_batches: int = 2, latent_scale: float | None = None):
         self.vae, self.tile_batches = vae, tile_batches
+        self.latent_scale = float(latent_scale or vae.scaling_factor)
         self.temporal = 2 ** vae.config.temporal_compress_level
 
-        self.latent_scale = float(latent_scale or vae.scaling_factor)
     def decode(self, latents: np.ndarray) -> np.ndarray:
         from tttjax.video_io import to_uint8
 
@@ -181,10 +181,10 @@ def load_generator(path: str, *, vae: str | None = None, text_encoder: str | Non
         (CogVideoX's) for a converted checkpoint.
       mesh_axes: mesh for the parameters, default all devices on `fsdp` (parameters sharded,
         the batch of 2 (CFG) replicated).
-      seed: initialises mixer parameters a converted checkpoint lacks (SPEC section 1/2).
-    Raises:
+      seed: initialises mixer parameters a converted checkpoint lacks (docs/design.md §1-2).
       latent_scale: the factor between VAE latents and the model's (docs/design.md §8);
         default a workdir's `data.latent_scale`, else the VAE's scaling factor.
+    Raises:
       ValueError naming what is missing or inconsistent.
     """
     from tttjax.models.convert import read_checkpoint_config

@@ -38,10 +38,9 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tttjax import compile_cache
+from tttjax import compile_cache, storage
 from tttjax.bench.flops import train_step_flops
 from tttjax.bench.mfu import device_peak_tflops
-from tttjax import storage
 from tttjax.data import loader as data_loader
 from tttjax.diffusion.schedule import NoiseSchedule
 from tttjax.sharding import logical_to_spec, make_mesh

@@ -40,7 +40,6 @@ import time
 import numpy as np
 
 from tttjax import storage
-
 from tttjax.train import log_lines
 
 
