@@ -43,6 +43,28 @@ from tttjax import storage
 from tttjax.train import log_lines
 
 
+_TB_FLUSH_SECS = 30.0
+
+
+def _write_events_synchronously(writer) -> None:
+    """Makes a tensorboardX `SummaryWriter` write its events in the calling thread.
+
+    tensorboardX queues events for a writer thread; when a write fails (a full disk), that
+    thread dies, its bounded queue fills, and the next `add_scalar` (or `close`) blocks the
+    training loop forever. Written here instead, a failing write raises an OSError in the
+    loop, which reports it in one line and exits 1. Relies on tensorboardX's FileWriter
+    internals (`event_writer._worker`, `._ev_writer`), checked on use.
+    """
+    file_writer = writer._get_file_writer()
+    events = getattr(file_writer, "event_writer", None)
+    worker, ev_writer = getattr(events, "_worker", None), getattr(events, "_ev_writer", None)
+    if worker is None or ev_writer is None or not hasattr(ev_writer, "write_event"):
+        raise RuntimeError("this tensorboardX version has no EventFileWriter._worker/_ev_writer;"
+                           " pin tensorboardX as in constraints.txt")
+    worker.stop()            # writes what was queued (the purge events) and ends the thread
+    events.add_event = ev_writer.write_event
+
+
 def _drop_records_after(path: str, step: int) -> None:
     """Rewrites `path` (through a temporary file) without the records of steps > `step`
     (and without a torn last line)."""
@@ -93,6 +115,8 @@ class MetricsLogger:
         use_epath_for_object_stores()
         self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"),
                                      purge_step=start_step + 1 if start_step > 0 else None)
+        _write_events_synchronously(self._writer)
+        self._tb_flushed = time.perf_counter()
         if progress_bar:
             from tqdm import tqdm
 
@@ -136,6 +160,9 @@ class MetricsLogger:
         for key, value in record.items():
             if key != "step" and math.isfinite(value):
                 self._writer.add_scalar(f"train/{key}", value, step)
+        if now - self._tb_flushed > _TB_FLUSH_SECS:
+            self._writer.flush()
+            self._tb_flushed = now
         text = (f"step {step}: loss {record['loss']:.4f}, grad norm {record['grad_norm']:.3f}, "
                 f"{steps_per_sec:.2f} steps/s, {record['tokens_per_sec']:.0f} tokens/s")
         rate = {}
