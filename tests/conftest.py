@@ -19,7 +19,15 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: heavy case, skipped unless --run-slow is given")
 
 
+# A test that hangs (a blocked writer thread, a dead subprocess) fails after this long instead
+# of holding CI until its limit (pytest-timeout; a test may set its own @pytest.mark.timeout).
+HANG_LIMIT_S = 1200
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(HANG_LIMIT_S))
     if config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="slow: pass --run-slow to run")
