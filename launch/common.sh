@@ -25,3 +25,25 @@ quote_args() {  # quote_args ARGS...: one shell-safe string (for remote --comman
   for a in "$@"; do out+="$(printf '%q' "$a") "; done
   printf '%s' "${out% }"
 }
+
+# Where launched code comes from, one setting for every launcher (and the notebooks'
+# install cell): TTTJAX_SOURCE. Unset, or ".": the checkout this script lives in, built
+# into a wheel, so a pod runs exactly the code tested locally. Otherwise anything pip
+# installs: a wheel file, a local directory, or "git+URL@REV" of a repository you control.
+ROOT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+build_wheel() {  # build_wheel OUT_DIR: wheel of TTTJAX_SOURCE (a checkout) into OUT_DIR; prints its path
+  local src="${TTTJAX_SOURCE:-.}" out="$1"
+  [[ "$src" == "." ]] && src="$ROOT_DIR"
+  if [[ "$src" == *.whl ]]; then
+    [[ "${DRY_RUN:-0}" == 1 || -f "$src" ]] || die "TTTJAX_SOURCE wheel '$src' not found"
+    printf '%s' "$src"; return 0
+  fi
+  [[ -d "$src" ]] || { printf '%s' "$src"; return 0; }   # a pip spec (git+URL@REV, ...)
+  run python3 -m pip wheel -q --no-deps -w "$out" "$src" >&2
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then printf '%s' "$out/tttjax-VERSION-py3-none-any.whl"; return 0; fi
+  local wheel
+  wheel="$(ls -t "$out"/tttjax-*.whl 2>/dev/null | head -n 1)"
+  [[ -n "$wheel" ]] || die "building a wheel of $src failed (see pip's output above)"
+  printf '%s' "$wheel"
+}

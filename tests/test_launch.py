@@ -23,14 +23,29 @@ def test_bash_syntax(script):
 
 
 def test_tpu_vm_pod_dry_run():
+    """--setup ships a wheel of this checkout (never a public URL) through the bucket and
+    installs it with the tested pins; a local config file travels with it."""
     out = run("tpu_vm_pod.sh", "--tpu", "pod", "--zone", "us-central2-b", "--config",
               "configs/cogvideox_5b.py:3s,ttt_mlp", "--workdir", "gs://b/run", "--setup",
               "--dry-run", "--", "--config.steps=10")
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    assert len(lines) == 2 and all("tpu-vm ssh pod" in l and "--worker=all" in l for l in lines)
-    assert "TTTJAX_DISTRIBUTED=auto" in lines[1] and "tttjax.train" in lines[1]
-    assert "--config.steps=10" in lines[1]
+    root = str(LAUNCH.parent)
+    assert f"pip wheel -q --no-deps -w " in out.stderr and out.stderr.strip().endswith(root)
+    upload, install, train = out.stdout.splitlines()
+    assert upload.startswith("+ gcloud storage cp ") and upload.endswith("gs://b/run/code/")
+    assert f"{root}/constraints.txt" in upload and "cogvideox_5b.py" in upload
+    assert ".whl" in upload and "github" not in out.stdout
+    assert all("tpu-vm ssh pod" in l and "--worker=all" in l for l in (install, train))
+    assert "gs://b/run/code/" in install and "-c\\ tttjax_code/constraints.txt" in install
+    assert "TTTJAX_DISTRIBUTED=auto" in train and "~/tttjax_venv/bin/python" in train
+    assert "--config\\ tttjax_code/cogvideox_5b.py:3s" in train and "--config.steps=10" in train
+    # A bundled config by name needs no file; a pip spec in TTTJAX_SOURCE is installed as given.
+    named = run("tpu_vm_pod.sh", "--tpu", "pod", "--zone", "z", "--config",
+                "cogvideox_5b:3s,ttt_mlp", "--workdir", "gs://b/run", "--setup", "--dry-run",
+                env={"TTTJAX_SOURCE": "git+https://example.org/mine.git@v1"})
+    assert named.returncode == 0, named.stderr
+    assert "pip wheel" not in named.stderr and "git+https://example.org/mine.git@v1" in named.stdout
+    assert "--config\\ cogvideox_5b:3s" in named.stdout
 
 
 def test_gke_xpk_dry_run_tpu_and_gpu():
@@ -40,6 +55,12 @@ def test_gke_xpk_dry_run_tpu_and_gpu():
     assert tpu.returncode == 0 and "xpk workload create" in tpu.stdout and "v5p-128" in tpu.stdout
     gpu = run("gke_xpk.sh", *base, "--device-type", "h100-80gb-8", "--num-nodes", "4")
     assert gpu.returncode == 0 and "--device-type h100-80gb-8 --num-nodes 4" in gpu.stdout
+    built = run("gke_xpk.sh", *base, "--build-image", "--device-type", "h100-80gb-8")
+    assert built.returncode == 0, built.stderr
+    build, push, create = built.stdout.splitlines()
+    assert "docker build -f" in build and "launch/Dockerfile" in build and "-t img" in build
+    assert "EXTRAS=cuda12\\,gcs" in build and "launch/.dist/tttjax-" in build
+    assert push == "+ docker push img" and "--docker-image img" in create
 
 
 def test_slurm_dry_run_per_gpu_and_per_node():
