@@ -270,3 +270,37 @@ def test_latents_source_examples_are_validated(tmp_path):
     with pytest.raises(ValueError, match="text must be"):
         latents_lib.write_source_example(str(tmp_path / "bad.npz"), config=LCFG,
                                          **dict(good, text=np.zeros((2, 4, 8))))
+
+
+def test_toon_transform_encodes_each_window_once():
+    """Training revisits every window each epoch; the (costly, learned) codec runs once per
+    distinct clip, and callers get their own copies."""
+    import pickle
+
+    from tttjax.data.text_encoder import HashedTextEncoder
+
+    transform = loader.ToonToModelInputs(CountingCodec(), HashedTextEncoder(16), 8, cache_size=2)
+    rng = np.random.default_rng(0)
+    videos = [rng.integers(0, 255, (9, 16, 16, 3), dtype=np.uint8) for _ in range(3)]
+
+    def example(video):
+        return {"video": video, "captions": [b"a cat runs."], "scene_start": [True],
+                "scene_end": [False]}
+
+    first = transform.map(example(videos[0]))["latents"]
+    first[...] = -1.0                                    # the caller's copy, not the cache's
+    again = transform.map(example(videos[0].copy()))["latents"]
+    assert CountingCodec.calls == 1 and again.min() >= 0
+    transform.map(example(videos[1]))
+    transform.map(example(videos[2]))                    # evicts videos[0] (size 2)
+    transform.map(example(videos[0]))
+    assert CountingCodec.calls == 4
+    assert len(pickle.loads(pickle.dumps(transform))._latents) == 0   # Grain's workers: no cache
+
+
+class CountingCodec:   # module level: the transform is pickled in the test above
+    calls = 0
+
+    def encode(self, video):
+        CountingCodec.calls += 1
+        return video[::4, :8, :8, :1].astype(np.float32).transpose(0, 3, 1, 2)

@@ -29,9 +29,9 @@ def test_demo_trains_samples_and_writes_video_gif_and_sheet(tmp_path, monkeypatc
 
     monkeypatch.setattr(demo, "demo_config", small)
     out = tmp_path / "demo"
-    # The learned toon codec (the opt-in path; the linear one is what the other train tests use).
+    # The learned toon codec (the default; the linear one is what the other train tests use).
     argv = ["--out", str(out), "--steps", "3", "--sample-steps", "2", "--data-dir",
-            str(tmp_path / "tfds"), "--codec", "learned"]
+            str(tmp_path / "tfds")]
     assert demo.main(argv) == 0
     printed = capsys.readouterr().out
     for name in ("demo.mp4", "demo.gif", "contact_sheet.png", "storyboard.json"):

@@ -13,13 +13,13 @@ On a CPU this takes a few minutes, all of it on this machine (no downloads):
   4. decode with the toon world's codec and write `OUT/demo.mp4`, `OUT/demo.gif` and
      `OUT/contact_sheet.png` (one frame per segment with its caption).
 
-By default the model works in the fixed linear toy latents (`tttjax.data.toy_latents`: an
-8 x 8 colour mosaic at 64 x 64, 2.7 frames per second). `--codec learned` uses the learned
-toon codec instead (`tttjax.data.toon_codec`, a small convolutional autoencoder with
-CogVideoX's 4x time / 8x space geometry, 4 channels, weights shipped), whose decoded frames
-show the cat, the mouse and the cheese; it is not the default yet because its encoder runs
-in the data pipeline (about 40 ms per 3-segment clip on this CPU, against 4 ms for the linear
-map), which would push the demo past 10 minutes on 2 cores. The same commands scale to real
+The model works in the latents of the learned toon codec (`tttjax.data.toon_codec`, a small
+convolutional autoencoder with CogVideoX's 4x time / 8x space geometry, 4 channels, weights
+shipped), whose decoded frames show the cat, the mouse and the cheese. Its encoder (about
+40 ms per 3-segment clip on a CPU) runs once per distinct clip: the data pipeline memoises
+encoded windows, which training revisits every epoch. `--codec linear` uses the fixed linear
+toy latents instead (`tttjax.data.toy_latents`: an 8 x 8 colour mosaic per frame, 2.7 frames
+per second at 64 x 64). The same commands scale to real
 data (`python -m tttjax.precompute`, `configs/cogvideox_5b.py`). Sample the trained run again with
 
     python -m tttjax.sample --workdir OUT/run --storyboard OUT/storyboard.json --out x.mp4
@@ -49,7 +49,7 @@ STORYBOARD = [
 _PROG = "python -m tttjax.demo"
 
 
-def demo_config(steps: int, text_length: int, codec: str = "linear"):
+def demo_config(steps: int, text_length: int, codec: str = "learned"):
     """`configs/tiny.py:ttt_mlp,3` trained for `steps` steps, prompts of `text_length` words,
     on the latents of the toon codec `codec` ("learned" or "linear")."""
     from tttjax.command_line import load_config
@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-length", type=int, default=24,
                         help="prompt words the model reads (default 24)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--codec", default="linear", choices=("linear", "learned"),
-                        help="toon latent codec (default linear; learned draws the characters)")
+    parser.add_argument("--codec", default="learned", choices=("linear", "learned"),
+                        help="toon latent codec (default learned, which draws the characters; "
+                             "linear: 8 x 8 colour mosaics)")
     parser.add_argument("--data-dir", default="",
                         help="TFDS data dir for toon_storyboards (default: ~/tensorflow_datasets)")
     args = parser.parse_args(argv)

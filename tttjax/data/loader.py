@@ -21,6 +21,7 @@ The iterator's position is part of every checkpoint (Orbax's Grain handler).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -50,15 +51,39 @@ def _text(value) -> str:
 
 
 class ToonToModelInputs(grain.transforms.Map):
-    """Toon window -> toy latents and hashed-word prompt embeddings (with scene markers)."""
+    """Toon window -> toy latents and hashed-word prompt embeddings (with scene markers).
 
-    def __init__(self, codec: ToyLatentCodec, encoder: HashedTextEncoder, text_length: int):
+    Encoded windows are memoised (up to `cache_size`, keyed by the frames' digest): training
+    revisits each window every epoch, and the learned codec's encoder costs about 10x the
+    linear map's per clip, which would otherwise dominate a small run on CPU.
+    """
+
+    def __init__(self, codec: ToyLatentCodec, encoder: HashedTextEncoder, text_length: int,
+                 cache_size: int = 8192):
         self.codec, self.encoder, self.text_length = codec, encoder, text_length
+        self.cache_size = cache_size
+        self._latents: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+
+    def __getstate__(self) -> dict:   # Grain pickles transforms for its workers; no cache
+        return {**self.__dict__, "_latents": collections.OrderedDict()}
+
+    def _encode(self, video: np.ndarray) -> np.ndarray:
+        video = np.ascontiguousarray(video)
+        key = hashlib.blake2b(video.tobytes(), digest_size=16).digest() + repr(video.shape).encode()
+        latents = self._latents.get(key)
+        if latents is None:
+            latents = self.codec.encode(video)
+            self._latents[key] = latents
+            if len(self._latents) > self.cache_size:
+                self._latents.popitem(last=False)
+        else:
+            self._latents.move_to_end(key)
+        return latents.copy()
 
     def map(self, example: dict) -> dict:
         prompts = [segment_prompt(_text(c), bool(s), bool(e)) for c, s, e in
                    zip(example["captions"], example["scene_start"], example["scene_end"])]
-        return {"latents": self.codec.encode(example["video"]),
+        return {"latents": self._encode(example["video"]),
                 "text": self.encoder.encode(prompts, self.text_length)}
 
 
