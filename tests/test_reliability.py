@@ -443,6 +443,35 @@ def test_other_model_on_a_workdir_is_refused_before_anything_is_written(
     assert len(out.err.strip().splitlines()) == 1 and not video.exists()
 
 
+def test_a_run_whose_lock_was_taken_stops_with_one_line_exit_1(data_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    """An object-store lock can be taken over (a heartbeat that stalled past the stale limit);
+    the run that lost it must stop writing: one line, exit 1, nothing saved after."""
+    from tttjax.train.metrics import MetricsLogger
+    from tttjax.train.workdir_lock import WorkdirLock
+
+    workdir = str(tmp_path / "run")
+    cfg = tiny(data_dir, checkpoint_every=4)
+    monkeypatch.setattr("tttjax.command_line.parse_config_flags",
+                        lambda *a, **k: (cfg, type("F", (), {"workdir": workdir})()))
+    taken = {}
+    log = MetricsLogger.log
+
+    def log_then_take(self, at, *args, **kwargs):   # "another run" takes the lock at step 5,
+        # which the loop sees after step 6 (its check comes before the logging)
+        if at == 5:
+            taken["why"] = "the lock gs://b/run/.lock was taken over by another run (test)"
+        return log(self, at, *args, **kwargs)
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_take)
+    monkeypatch.setattr(WorkdirLock, "lost", property(lambda self: taken.get("why")))
+    code = train_cli.main(["prog"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("python -m tttjax.train: error: stopped at step 6 "
+                                            "without saving: the lock gs://b/run/.lock"), err[-3:]
+    assert Checkpointer(workdir).all_steps() == [4]
+
+
 def test_ctrl_c_saves_the_current_step_exits_130_and_resumes_exactly(
         uninterrupted, data_dir, tmp_path, capsys, monkeypatch):
     workdir_a, _ = uninterrupted

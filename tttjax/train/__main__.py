@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from tttjax.distributed import DistributedConfigError
     from tttjax.train.checkpoints import CheckpointWriteError, quiet_orbax_errors
     from tttjax.train.loop import TrainingDiverged, train
+    from tttjax.train.workdir_lock import WorkdirLockLost
 
     quiet_orbax_errors()   # checkpoint failures are reported below, one line each
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(config, fv.workdir)
     except (ValueError, DistributedConfigError) as err:
         return fail(_PROG, err)
-    except (TrainingDiverged, CheckpointWriteError) as err:
+    except (TrainingDiverged, CheckpointWriteError, WorkdirLockLost) as err:
         return fail(_PROG, err, code=1)
     except OSError as err:
         return fail(_PROG, f"{err.filename or fv.workdir}: {err.strerror or err}", code=1)

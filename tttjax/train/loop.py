@@ -29,6 +29,7 @@ import json
 import os
 import time
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -54,7 +55,7 @@ from tttjax.train.optimizer import make_optimizer, optimizer_shardings, trainabl
 from tttjax.train.preemption import PreemptionWatch
 from tttjax.train.profiling import StepProfiler
 from tttjax.train.step import initial_counters, make_train_step
-from tttjax.train.workdir_lock import WorkdirLock
+from tttjax.train.workdir_lock import WorkdirLock, WorkdirLockLost
 
 
 class TrainingDiverged(RuntimeError):
@@ -252,11 +253,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     # One run per workdir: process 0 holds the lock (the other hosts belong to its run).
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock, compile_cache.persistent(compile_cache.directory(config, workdir)):
-        return _train(config, workdir, stop_at, started)
+        return _train(config, workdir, stop_at, started,
+                      lock_lost=lambda: getattr(lock, "lost", None))
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
-           started: float) -> TrainResult:
+           started: float, lock_lost: Callable[[], str | None] = lambda: None) -> TrainResult:
     num_devices = config_lib.mesh_device_count(config, jax.device_count(), jax.process_count())
     sizes = config_lib.validate_mesh(config, num_devices)
     config = config_lib.resolve_accumulation(config, sizes)
@@ -386,6 +388,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
                     check_diverged(int(previous["nonfinite_in_a_row"]), done - 1)
                 logger.advance()
                 ckpt.check()   # a failed background save stops the run now, one line
+                lost = lock_lost()
+                if lost:       # another run owns the workdir now: write nothing more
+                    raise WorkdirLockLost(f"stopped at step {done} without saving: {lost}")
                 if done % config.log_every == 0 or done == config.steps:
                     window = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
                     pending = []

@@ -53,6 +53,10 @@ class WorkdirUnusable(ValueError):
     """The workdir is a file, or cannot be created or written (exit code 2)."""
 
 
+class WorkdirLockLost(RuntimeError):
+    """Another run took this run's object-store lock: this run stops writing (exit code 1)."""
+
+
 def _describe(info) -> str:
     try:
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info["since"]))
