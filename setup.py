@@ -67,6 +67,7 @@ setup(
         "test": [
             "pytest",
             "pytest-timeout",
+            "pytest-xdist",  # the suite runs on 2 processes (-n 2 --dist loadfile)
             "torch==2.13.0",
             "diffusers",
             "transformers",
