@@ -496,9 +496,11 @@ def test_sequence_sharding_over_a_non_dividing_axis(tiny_ttt_perturbed):
         return loss(nnx.merge(graphdef, st), x, e, t)
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        step = jax.jit(jax.value_and_grad(sharded_loss))
-        hlo = step.lower(state, x, e, t).compile().as_text()
-        out_loss, grads = step(state, x, e, t)
+        # One compile: the compiled executable gives both the HLO and the run (calling the
+        # jitted function after .lower().compile() would compile it again).
+        compiled = jax.jit(jax.value_and_grad(sharded_loss)).lower(state, x, e, t).compile()
+        hlo = compiled.as_text()
+        out_loss, grads = compiled(state, x, e, t)
     # The video stream saved per block for the backward pass ([layers, batch, tokens, D], one
     # example per fsdp shard) is split into ceil(80 / 3) = 27-token shards; while
     # non-dividing axes were dropped, every device held all 80 tokens of it.
@@ -523,8 +525,9 @@ def test_sequence_sharding_over_a_non_dividing_axis(tiny_ttt_perturbed):
         return loss(nnx.merge(cp_graphdef, st), x, e, t)
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        hlo = jax.jit(jax.value_and_grad(cp_loss)).lower(cp_state, x, e, t).as_text()
-        cp_out, cp_grads = jax.jit(jax.value_and_grad(cp_loss))(cp_state, x, e, t)
+        lowered = jax.jit(jax.value_and_grad(cp_loss)).lower(cp_state, x, e, t)
+        hlo = lowered.as_text()
+        cp_out, cp_grads = lowered.compile()(cp_state, x, e, t)
     assert "collective_permute" in hlo
     np.testing.assert_allclose(cp_out, ref_loss, rtol=2e-5)
     for got, want in zip(jax.tree.leaves(cp_grads), ref_flat):
