@@ -1,26 +1,66 @@
-"""A mixer chosen by flag (`--config.model.mixer=...`) gives the config of the config argument."""
+"""Config arguments (named or positional), the shared base, and `--config.KEY=VALUE` overrides:
+a mixer chosen by flag (`--config.model.mixer=...`) gives the config of the config argument."""
 
 import os
 
 import pytest
-from absl import flags
 from flax import nnx
-from ml_collections import config_flags
 
+from tttjax import config_base
+from tttjax.command_line import UsageError, load_config
 from tttjax.models.dit import CogVideoXDiT
 from tttjax.train.__main__ import main as train_main
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def parse(*argv):
-    """The config the command line `python -m tttjax.train` parses from these flags."""
-    argv = ["prog", *argv]
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                    sys_argv=argv)
-    fv(argv)
-    return fv.config
+def parse(config_flag, *overrides):
+    """The config `python -m tttjax.train --config=... --config.KEY=VALUE ...` runs (the one
+    loader every command uses)."""
+    assert config_flag.startswith("--config=")
+    return load_config(config_flag[len("--config="):],
+                       *(o[len("--config."):] for o in overrides))
+
+
+@pytest.mark.parametrize("named,positional", [
+    ("tiny:mixer=ttt_mlp,segments=3", "tiny:ttt_mlp,3"),
+    ("tiny:ttt_mlp,segments=3", "tiny:ttt_mlp,3"),
+    ("tiny:segments=3", "tiny:none,3"),
+    ("tiny", "tiny:none,2"),
+    ("cogvideox_5b:stage=63s,mixer=ttt_mlp", "cogvideox_5b:63s,ttt_mlp"),
+    ("cogvideox_5b:mixer=ttt_linear,stage=9s", "cogvideox_5b:9s,ttt_linear"),
+])
+def test_named_config_arguments_equal_positional_ones(named, positional):
+    assert load_config(named).to_dict() == load_config(positional).to_dict()
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("tiny:flavour=ttt_mlp", "unknown config argument 'flavour'"),
+    ("tiny:mixer=ttt_mlp,3", "positional value '3' after a named one"),
+    ("tiny:ttt_mlp,mixer=none", "config argument 'mixer' given twice"),
+    ("tiny:ttt_mlp,2,3", "too many values"),
+    ("tiny:segments=two", "segments='two' must be a non-negative integer"),
+    ("tiny:segments=0", "segments must be >= 1"),
+    ("cogvideox_5b:stage=63s", "config argument 'mixer' is required"),
+    ("cogvideox_5b:5s,ttt_mlp", "unknown stage '5s'"),
+])
+def test_bad_config_arguments_are_one_line_usage_errors(spec, message):
+    with pytest.raises(UsageError) as err:
+        load_config(spec)
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_bundled_configs_start_from_the_shared_base():
+    base = config_base.get_config()
+    for spec in ("tiny:ttt_mlp", "cogvideox_5b:63s,ttt_mlp"):
+        config = load_config(spec)
+        # every shared section and key is there, and what neither config sets is the base's
+        assert set(config.keys()) == set(base.keys()) | {"model", "stage"}
+        for section in ("diffusion", "checkpoint"):
+            assert config[section].to_dict() == base[section].to_dict(), (spec, section)
+        assert config.optim.b2 == base.optim.b2 and config.eval.timesteps == base.eval.timesteps
+    assert load_config("tiny").mesh.indivisible == "warn"
+    assert load_config("cogvideox_5b:63s,ttt_mlp").mesh.indivisible == "error"
 
 
 @pytest.mark.parametrize("file,by_arg,by_flag,mixer", [

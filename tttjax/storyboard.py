@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tttjax.data.text_encoder import segment_prompt
+from tttjax.models.dit_config import num_latent_frames  # noqa: F401  (re-exported)
 
 FIELDS = ("text", "neg_text", "requires_scene_transition")
 SEGMENT_SECONDS = 3
@@ -76,13 +77,6 @@ class Storyboard:
     @property
     def captions(self) -> list[str]:
         return [s.text for s in self.segments]
-
-
-def num_latent_frames(num_segments: int, frames_per_segment: int = 12, prefix_frames: int = 1) -> int:
-    """Latent frames of an n-segment video (12n + 1 for CogVideoX)."""
-    if num_segments < 1:
-        raise ValueError(f"need at least one segment, got {num_segments}")
-    return frames_per_segment * num_segments + prefix_frames
 
 
 def num_video_frames(num_segments: int, frames_per_segment: int = 12, prefix_frames: int = 1,

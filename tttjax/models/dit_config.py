@@ -31,11 +31,25 @@ ACTIVATIONS = ("gelu-approximate", "gelu")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def num_latent_frames(num_segments: int, frames_per_segment: int = FRAMES_PER_SEGMENT,
+                      prefix_frames: int = PREFIX_FRAMES) -> int:
+    """Latent frames of an n-segment video: `prefix + n * frames_per_segment` (12n + 1 for
+    CogVideoX). The one place this count is computed (docs/design.md §2)."""
+    if num_segments < 1:
+        raise ValueError(f"need at least one segment, got {num_segments}")
+    return frames_per_segment * num_segments + prefix_frames
+
+
+def latent_frames(model: Mapping[str, Any], num_segments: int) -> int:
+    """`num_latent_frames` for the segment geometry of a `config.model`."""
+    return num_latent_frames(num_segments, model["frames_per_segment"], model["prefix_frames"])
+
+
 def stage_latent_frames(stage: str) -> int:
     """Latent frames of a stage: `12 * segments + 1` (13, 37, 73, 121, 253)."""
     if stage not in STAGE_SEGMENTS:
         raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(STAGE_SEGMENTS)}")
-    return FRAMES_PER_SEGMENT * STAGE_SEGMENTS[stage] + PREFIX_FRAMES
+    return num_latent_frames(STAGE_SEGMENTS[stage])
 
 
 def cogvideox_5b() -> ml_collections.ConfigDict:
