@@ -6,12 +6,12 @@ mini-batches, sampler steps) runs once: XLA's cost analysis counts a loop body o
 then is its FLOP figure comparable with the analytic count.
 """
 
-import importlib
 import re
 
 import jax
 import ml_collections
 import pytest
+from tiny_configs import load_config
 
 from tttjax.bench import __main__ as bench_cli
 from tttjax.bench import flops
@@ -160,7 +160,7 @@ def test_analytic_flops_equal_traced_model(arg, overrides, mixer_options):
     from tttjax.models.dit import CogVideoXDiT
     from tttjax.storyboard import num_latent_frames
 
-    config = importlib.import_module("configs.tiny").get_config(arg)
+    config = load_config(f"tiny:{arg}").unlock()
     config.model.update(overrides)
     if mixer_options:
         config.model.mixer_config[arg] = ml_collections.ConfigDict(mixer_options)

@@ -7,13 +7,13 @@ summation order), with only the trainable leaves accumulated; `grad_accum_steps 
 one example per batch shard. Tiny DiT on 2 fake CPU devices (fsdp 2), batch 8.
 """
 
-import importlib.util
 import os
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_configs import load_config, tiny_config
 
 from tttjax.sharding import make_mesh
 from tttjax.train import config as config_lib
@@ -21,27 +21,12 @@ from tttjax.train.loop import train_step_setup
 from tttjax.train.step import initial_counters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
-        "xla_cpu_use_fusion_emitters": False}
 
 
 def tiny(mixer="none", **overrides):
-    spec = importlib.util.spec_from_file_location("cfg_tiny_accum",
-                                                  os.path.join(ROOT, "configs", "tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config(mixer)
-    cfg.train.compiler_options = dict(FAST)
-    cfg.train.global_batch_size = 8
-    cfg.mesh.axes = {"data": 1, "fsdp": 2, "tensor": 1}
-    cfg.mesh.num_devices = 2
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return tiny_config(mixer, **{"train.global_batch_size": 8,
+                                 "mesh.axes": {"data": 1, "fsdp": 2, "tensor": 1},
+                                 "mesh.num_devices": 2, **overrides})
 
 
 def one_step(cfg, perturb=None):
@@ -118,11 +103,7 @@ def test_automatic_accumulation_puts_one_example_on_each_batch_shard():
 
 
 def test_the_5b_config_accumulates_automatically():
-    spec = importlib.util.spec_from_file_location("cfg_5b_accum",
-                                                  os.path.join(ROOT, "configs", "cogvideox_5b.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("63s,ttt_mlp")
+    cfg = load_config("cogvideox_5b:63s,ttt_mlp")
     assert cfg.train.grad_accum_steps == 0 and cfg.train.global_batch_size == 64
     on_128 = config_lib.resolve_accumulation(cfg, {"data": 4, "fsdp": 8, "tensor": 4})
     on_256 = config_lib.resolve_accumulation(cfg, {"data": 8, "fsdp": 8, "tensor": 4})

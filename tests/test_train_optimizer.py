@@ -159,16 +159,10 @@ def test_optimizer_state_is_sharded_like_the_parameters():
 
 def test_5b_stage_schedules_end_where_the_recipe_says():
     """3 s: new parameters cosine 1e-4 -> 1e-5 (docs/design.md §5, §8); later stages 1e-5."""
-    import importlib.util
-    import os
+    from tttjax.command_line import load_config
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "configs", "cogvideox_5b.py")
-    spec = importlib.util.spec_from_file_location("cfg_5b_schedules", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     for stage, start, end in (("3s", 1e-4, 1e-5), ("9s", 1e-5, 1e-5)):
-        config = module.get_config(f"{stage},ttt_mlp")
+        config = load_config(f"cogvideox_5b:{stage},ttt_mlp")
         g = config.optim.new
         schedule = opt.make_schedule(g.lr, g.schedule, g.warmup_steps, config.steps,
                                      g.final_lr_fraction)

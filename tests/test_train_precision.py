@@ -15,7 +15,6 @@ TTT-MLP mixer); the mixer's dtypes are covered by the traced step.
 """
 
 import collections
-import importlib.util
 import json
 import os
 import warnings
@@ -28,6 +27,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+from tiny_configs import load_config, tiny_config
 
 from tttjax.layers.bidirectional import GatedBidirectional
 from tttjax.sharding import make_mesh
@@ -39,29 +39,16 @@ from tttjax.train.optimizer import path_names
 from tttjax.train.step import COUNTERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# XLA CPU options that cut compile time several-fold (slower code, same numbers).
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
-        "xla_cpu_use_fusion_emitters": False}
 STEPS = 4
 LR = 1e-5
 
 
-def _load(name, arg):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}_precision",
-                                                  os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def precision_config(data_dir, storage, mixer="none"):
     """configs/tiny.py at the 5B precision settings, parameters stored in `storage`."""
-    cfg = _load("tiny", mixer)
+    cfg = tiny_config(mixer)
     cfg.steps, cfg.log_every, cfg.checkpoint_every = STEPS, 1, STEPS
     cfg.data.data_dir = data_dir
     cfg.data.builder_overrides = dict(num_train=16, num_validation=0)
-    cfg.train.progress_bar = False
-    cfg.train.compiler_options = dict(FAST)
     cfg.train.global_batch_size = 2
     cfg.mesh.axes = {"data": 1, "fsdp": 2, "tensor": 1}
     cfg.mesh.num_devices = 2
@@ -173,7 +160,7 @@ def test_bf16_storage_warns_at_start_up(runs):
     _, _, caught = runs("float32")
     assert not caught
     for stage in ("3s", "63s"):
-        cfg = _load("cogvideox_5b", f"{stage},ttt_mlp")
+        cfg = load_config(f"cogvideox_5b:{stage},ttt_mlp")
         assert (cfg.model.dtype, cfg.model.param_dtype, cfg.optim.mu_dtype) == (
             "bfloat16", "float32", "float32")
         with warnings.catch_warnings():

@@ -5,7 +5,6 @@ so every run below with the tiny config on the default 8-device mesh compiles on
 CPU backend optimisation is turned off (`compiler_options`) to keep compiles short.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from tiny_configs import FAST, tiny_config
 
 from tttjax import sharding as shd
 from tttjax.data import loader as data_loader
@@ -30,17 +30,7 @@ from tttjax.train.model_state import load_params
 from tttjax.train.optimizer import path_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# XLA CPU options that cut compile time several-fold (slower code, same numbers).
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
-        "xla_cpu_use_fusion_emitters": False}
 STEPS = 24
-
-
-def load_config(arg="none"):
-    spec = importlib.util.spec_from_file_location("cfg_tiny_train", os.path.join(ROOT, "configs", "tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 @pytest.fixture(scope="module")
@@ -49,21 +39,10 @@ def data_dir(tmp_path_factory):
 
 
 def tiny(data_dir, mixer="none", **over):
-    cfg = load_config(mixer)
-    cfg.steps = STEPS
-    cfg.log_every = 1
-    cfg.checkpoint_every = 8
-    cfg.data.data_dir = data_dir
-    cfg.data.builder_overrides = dict(num_train=64, num_validation=0)
-    cfg.train.progress_bar = False
-    cfg.train.compiler_options = dict(FAST)
-    for key, value in over.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return tiny_config(mixer, **{"steps": STEPS, "log_every": 1, "checkpoint_every": 8,
+                                 "data.data_dir": data_dir,
+                                 "data.builder_overrides": dict(num_train=64, num_validation=0),
+                                 **over})
 
 
 def losses(workdir):
