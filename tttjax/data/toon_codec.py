@@ -45,6 +45,8 @@ import numpy as np
 from flax import nnx
 
 from tttjax.command_line import ArgumentParser, fail
+from tttjax.data.toy_latents import FrameCodec
+from tttjax.small_weights import load_weights, save_weights
 
 TEMPORAL, SPATIAL = 4, 8
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toon_codec_weights")
@@ -118,7 +120,7 @@ def _decode(net: ToonCodecNet, z: jax.Array) -> jax.Array:
     return net.decode(z)
 
 
-class LearnedToonCodec:
+class LearnedToonCodec(FrameCodec):
     """Toon frames <-> standardised latents with a trained `ToonCodecNet` (module doc).
 
     Same interface as `tttjax.data.toy_latents.ToyLatentCodec`: `encode`, `decode`,
@@ -133,26 +135,9 @@ class LearnedToonCodec:
         self.scale = np.asarray(scale, np.float32)             # [C] raw latent std
         self.channels = int(self.shift.shape[0])
 
-    def latent_frames(self, num_frames: int) -> int:
-        if num_frames < 1 or (num_frames - 1) % TEMPORAL:
-            raise ValueError(f"the toon codec needs 1 + {TEMPORAL} k frames, got {num_frames}")
-        return 1 + (num_frames - 1) // TEMPORAL
-
-    def video_frames(self, latent_frames: int) -> int:
-        return 1 + (latent_frames - 1) * TEMPORAL
-
     def encode(self, frames: np.ndarray) -> np.ndarray:
         """frames [F, H, W, 3] (uint8, or float in [-1, 1]) -> latents float32 [T, C, h, w]."""
-        frames = np.asarray(frames)
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"frames must be [F, H, W, 3], got shape {frames.shape}")
-        f, h, w, _ = frames.shape
-        if h % SPATIAL or w % SPATIAL:
-            raise ValueError(f"frame size {h}x{w} must be a multiple of {SPATIAL}")
-        self.latent_frames(f)
-        x = frames.astype(np.float32)
-        if frames.dtype == np.uint8:
-            x = x / 127.5 - 1.0
+        x = self.unit_frames(frames)
         z = np.asarray(_encode(self.net, jnp.asarray(_groups(x))))     # [T, h, w, C]
         z = (z - self.shift) / self.scale
         return np.ascontiguousarray(z.transpose(0, 3, 1, 2), np.float32)
@@ -165,54 +150,25 @@ class LearnedToonCodec:
         z = z.transpose(0, 2, 3, 1) * self.scale + self.shift
         return _ungroup(np.asarray(_decode(self.net, jnp.asarray(z)), np.float32))
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """latents [T, C, h, w] -> uint8 frames [1 + 4(T-1), 8h, 8w, 3]."""
-        x = np.clip(self.decode_float(latents), -1.0, 1.0)
-        return np.round((x + 1.0) * 127.5).astype(np.uint8)
-
 
 # ------------------------------------------------------------------------------ save / load
 
 
 def save_codec(path: str, codec: LearnedToonCodec, meta: dict) -> str:
     """Writes the weights (float16, Orbax) and `codec.json` (shapes, latent statistics, meta)."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
-    state = jax.tree.map(lambda a: np.asarray(a, np.float16), nnx.state(codec.net, nnx.Param))
-    target = os.path.join(path, "params")
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(target, nnx.to_pure_dict(state), force=True)
     width = int(codec.net.enc[0].out_features)
     info = dict(channels=codec.channels, width=width, shift=codec.shift.tolist(),
                 scale=codec.scale.tolist(), **meta)
-    with open(os.path.join(path, "codec.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1)
-    return path
+    return save_weights(path, codec.net, "codec.json", info)
 
 
 @functools.lru_cache(maxsize=4)
 def load_codec(path: str = DEFAULT_WEIGHTS) -> LearnedToonCodec:
     """The codec saved at `path` (default: the weights shipped with tttjax)."""
-    import orbax.checkpoint as ocp
-
-    info_path = os.path.join(path, "codec.json")
-    if not os.path.isfile(info_path):
-        raise ValueError(f"{path!r} holds no toon codec (no codec.json); train one with "
-                         f"`{_PROG} --out DIR`")
-    with open(info_path, encoding="utf-8") as f:
-        info = json.load(f)
-    net = ToonCodecNet(info["channels"], info["width"], rngs=nnx.Rngs(0))
-    graph, state = nnx.split(net, nnx.Param)
-    pure = nnx.to_pure_dict(state)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float16), pure)
-    with ocp.StandardCheckpointer() as ckpt:
-        restored = ckpt.restore(os.path.join(os.path.abspath(path), "params"), abstract)
-    restored = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), restored)
-    nnx.replace_by_pure_dict(state, restored)
-    return LearnedToonCodec(nnx.merge(graph, state), np.array(info["shift"]),
-                            np.array(info["scale"]))
+    net, info = load_weights(
+        path, "codec.json", lambda i: ToonCodecNet(i["channels"], i["width"], rngs=nnx.Rngs(0)),
+        f"it is not a toon codec; train one with `{_PROG} --out DIR`")
+    return LearnedToonCodec(net, np.array(info["shift"]), np.array(info["scale"]))
 
 
 def codec_for_channels(channels: int, path: str = DEFAULT_WEIGHTS) -> LearnedToonCodec:

@@ -36,7 +36,46 @@ SHIFT = np.array([0.23, 0.14, 0.06], np.float32)    # mean toon colour in [-1, 1
 SCALE = 2.7                                           # about 1 / std of the shifted colours
 
 
-class ToyLatentCodec:
+class FrameCodec:
+    """The conventions both toon codecs share (this module's linear one and the learned
+    `tttjax.data.toon_codec.LearnedToonCodec`): 1 + temporal k frames make 1 + k latent
+    frames; frames are uint8 or floats in [-1, 1]; `decode` is `decode_float` clipped to
+    uint8. Subclasses set `channels`, `temporal`, `spatial` and define `encode` /
+    `decode_float`."""
+
+    channels: int
+    temporal: int
+    spatial: int
+
+    def latent_frames(self, num_frames: int) -> int:
+        if num_frames < 1 or (num_frames - 1) % self.temporal:
+            raise ValueError(f"{type(self).__name__} needs 1 + {self.temporal} k frames, got "
+                             f"{num_frames}")
+        return 1 + (num_frames - 1) // self.temporal
+
+    def video_frames(self, latent_frames: int) -> int:
+        return 1 + (latent_frames - 1) * self.temporal
+
+    def unit_frames(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 or [-1, 1] float frames [F, H, W, 3], checked against the geometry ->
+        float32 [F, H, W, 3] in [-1, 1]."""
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be [F, H, W, 3], got shape {frames.shape}")
+        f, h, w, _ = frames.shape
+        if h % self.spatial or w % self.spatial:
+            raise ValueError(f"frame size {h}x{w} must be a multiple of {self.spatial}")
+        self.latent_frames(f)
+        x = frames.astype(np.float32)
+        return x / 127.5 - 1.0 if frames.dtype == np.uint8 else x
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """latents [T, C, h, w] -> uint8 frames [1 + temporal (T-1), spatial h, spatial w, 3]."""
+        x = np.clip(self.decode_float(latents), -1.0, 1.0)
+        return np.round((x + 1.0) * 127.5).astype(np.uint8)
+
+
+class ToyLatentCodec(FrameCodec):
     """Encode toon frames to latents and back with a fixed linear map (see the module doc)."""
 
     def __init__(self, channels: int, *, temporal: int = 4, spatial: int = 8, seed: int = 0):
@@ -50,31 +89,11 @@ class ToyLatentCodec:
         q, _ = np.linalg.qr(rng.standard_normal((channels, 3)))
         self.basis = q.astype(np.float32)            # [C, 3], basis.T @ basis = I
 
-    # -------------------------------------------------------------- geometry
-
-    def latent_frames(self, num_frames: int) -> int:
-        if num_frames < 1 or (num_frames - 1) % self.temporal:
-            raise ValueError(f"toy latents need 1 + {self.temporal} k frames, got {num_frames}")
-        return 1 + (num_frames - 1) // self.temporal
-
-    def video_frames(self, latent_frames: int) -> int:
-        return 1 + (latent_frames - 1) * self.temporal
-
-    # -------------------------------------------------------------- codec
-
     def pool(self, frames: np.ndarray) -> np.ndarray:
         """uint8 or [-1, 1] float frames [F, H, W, 3] -> block means float32 [T, h, w, 3]."""
-        frames = np.asarray(frames)
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"frames must be [F, H, W, 3], got shape {frames.shape}")
-        f, h, w, _ = frames.shape
+        x = self.unit_frames(frames)
+        _, h, w, _ = x.shape
         s = self.spatial
-        if h % s or w % s:
-            raise ValueError(f"frame size {h}x{w} must be a multiple of {s}")
-        self.latent_frames(f)
-        x = frames.astype(np.float32)
-        if frames.dtype == np.uint8:
-            x = x / 127.5 - 1.0
         rest = x[1:].reshape(-1, self.temporal, h, w, 3).mean(axis=1)
         x = np.concatenate([x[:1], rest], axis=0)
         return x.reshape(-1, h // s, s, w // s, s, 3).mean(axis=(2, 4))
@@ -93,11 +112,6 @@ class ToyLatentCodec:
         s = self.spatial
         rgb = np.repeat(np.repeat(rgb, s, axis=1), s, axis=2)
         return np.concatenate([rgb[:1], np.repeat(rgb[1:], self.temporal, axis=0)], axis=0)
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """latents [T, C, h, w] -> uint8 frames [1 + 4(T-1), 8h, 8w, 3]."""
-        x = np.clip(self.decode_float(latents), -1.0, 1.0)
-        return np.round((x + 1.0) * 127.5).astype(np.uint8)
 
 
 TOON_CODECS = ("linear", "learned")

@@ -48,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 from tttjax.command_line import ArgumentParser, fail
+from tttjax.small_weights import load_weights, save_weights
 from tttjax.data import toon_world
 
 CLASSES = {
@@ -274,38 +275,17 @@ def held_out_accuracy(det: Detector, x: np.ndarray, y: np.ndarray) -> dict:
 
 def save_detector(path: str, det: Detector, meta: dict) -> str:
     """Writes the weights (float16, Orbax) and `detector.json` (width, training figures)."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
-    state = jax.tree.map(lambda a: np.asarray(a, np.float16), nnx.state(det.net, nnx.Param))
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(path, "params"), nnx.to_pure_dict(state), force=True)
     info = dict(width=int(det.net.convs[0].out_features), **meta)
-    with open(os.path.join(path, "detector.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1)
-    return path
+    return save_weights(path, det.net, "detector.json", info)
 
 
 @functools.lru_cache(maxsize=4)
 def load_detector(path: str = DEFAULT_WEIGHTS) -> Detector:
     """The detector saved at `path` (default: the weights shipped with tttjax)."""
-    import orbax.checkpoint as ocp
-
-    info_path = os.path.join(path, "detector.json")
-    if not os.path.isfile(info_path):
-        raise ValueError(f"{path!r} holds no toon detector (no detector.json); train one with "
-                         f"`{_PROG} --out DIR`")
-    with open(info_path, encoding="utf-8") as f:
-        info = json.load(f)
-    net = DetectorNet(info["width"], rngs=nnx.Rngs(0))
-    graph, state = nnx.split(net, nnx.Param)
-    pure = nnx.to_pure_dict(state)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float16), pure)
-    with ocp.StandardCheckpointer() as ckpt:
-        restored = ckpt.restore(os.path.join(os.path.abspath(path), "params"), abstract)
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), restored))
-    return Detector(nnx.merge(graph, state))
+    net, _ = load_weights(path, "detector.json",
+                          lambda i: DetectorNet(i["width"], rngs=nnx.Rngs(0)),
+                          f"it is not a toon detector; train one with `{_PROG} --out DIR`")
+    return Detector(net)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,57 @@
+"""The small networks tttjax ships weights for (the learned toon codec, the toon detector):
+their parameters as float16 Orbax plus one JSON file of what rebuilds and describes them.
+
+    save_weights(path, net, "codec.json", info)         -> absolute path
+    net, info = load_weights(path, "codec.json", make_net, hint)
+
+float16 keeps the shipped folders at a few hundred kB; the networks compute in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def save_weights(path: str, net: nnx.Module, info_file: str, info: dict[str, Any]) -> str:
+    """Writes `net`'s parameters (float16) to `path/params` and `info` to `path/info_file`."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    state = jax.tree.map(lambda a: np.asarray(a, np.float16), nnx.state(net, nnx.Param))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(path, "params"), nnx.to_pure_dict(state), force=True)
+    with open(os.path.join(path, info_file), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+    return path
+
+
+def load_weights(path: str, info_file: str, make_net: Callable[[dict[str, Any]], nnx.Module],
+                 hint: str) -> tuple[nnx.Module, dict[str, Any]]:
+    """(network with float32 parameters, info) from a folder `save_weights` wrote.
+
+    `make_net(info)` builds the network's shape; `hint` ends the error when `path` holds no
+    `info_file` (how to make one). Raises ValueError.
+    """
+    import orbax.checkpoint as ocp
+
+    info_path = os.path.join(path, info_file)
+    if not os.path.isfile(info_path):
+        raise ValueError(f"{path!r} holds no {info_file}; {hint}")
+    with open(info_path, encoding="utf-8") as f:
+        info = json.load(f)
+    graph, state = nnx.split(make_net(info), nnx.Param)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float16),
+                            nnx.to_pure_dict(state))
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(os.path.join(os.path.abspath(path), "params"), abstract)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), restored))
+    return nnx.merge(graph, state), info
