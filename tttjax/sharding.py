@@ -203,6 +203,19 @@ def logical_to_spec(names: Sequence[str | None] | None,
     return PartitionSpec(*core_spmd.from_sharding_rules(tuple(names), tuple(rules)))
 
 
+def entry_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The mesh axes of one `PartitionSpec` entry: None -> (), "x" -> ("x",), tuple as is."""
+    if not entry:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def axes_entry(axes: Sequence[str]) -> str | tuple[str, ...] | None:
+    """The `PartitionSpec` entry for a sequence of mesh axes (inverse of `entry_axes`)."""
+    axes = tuple(axes)
+    return None if not axes else (axes[0] if len(axes) == 1 else axes)
+
+
 def _prune_spec(spec: PartitionSpec, mesh: Mesh, shape: Sequence[int], *,
                 uneven: bool = False) -> PartitionSpec:
     """Drops mesh axes that are absent from `mesh`, do not divide the dimension, or were
@@ -214,7 +227,7 @@ def _prune_spec(spec: PartitionSpec, mesh: Mesh, shape: Sequence[int], *,
     """
     out, used = [], set()
     for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        axes = entry if isinstance(entry, tuple) else ((entry,) if entry else ())
+        axes = entry_axes(entry)
         kept, size = [], 1
         for a in axes:
             ways = size * mesh.shape.get(a, 1)
@@ -223,7 +236,7 @@ def _prune_spec(spec: PartitionSpec, mesh: Mesh, shape: Sequence[int], *,
                 kept.append(a)
                 used.add(a)
                 size *= mesh.shape[a]
-        out.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+        out.append(axes_entry(kept))
     return PartitionSpec(*out)
 
 
@@ -237,7 +250,7 @@ def indivisible_axes(spec: PartitionSpec, mesh_shape: Mapping[str, int],
     replicated over that axis instead of split."""
     out, used = [], set()
     for i, (dim, entry) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
-        axes = entry if isinstance(entry, tuple) else ((entry,) if entry else ())
+        axes = entry_axes(entry)
         size = 1
         for a in axes:
             if a not in mesh_shape or a in used:
