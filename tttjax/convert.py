@@ -7,6 +7,10 @@ The output folder holds `model_config.json` and `state/` (Orbax); restore it wit
 `tttjax.models.convert.load_checkpoint(path, config, mesh=...)`. Mixer parameters (TTT layer
 and its four gate vectors per block) are freshly initialised. Exit code 2 with a one-line
 message on bad input.
+
+Both folders may be `gs://bucket/...`: a diffusers folder in a bucket is first copied to a
+temporary local folder (of a pipeline folder only its transformer/), read there and deleted,
+so the machine needs that much free disk; the output is written to the bucket directly.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from tttjax.command_line import ArgumentParser, fail
 def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m tttjax.convert", description=__doc__.split("\n")[0])
     p.add_argument("--diffusers", required=True,
-                   help="diffusers CogVideoXTransformer3DModel folder (or a pipeline folder)")
-    p.add_argument("--out", required=True, help="output checkpoint folder")
+                   help="diffusers CogVideoXTransformer3DModel folder (or a pipeline folder); "
+                        "gs://... is copied to a local temporary folder first")
+    p.add_argument("--out", required=True, help="output checkpoint folder (local or gs://...)")
     p.add_argument("--mixer", default="none", help="mixer in the paper's slot (default: none)")
     p.add_argument("--attention", default=None, choices=("full", "segment"),
                    help="attention mode stored in the config (default: segment with a mixer, "

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
+from tttjax import storage
 from tttjax.command_line import ArgumentParser, fail
 
 STORYBOARD = [
@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog=_PROG, description=__doc__.split("\n\n")[0],
                      epilog=__doc__.split("\n\n", 1)[1],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="tttjax_demo", help="output folder (default ./tttjax_demo)")
+    parser.add_argument("--out", default="tttjax_demo",
+                        help="output folder, local or gs://... (default ./tttjax_demo); the "
+                             "training workdir is OUT/run")
     parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
     parser.add_argument("--sample-steps", type=int, default=50, help="sampler steps (default 50)")
     parser.add_argument("--text-length", type=int, default=24,
@@ -92,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     from tttjax.train.loop import train
 
     start = time.time()
-    out = os.path.abspath(args.out)
-    workdir = os.path.join(out, "run")
+    out = storage.resolve(args.out)    # a local folder, or gs://... (the run and outputs there)
+    workdir = f"{out}/run"
     try:
         config = demo_config(args.steps, args.text_length, args.codec)
         config.data.data_dir = args.data_dir
@@ -106,9 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"      trained to step {result.step} ({time.time() - start:.0f} s so far)", flush=True)
 
     storyboard = parse_storyboard(STORYBOARD, source="demo storyboard")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "storyboard.json"), "w", encoding="utf-8") as f:
-        json.dump(STORYBOARD, f, indent=2)
+    storage.path(out).mkdir(parents=True, exist_ok=True)
+    storage.write_text_atomic(f"{out}/storyboard.json", json.dumps(STORYBOARD, indent=2))
     gen = load_generator(workdir)
     n = storyboard.num_segments
     print(f"[2/3] sampling {n} segments ({gen.num_frames(n)} frames at {gen.fps:.2g} fps), "
@@ -116,10 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=args.sample_steps, desc="sample", unit="step", file=sys.stdout) as bar:
         video = generate(gen, storyboard, seed=args.seed, steps=args.sample_steps,
                          progress=lambda _: bar.update(1))
-    paths = write_outputs(video, os.path.join(out, "demo.mp4"), os.path.join(out, "demo.gif"),
-                          os.path.join(out, "contact_sheet.png"))
+    paths = write_outputs(video, f"{out}/demo.mp4", f"{out}/demo.gif", f"{out}/contact_sheet.png")
     print(f"[3/3] wrote (in {time.time() - start:.0f} s):", flush=True)
-    for p in paths + [os.path.join(out, "storyboard.json")]:
+    for p in paths + [f"{out}/storyboard.json"]:
         print(f"      {p}", flush=True)
     return 0
 

@@ -47,6 +47,10 @@ encoder's config.json, for the dataset's shapes) builds it once every shard is d
 Resumable: a source file is written to a temporary name and renamed, so an existing
 `<id>.npz` is complete and is skipped (delete it to recompute).
 
+`--vae` and `--text-encoder` may be `gs://` folders: each is copied to a temporary local
+folder (of a pipeline folder only vae/, or text_encoder/ and tokenizer/), read there and
+deleted, so the host needs that much free disk; `--data-dir` may be `gs://` too.
+
 Bad input (missing folder, no videos, a video without storyboard or a storyboard without
 video, an invalid storyboard, a video too short for its storyboard, a bad VAE or text
 encoder folder, bad sizes) exits with code 2 and one line, before anything is written. With
@@ -87,10 +91,12 @@ def parse_args(argv):
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", required=True, help="folder of <id>.mp4 videos + <id>.json storyboards")
     p.add_argument("--vae", help="diffusers AutoencoderKLCogVideoX folder or CogVideoX pipeline "
-                                 "folder (required; --build-only reads only its config)")
+                                 "folder (required; --build-only reads only its config); "
+                                 "gs://... is copied to a local temporary folder first")
     text = p.add_mutually_exclusive_group()
     text.add_argument("--text-encoder", help="transformers T5EncoderModel folder with its tokenizer "
-                                             "(or a CogVideoX pipeline folder)")
+                                             "(or a CogVideoX pipeline folder); gs://... is "
+                                             "copied to a local temporary folder first")
     text.add_argument("--hashed-text-dim", type=int,
                       help="use the download-free hashed text encoder with this embedding size")
     p.add_argument("--hashed-text-seed", type=int, default=0, help="seed of the hashed encoder")
@@ -303,13 +309,23 @@ def _vae_config(folder: str):
     from tttjax.models.vae_convert import config_from_diffusers
     from tttjax.safetensors_folder import model_folder, weight_files
 
-    if not os.path.isdir(folder):
+    root = storage.path(folder)
+    if not root.is_dir():
         raise UsageError(f"--vae {folder!r} is not a folder")
     try:
-        path = model_folder(folder, "vae", "AutoencoderKLCogVideoX.save_pretrained")
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            config = config_from_diffusers(json.load(f))
-        weight_files(path)
+        if storage.is_url(folder):   # only config.json is read here: no local copy yet
+            path = next((p for p in (root, root / "vae") if (p / "config.json").is_file()), None)
+            if path is None:
+                raise ValueError(f"no config.json in {folder!r} (nor in {folder!r}/vae); give "
+                                 "the folder written by AutoencoderKLCogVideoX.save_pretrained")
+            if not any(p.name.endswith(".safetensors") for p in path.iterdir()):
+                raise ValueError(f"no .safetensors weights in {os.fspath(path)!r}")
+            config = config_from_diffusers(json.loads((path / "config.json").read_text()))
+        else:
+            path = model_folder(folder, "vae", "AutoencoderKLCogVideoX.save_pretrained")
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+                config = config_from_diffusers(json.load(f))
+            weight_files(path)
     except (ValueError, OSError, TypeError) as err:
         raise UsageError(f"--vae {folder!r}: {err}") from None
     return config
@@ -417,13 +433,13 @@ def _text_dim(args) -> int:
     if args.hashed_text_dim is not None:
         return args.hashed_text_dim
     folder = args.text_encoder
-    if not os.path.isdir(folder):
+    root = storage.path(folder)
+    if not root.is_dir():
         raise UsageError(f"--text-encoder {folder!r} is not a folder")
-    sub = os.path.join(folder, "text_encoder")
-    path = os.path.join(sub if os.path.isdir(sub) else folder, "config.json")
+    sub = root / "text_encoder"
     try:
-        with open(path, encoding="utf-8") as f:
-            return int(json.load(f)["d_model"])
+        return int(json.loads(((sub if sub.is_dir() else root) / "config.json").read_text())
+                   ["d_model"])
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"--text-encoder {folder!r}: no readable T5 config.json with d_model "
                          "(give a transformers T5EncoderModel folder or a CogVideoX pipeline "

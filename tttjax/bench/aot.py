@@ -36,9 +36,11 @@ import dataclasses
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import Any
 
+from tttjax import storage
 from tttjax.command_line import UsageError, fail, parse_config_flags
 
 GIB = 1024 ** 3
@@ -130,8 +132,15 @@ def compile_train_step(config, devices, *, dump_dir: str | None = None) -> Compi
     start = time.time()
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         lowered = setup.plan.step_fn.lower(params, opt_state, counters, batch)
-        options = {"xla_dump_to": dump_dir} if dump_dir else None
-        compiled = lowered.compile(options) if options else lowered.compile()
+        if dump_dir and storage.is_url(dump_dir):
+            # XLA dumps to local files only: dump to a scratch folder, then upload it
+            with tempfile.TemporaryDirectory(prefix="tttjax-xla-dump-") as scratch:
+                compiled = lowered.compile({"xla_dump_to": scratch})
+                storage.upload_tree(scratch, storage.resolve(dump_dir))
+        elif dump_dir:
+            compiled = lowered.compile({"xla_dump_to": dump_dir})
+        else:
+            compiled = lowered.compile()
     seconds = time.time() - start
     stats = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
@@ -244,7 +253,8 @@ def _define_flags(fv) -> None:
                          flag_values=fv)
     flags.DEFINE_string("rules", "", "logical rule overrides on top of config.mesh.rules, e.g. "
                         "length=none or length=tensor (mesh axes joined by '+')", flag_values=fv)
-    flags.DEFINE_string("dump_dir", None, "write XLA's dumps (memory-usage reports, HLO) here",
+    flags.DEFINE_string("dump_dir", None, "write XLA's dumps (memory-usage reports, HLO) here "
+                        "(a local folder, or gs://...: dumped locally, then uploaded)",
                         flag_values=fv)
 
 

@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from tttjax import storage
+from tttjax.local_copy import local_folder
 from tttjax.models import dit_config
 from tttjax.models.dit import CogVideoXDiT
 from tttjax.safetensors_folder import (ShapeMismatch, TensorReader, model_folder, read_parameter,
@@ -140,7 +141,9 @@ def from_diffusers(path: str, *, seed: int = 0, mesh: jax.sharding.Mesh | None =
     """Builds a `CogVideoXDiT` from a diffusers `CogVideoXTransformer3DModel` folder.
 
     Args:
-      path: folder with config.json + safetensors (or a pipeline folder with `transformer/`).
+      path: folder with config.json + safetensors (or a pipeline folder with `transformer/`);
+        a `gs://` folder is first copied to a temporary local folder (only its
+        `transformer/` of a pipeline), read there and deleted (`tttjax.local_copy`).
       seed: RNG seed of the freshly initialised mixer parameters.
       mesh: when given, each parameter is placed with the sharding its logical axis names
         resolve to under `rules` as soon as it is read (no full host copy is kept).
@@ -150,6 +153,13 @@ def from_diffusers(path: str, *, seed: int = 0, mesh: jax.sharding.Mesh | None =
       (model, config.model). Raises ValueError listing missing / unexpected keys or shape
       mismatches between config.json and the weights.
     """
+    with local_folder(path, subfolders=("transformer",)) as local:
+        return _from_local_diffusers(local, seed=seed, mesh=mesh, rules=rules, **overrides)
+
+
+def _from_local_diffusers(path: str, *, seed: int, mesh: jax.sharding.Mesh | None,
+                          rules: LogicalRules, **overrides
+                          ) -> tuple[CogVideoXDiT, ml_collections.ConfigDict]:
     folder = model_folder(path, "transformer", "CogVideoXTransformer3DModel.save_pretrained")
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         cfg = dit_config.from_diffusers_config(json.load(f), **overrides)

@@ -1,7 +1,8 @@
 """Import diffusers `AutoencoderKLCogVideoX` folders into `tttjax.models.vae.CogVideoXVAE`.
 
 A folder holds `config.json` and safetensors weights (one file, or shards listed by an
-`*.safetensors.index.json`). A pipeline folder with a `vae/` sub-folder also works.
+`*.safetensors.index.json`). A pipeline folder with a `vae/` sub-folder also works, and
+a `gs://` folder (read through a temporary local copy).
 Tensors are read one at a time (`safe_open`), so peak host memory is about one tensor
 beyond the model itself.
 
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tttjax.local_copy import local_folder
 from tttjax.models.vae import CogVideoXVAE, VAEConfig
 from tttjax.safetensors_folder import model_folder, read_tensors, weight_files
 
@@ -79,12 +81,20 @@ def from_diffusers_vae(path: str, *, dtype: Any = None, param_dtype: Any = jnp.f
     """Builds a `CogVideoXVAE` from a diffusers `AutoencoderKLCogVideoX` folder.
 
     Args:
-      path: folder with config.json + safetensors (or a pipeline folder with `vae/`).
+      path: folder with config.json + safetensors (or a pipeline folder with `vae/`); a
+        `gs://` folder is read through a temporary local copy of it (only `vae/` of a
+        pipeline; `tttjax.local_copy`).
       dtype: computation dtype (None: that of the parameters); param_dtype: storage dtype.
       precision: `jax.lax.Precision` for the convolutions (None: backend default).
     Returns:
       (model, config). Raises ValueError listing missing / unexpected keys or shape mismatches.
     """
+    with local_folder(path, subfolders=("vae",)) as local:
+        return _from_local_vae(local, dtype=dtype, param_dtype=param_dtype, precision=precision)
+
+
+def _from_local_vae(path: str, *, dtype: Any, param_dtype: Any, precision: Any
+                    ) -> tuple[CogVideoXVAE, VAEConfig]:
     with _named_errors():
         folder = model_folder(path, "vae", "AutoencoderKLCogVideoX.save_pretrained")
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:

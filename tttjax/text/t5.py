@@ -29,6 +29,7 @@ are attended to, as in CogVideoX's training); embeddings of every position are r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -41,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tttjax import storage
+from tttjax.local_copy import local_folder
 from tttjax.logical_params import logical_param
 from tttjax.safetensors_folder import (ShapeMismatch, TensorReader, model_folder, read_parameter,
                                        weight_files)
@@ -224,10 +227,16 @@ def _model_folder(path: str) -> str:
 
 
 def load_t5_encoder(path: str, *, dtype=jnp.float32) -> T5Encoder:
-    """A `T5Encoder` with the weights of a transformers T5 folder (or a pipeline's text_encoder/).
+    """A `T5Encoder` with the weights of a transformers T5 folder (or a pipeline's text_encoder/);
+    a `gs://` folder is read through a temporary local copy (`tttjax.local_copy`).
 
     Raises ValueError naming missing keys or shape mismatches.
     """
+    with local_folder(path, subfolders=("text_encoder",)) as local:
+        return _load_local_t5_encoder(local, dtype=dtype)
+
+
+def _load_local_t5_encoder(path: str, *, dtype) -> T5Encoder:
     folder = _model_folder(path)
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         config = T5Config.from_transformers(json.load(f))
@@ -294,11 +303,26 @@ class T5TextEncoder:
                         extra_tokens: Sequence[str] = SCENE_TOKENS) -> "T5TextEncoder":
         """From a T5 folder (config.json + safetensors + spiece.model), or a CogVideoX
         pipeline folder with text_encoder/ and tokenizer/. `extra_tokens` are added as special
-        tokens when the tokenizer lacks them (default: the scene markers)."""
-        model_folder = _model_folder(path)
-        tok_folder = tokenizer_path or _tokenizer_folder(path, model_folder)
-        tokenizer = T5SentencePieceTokenizer.from_pretrained(tok_folder, extra_tokens=extra_tokens)
-        return cls(tokenizer, load_t5_encoder(model_folder, dtype=dtype))
+        tokens when the tokenizer lacks them (default: the scene markers). `gs://` folders
+        are read through temporary local copies (`tttjax.local_copy`): of a pipeline folder
+        only text_encoder/ and tokenizer/; a text_encoder/ folder given alone finds the
+        tokenizer/ next to it in the bucket as it would on disk."""
+        with contextlib.ExitStack() as stack:
+            local = stack.enter_context(
+                local_folder(path, subfolders=("text_encoder", "tokenizer")))
+            model_folder = _model_folder(local)
+            if tokenizer_path is None and storage.is_url(path):
+                try:
+                    _tokenizer_folder(local, model_folder)
+                except ValueError:   # not in the copy: the bucket's sibling tokenizer/, if any
+                    sibling = storage.resolve(path).rsplit("/", 1)[0] + "/tokenizer"
+                    if (storage.path(sibling) / "spiece.model").is_file():
+                        tokenizer_path = sibling
+            tok_local = stack.enter_context(local_folder(tokenizer_path, subfolders=()))
+            tok_folder = tok_local or _tokenizer_folder(local, model_folder)
+            tokenizer = T5SentencePieceTokenizer.from_pretrained(tok_folder,
+                                                                 extra_tokens=extra_tokens)
+            return cls(tokenizer, _load_local_t5_encoder(model_folder, dtype=dtype))
 
     @property
     def dim(self) -> int:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tttjax.local_copy import local_folder
 from tttjax.optional_dependency import require
 
 SCENE_TOKENS = ("<end_scene>", "<start_scene>")
@@ -65,7 +66,13 @@ class T5SentencePieceTokenizer:
     @classmethod
     def from_pretrained(cls, folder: str, *, extra_tokens: Sequence[str] = SCENE_TOKENS
                         ) -> "T5SentencePieceTokenizer":
-        """Reads `folder/spiece.model` and the added tokens saved next to it."""
+        """Reads `folder/spiece.model` and the added tokens saved next to it (a `gs://`
+        folder through a temporary local copy, `tttjax.local_copy`)."""
+        with local_folder(folder, subfolders=()) as local:
+            return cls._from_local(local, extra_tokens)
+
+    @classmethod
+    def _from_local(cls, folder: str, extra_tokens: Sequence[str]) -> "T5SentencePieceTokenizer":
         spiece = os.path.join(folder, "spiece.model")
         if not os.path.isfile(spiece):
             raise ValueError(f"no spiece.model in {folder!r}; give the T5 tokenizer folder "
