@@ -101,10 +101,15 @@ def test_two_hosts_read_the_rows_of_one(toon):
             np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), full[key])
 
 
-def test_iterator_state_resumes_the_same_stream(toon):
+def _second_shard(toon, global_batch, **kw):
+    """A fresh iterator over shard 1 of 2 of the toon loader (seed 7)."""
     source, transform = toon
-    make = lambda: iter(loader.make_loader(source, transform, global_batch=2, shard_index=1,  # noqa: E731
-                                           shard_count=2, seed=7))
+    return iter(loader.make_loader(source, transform, global_batch=global_batch, shard_index=1,
+                                   shard_count=2, seed=7, **kw))
+
+
+def test_iterator_state_resumes_the_same_stream(toon):
+    make = lambda: _second_shard(toon, 2)  # noqa: E731
     it = make()
     for _ in range(3):
         next(it)
@@ -119,9 +124,7 @@ def test_iterator_state_resumes_the_same_stream(toon):
 def test_position_from_examples_consumed_matches_grain_state(toon):
     from tttjax.train.loop import _position_iterator
 
-    source, transform = toon
-    make = lambda: iter(loader.make_loader(source, transform, global_batch=4, shard_index=1,  # noqa: E731
-                                           shard_count=2, seed=7))
+    make = lambda: _second_shard(toon, 4)  # noqa: E731
     it = make()
     for _ in range(3):
         next(it)
@@ -138,9 +141,7 @@ def test_multi_worker_loading_resumes_exactly(toon):
     exactly where an uninterrupted iterator goes on."""
     from tttjax.train.loop import _position_iterator
 
-    source, transform = toon
-    make = lambda: iter(loader.make_loader(source, transform, global_batch=4, shard_index=1,  # noqa: E731
-                                           shard_count=2, seed=7, worker_count=2))
+    make = lambda: _second_shard(toon, 4, worker_count=2)  # noqa: E731
     it = make()
     for _ in range(3):
         next(it)
