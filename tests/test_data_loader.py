@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tttjax.data import latents as latents_lib
 from tttjax.data import loader
-from tttjax.data.sampler import BlockShardSampler
+from tttjax.data.block_shard_sampler import BlockShardSampler
 from tttjax.data.windows import SegmentWindows, crop_latents, crop_toon
 
 tfds.disable_progress_bar()

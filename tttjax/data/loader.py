@@ -35,7 +35,7 @@ import tensorflow_datasets as tfds
 from tttjax import storage
 from tttjax.data import latents as latents_lib
 from tttjax.data import toon_storyboards
-from tttjax.data.sampler import BlockShardSampler
+from tttjax.data.block_shard_sampler import BlockShardSampler
 from tttjax.data.text_encoder import HashedTextEncoder, segment_prompt
 from tttjax.data.toy_latents import ToyLatentCodec, make_toon_codec
 from tttjax.data.windows import SegmentWindows, crop_latents, crop_toon
