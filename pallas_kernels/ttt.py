@@ -1,8 +1,10 @@
 """Fused Pallas TTT-MLP / TTT-Linear scans (non-causal), differentiable through `jax.custom_vjp`.
 
-Same contract as `tttjax.ops.ttt.ttt_mlp` / `ttt_linear` (which dispatch here with
-`impl="pallas" | "auto" | "pallas_interpret"`): z = the TTT layer's inner-loop output before
-post_norm and wo, in q's dtype, inner state and arithmetic float32.
+Same contract as `tttjax.ops.ttt.ttt_mlp` / `ttt_linear`, which validate the arguments, check
+`impl` and dispatch here (`select`, then `ttt_scan`) with `impl="pallas" | "auto" |
+"pallas_interpret"`: z = the TTT layer's inner-loop output before post_norm and wo, in q's
+dtype, inner state and arithmetic float32. This module depends only downward (the kernels, the
+shared math of `ttt_step`, and tttjax's platform and sharding helpers), never on the op.
 
 What runs where:
 - plain JAX (so autodiff covers it): eta / b, broadcasting the initial state over the batch;
@@ -42,7 +44,6 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels import ttt_gpu, ttt_step, ttt_tpu
 from tttjax import platform as platform_lib
 from tttjax import sharding as sharding_lib
-from tttjax.ops import ttt as xla_ttt
 
 BACKENDS = {"tpu": ttt_tpu, "gpu": ttt_gpu}
 _PLATFORM_BACKEND = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}
@@ -65,10 +66,8 @@ def select(kind, impl, *, d, length, mini_batch_size, remat_group_size, causal=F
     the platform of the mesh set with `jax.set_mesh`, else the default backend; TPU or GPU)
     when it supports the shape and options, else None. "pallas": that kernel or a ValueError
     saying why not. "pallas_interpret": the TPU kernel in Pallas' TPU interpret mode (any
-    platform; slow, for tests).
+    platform; slow, for tests). `impl` is one of `tttjax.ops.ttt.IMPLS` (checked there).
     """
-    if impl not in xla_ttt.IMPLS:
-        raise ValueError(f"ttt_{kind}: impl must be one of {list(xla_ttt.IMPLS)}, got {impl!r}")
     if impl == "xla":
         return None
     explicit = impl != "auto"
@@ -173,6 +172,9 @@ def ttt_scan(kind, q, k, v, eta, params, *, mini_batch_size: int, remat_group_si
              backend: str, interpret: bool = False, initial_state=None, return_state: bool = False):
     """Non-causal TTT-MLP (kind="mlp") or TTT-Linear (kind="linear") scan in a Pallas kernel.
 
+    The arguments are those `tttjax.ops.ttt.validate` accepts (`ttt_mlp(..., impl="pallas")`
+    validates them and calls this); here only the kernel's own limits are checked.
+
     Args:
       q, k, v: [B, H, L, d], any float dtype (q, k L2-normalised and rotated, v raw).
       eta: [B, H, L] per-token step size base_lr * sigmoid(.) / d (the op applies 1/b).
@@ -193,7 +195,6 @@ def ttt_scan(kind, q, k, v, eta, params, *, mini_batch_size: int, remat_group_si
     in that layout. Gradients of params replicated over the batch axes are summed over them by
     shard_map's transpose.
     """
-    xla_ttt._validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, initial_state)
     bsz, h, length, d = q.shape
     group = min(remat_group_size, length // mini_batch_size)
     check_supported(kind, backend, d=d, mini_batch_size=mini_batch_size, remat_group_size=group)
@@ -256,7 +257,7 @@ def _local_scan(kind, q, k, v, eta, params, initial_state, *, mini_batch_size, g
             gamma, beta, state0)
     else:
         qf, kf, vf = (x.astype(f32) for x in (q, k, v))
-        y = xla_ttt.reconstruction_target(kf, vf, gamma, beta)
+        y = ttt_step.target(kf, vf, gamma, beta)
         w = w[..., None]                                       # [B, H, L, 1]
         padded = -(-n // group) * group * b
         if padded != length:

@@ -60,18 +60,24 @@ def _compiler_params(kind, d):
     return pltr.CompilerParams(num_warps=num_warps(kind, d), num_stages=1)
 
 
+def _block_specs(shapes, lp, d, n_groups):
+    """BlockSpecs over the grid (B, H) shared by both kernels: one program's whole sequence
+    [Lp, d] and w [Lp, 1], per-head [1, d], its states and all its checkpoints."""
+    seq = pl.BlockSpec((_SQ, _SQ, lp, d), lambda i, j: (i, j, 0, 0))
+    seq_w = pl.BlockSpec((_SQ, _SQ, lp, 1), lambda i, j: (i, j, 0, 0))
+    head = pl.BlockSpec((_SQ, 1, d), lambda i, j: (j, 0, 0))
+    state = [pl.BlockSpec((_SQ, _SQ, *s), lambda i, j: (i, j, 0, 0)) for s in shapes]
+    ckpt = [pl.BlockSpec((_SQ, _SQ, n_groups, *s), lambda i, j: (i, j, 0, 0, 0)) for s in shapes]
+    return seq, seq_w, head, state, ckpt
+
+
 def forward(kind, q, k, y, w, gamma, beta, state0, *, b, group, interpret=False):
     """Same contract as `pallas_kernels.ttt_tpu.forward`."""
     bsz, h, lp, d = q.shape
     ns = len(state0)
     n_groups = lp // (group * b)
     shapes = [s.shape[2:] for s in state0]
-
-    seq = pl.BlockSpec((_SQ, _SQ, lp, d), lambda i, j: (i, j, 0, 0))
-    seq_w = pl.BlockSpec((_SQ, _SQ, lp, 1), lambda i, j: (i, j, 0, 0))
-    head = pl.BlockSpec((_SQ, 1, d), lambda i, j: (j, 0, 0))
-    state = [pl.BlockSpec((_SQ, _SQ, *s), lambda i, j: (i, j, 0, 0)) for s in shapes]
-    ckpt = [pl.BlockSpec((_SQ, _SQ, n_groups, *s), lambda i, j: (i, j, 0, 0, 0)) for s in shapes]
+    seq, seq_w, head, state, ckpt = _block_specs(shapes, lp, d, n_groups)
 
     def kernel(q_ref, k_ref, y_ref, w_ref, gamma_ref, beta_ref, *refs):
         s0_refs, z_ref = refs[:ns], refs[ns]
@@ -118,13 +124,8 @@ def backward(kind, q, k, y, w, gamma, beta, ckpts, dz, dfinal, *, b, group, inte
     ns = len(ckpts)
     n_groups = lp // (group * b)
     shapes = [c.shape[3:] for c in ckpts]
-
-    seq = pl.BlockSpec((_SQ, _SQ, lp, d), lambda i, j: (i, j, 0, 0))
-    seq_w = pl.BlockSpec((_SQ, _SQ, lp, 1), lambda i, j: (i, j, 0, 0))
-    head = pl.BlockSpec((_SQ, 1, d), lambda i, j: (j, 0, 0))
+    seq, seq_w, head, state, ckpt = _block_specs(shapes, lp, d, n_groups)
     per_pair = pl.BlockSpec((_SQ, _SQ, 1, d), lambda i, j: (i, j, 0, 0))
-    state = [pl.BlockSpec((_SQ, _SQ, *s), lambda i, j: (i, j, 0, 0)) for s in shapes]
-    ckpt = [pl.BlockSpec((_SQ, _SQ, n_groups, *s), lambda i, j: (i, j, 0, 0, 0)) for s in shapes]
     work = [pl.BlockSpec((_SQ, _SQ, group, *s), lambda i, j: (i, j, 0, 0, 0)) for s in shapes]
 
     def kernel(q_ref, k_ref, y_ref, w_ref, gamma_ref, beta_ref, dz_ref, *refs):

@@ -1,9 +1,14 @@
 """One non-causal TTT mini-batch for one (batch, head) pair: forward and hand-derived backward.
 
-These are the only numerics the kernels run; the TPU (Mosaic) and GPU (Triton) kernels are
-loops and memory plumbing around `forward_step` / `backward_step`, so both backends share this
-single reference. Everything is 2-D float32 (`b` tokens x features) and written with the
-operations both Pallas lowerings accept: 2-D matmuls (`lax.dot_general`, HIGHEST precision so
+This module is the one home of the TTT layer's per-mini-batch math and constants (the
+LayerNorm forward and backward, GELU and its derivatives, the epsilon, the target, the state
+names): the XLA op (`tttjax.ops.ttt`) builds its scans from these functions, and the TPU
+(Mosaic) and GPU (Triton) kernels are loops and memory plumbing around `forward_step` /
+`backward_step`. It imports nothing from tttjax, so the dependencies go one way:
+`tttjax.ops.ttt` (validation, dispatch) -> `pallas_kernels.ttt` (kernel wrapper) ->
+`ttt_tpu` / `ttt_gpu` -> this module. The step functions are 2-D float32 (`b` tokens x features; the XLA op vmaps them over batch
+and heads); the elementwise and row-wise helpers accept any leading dims. All are written with
+the operations both Pallas lowerings accept: 2-D matmuls (`lax.dot_general`, HIGHEST precision so
 Triton does not drop to TF32), elementwise math, and keep-dims reductions along one axis.
 
 Forward of one step (docs/design.md §1, non-causal), with `w = eta / b` per token (column [b, 1]):
@@ -15,7 +20,8 @@ Forward of one step (docs/design.md §1, non-causal), with `w = eta / b` per tok
 
 The backward is the exact VJP of that map (including the second-order terms of the inner
 gradient: the VJP of the LayerNorm backward and gelu''), derived by hand; `tests/
-test_pallas_ttt.py` checks it against `jax.vjp` of the XLA op's `_minibatch_step`.
+test_pallas_ttt.py` checks it against `jax.vjp` of the XLA op's `_minibatch_step` (the
+einsum form, which also covers the causal case).
 """
 
 from __future__ import annotations
@@ -64,8 +70,8 @@ def _col_sum(x):
     return jnp.sum(x, axis=0, keepdims=True)
 
 
-def _gelu_parts(x):
-    """gelu_tanh(x), its first and second derivatives."""
+def gelu_parts(x):
+    """gelu_tanh(x) (the tanh approximation), its first and second derivatives."""
     u = _C * (x + _A * x * x * x)
     du = _C * (1.0 + 3.0 * _A * x * x)
     t = jnp.tanh(u)
@@ -76,23 +82,26 @@ def _gelu_parts(x):
     return g, g1, g2
 
 
-def _gelu(x):
+def gelu(x):
+    """The tanh-approximated GELU (docs/design.md §1)."""
     return 0.5 * x * (1.0 + jnp.tanh(_C * (x + _A * x * x * x)))
 
 
-def _gelu_grad(x):
-    return _gelu_parts(x)[1]
+def gelu_grad(x):
+    """d/dx of `gelu`."""
+    return gelu_parts(x)[1]
 
 
-def _ln_stats(z):
-    """Normalised rows and their std (biased variance + eps), z [b, d]."""
+def ln_stats(z):
+    """Normalised rows and their std (biased variance + eps) along the last axis, z [..., d]."""
     zc = z - _row_mean(z)
     std = jnp.sqrt(_row_mean(zc * zc) + LN_EPS)
     return zc / std, std
 
 
-def _ln_input_grad(g, zhat, std):
-    """Gradient w.r.t. LN's input, given g = (cotangent of LN's output) * gamma."""
+def ln_input_grad(g, zhat, std):
+    """Gradient w.r.t. LN's input, given g = (cotangent of LN's output) * gamma (the closed
+    form of docs/design.md §1's `LN_backward`)."""
     return (g - _row_mean(g) - zhat * _row_mean(g * zhat)) / std
 
 
@@ -110,9 +119,11 @@ def _target_parts(k, v):
 
 
 def target(k, v, gamma, beta):
-    """The normalised reconstruction target of `tttjax.ops.ttt.reconstruction_target`:
-    y = gamma (v - k - mean) / (std_unbiased(v - k) + eps) + beta. k, v [b, d] float32; gamma,
-    beta [1, d]. Returns y [b, d]."""
+    """The normalised reconstruction target (docs/design.md §1):
+    y = gamma (v - k - mean) / (std_unbiased(v - k) + eps) + beta. k, v [..., b, d] float32;
+    gamma, beta broadcastable ([1, d], or [H, 1, d] for [B, H, L, d]). Returns y like k.
+    The variance floor only matters for constant rows (e.g. padding), where sqrt' would be
+    inf."""
     c, _, _, inv = _target_parts(k, v)
     return gamma * (c * inv) + beta
 
@@ -142,16 +153,16 @@ def _inner_grads(kind, state, k, y, gamma, beta):
     w1, b1 = state[0], state[1]
     z1 = _mm(k, w1) + b1
     if kind == "linear":
-        zhat, std = _ln_stats(z1)
+        zhat, std = ln_stats(z1)
         resid = gamma * zhat + beta - y
-        dz = _ln_input_grad(gamma * resid, zhat, std)
+        dz = ln_input_grad(gamma * resid, zhat, std)
         return dict(z1=z1, zhat=zhat, std=std, resid=resid, dz_last=dz, dz1=dz)
     w2, b2 = state[2], state[3]
-    x2, gp, gpp = _gelu_parts(z1)
+    x2, gp, gpp = gelu_parts(z1)
     z2 = _mm(x2, w2) + b2
-    zhat, std = _ln_stats(z2)
+    zhat, std = ln_stats(z2)
     resid = gamma * zhat + beta - y
-    dz2 = _ln_input_grad(gamma * resid, zhat, std)
+    dz2 = ln_input_grad(gamma * resid, zhat, std)
     p = _mm_nt(dz2, w2)
     return dict(z1=z1, x2=x2, gp=gp, gpp=gpp, zhat=zhat, std=std, resid=resid,
                 dz_last=dz2, p=p, dz1=p * gp)
@@ -170,7 +181,7 @@ def _apply(kind, new, q):
     zq1 = _mm(q, new[0]) + new[1]
     if kind == "linear":
         return zq1, None
-    xq2 = _gelu(zq1)
+    xq2 = gelu(zq1)
     return _mm(xq2, new[2]) + new[3], (zq1, xq2)
 
 
@@ -189,7 +200,7 @@ def forward_step(kind, state, q, k, y, w, gamma, beta):
     inner = _inner_grads(kind, state, k, y, gamma, beta)
     new = _updated(kind, state, k, w, inner)
     zq, _ = _apply(kind, new, q)
-    zhat_q, _ = _ln_stats(zq)
+    zhat_q, _ = ln_stats(zq)
     return new, q + gamma * zhat_q + beta
 
 
@@ -227,7 +238,7 @@ def step_residuals(kind, state, q, k, y, w, gamma, beta):
     inner = _inner_grads(kind, state, k, y, gamma, beta)
     new = _updated(kind, state, k, w, inner)
     zq, acts = _apply(kind, new, q)
-    zhat_q, std_q = _ln_stats(zq)
+    zhat_q, std_q = ln_stats(zq)
     ln = (inner["zhat"], inner["std"], inner["resid"], inner["dz_last"], zhat_q, std_q)
     if kind == "mlp":
         return (inner["z1"], inner["p"], acts[0]) + ln, new
@@ -241,8 +252,8 @@ def backward_from_residuals(kind, state, new, residuals, q, k, w, gamma, dz, dne
     d = q.shape[-1]
     if mlp:
         z1, p, zq1 = residuals[:3]
-        x2, gp, gpp = _gelu_parts(z1)
-        acts = (zq1, _gelu(zq1))
+        x2, gp, gpp = gelu_parts(z1)
+        acts = (zq1, gelu(zq1))
         residuals = residuals[3:]
     zhat, std, resid, dz_last, zhat_q, std_q = residuals
     inner = dict(zhat=zhat, std=std, resid=resid, dz_last=dz_last)
@@ -254,13 +265,13 @@ def backward_from_residuals(kind, state, new, residuals, q, k, w, gamma, dz, dne
     # ---- apply: z = q + gamma * LN(zq) + beta
     dgamma = _col_sum(dz * zhat_q)
     dbeta = _col_sum(dz)
-    dzq = _ln_input_grad(dz * gamma, zhat_q, std_q)
+    dzq = ln_input_grad(dz * gamma, zhat_q, std_q)
     dnew = list(dnew)
     if mlp:
         zq1, xq2 = acts
         dnew[2] = dnew[2] + _mm_tn(xq2, dzq)
         dnew[3] = dnew[3] + _col_sum(dzq)
-        dzq1 = _mm_nt(dzq, new[2]) * _gelu_grad(zq1)
+        dzq1 = _mm_nt(dzq, new[2]) * gelu_grad(zq1)
     else:
         dzq1 = dzq
     dnew[0] = dnew[0] + _mm_tn(q, dzq1)
@@ -291,7 +302,7 @@ def backward_from_residuals(kind, state, new, residuals, q, k, w, gamma, dz, dne
     # ---- dZ_last = LN_backward(resid * gamma) at Z_last; resid = gamma * zhat + beta - y
     zhat, std, resid = inner["zhat"], inner["std"], inner["resid"]
     h = gamma * resid
-    dh = _ln_input_grad(u, zhat, std)
+    dh = ln_input_grad(u, zhat, std)
     dzhat = -(_row_mean(h * zhat) * u + _row_mean(u * zhat) * h) / std
     dstd = -jnp.sum(u * dz_last, axis=-1, keepdims=True) / std
     dresid = gamma * dh

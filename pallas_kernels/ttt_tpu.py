@@ -212,6 +212,20 @@ def _cost(kind, d, b, pairs, n, group, backward, arrays):
 # --------------------------------------------------------------------------- kernels
 
 
+def _block_specs(shapes, d, b, group, group_index):
+    """BlockSpecs over the grid (B, H, n_groups) shared by both kernels: token blocks of one
+    group [G b, d], its w rows [G, b], per-head [1, d], per-pair states and per-group
+    checkpoints. `group_index(g)` maps the grid's group step to the group it works on (the
+    backward walks them in reverse)."""
+    tok = pl.BlockSpec((_SQ, _SQ, group * b, d), lambda i, j, g: (i, j, group_index(g), 0))
+    tok_w = pl.BlockSpec((_SQ, _SQ, _SQ, group, b), lambda i, j, g: (i, j, group_index(g), 0, 0))
+    head = pl.BlockSpec((_SQ, 1, d), lambda i, j, g: (j, 0, 0))
+    state = [pl.BlockSpec((_SQ, _SQ, *s), lambda i, j, g: (i, j, 0, 0)) for s in shapes]
+    ckpt = [pl.BlockSpec((_SQ, _SQ, _SQ, *s), lambda i, j, g: (i, j, group_index(g), 0, 0))
+            for s in shapes]
+    return tok, tok_w, head, state, ckpt
+
+
 def forward(kind, q, k, v, w, gamma, beta, state0, *, b, group, interpret=False):
     """Runs the scan, the reconstruction target y of v - k computed in the kernel.
 
@@ -227,18 +241,12 @@ def forward(kind, q, k, v, w, gamma, beta, state0, *, b, group, interpret=False)
     """
     bsz, h, length, d = q.shape
     ns = len(state0)
-    t = group * b
     n = length // b
     n_groups = w.shape[2]
     ragged = n % group != 0
     shapes = [s.shape[2:] for s in state0]
     f32 = jnp.float32
-
-    tok = pl.BlockSpec((_SQ, _SQ, t, d), lambda i, j, g: (i, j, g, 0))
-    tok_w = pl.BlockSpec((_SQ, _SQ, _SQ, group, b), lambda i, j, g: (i, j, g, 0, 0))
-    head = pl.BlockSpec((_SQ, 1, d), lambda i, j, g: (j, 0, 0))
-    state = [pl.BlockSpec((_SQ, _SQ, *s), lambda i, j, g: (i, j, 0, 0)) for s in shapes]
-    ckpt = [pl.BlockSpec((_SQ, _SQ, _SQ, *s), lambda i, j, g: (i, j, g, 0, 0)) for s in shapes]
+    tok, tok_w, head, state, ckpt = _block_specs(shapes, d, b, group, lambda g: g)
 
     def kernel(q_ref, k_ref, v_ref, w_ref, gamma_ref, beta_ref, *refs):
         s0_refs, (z_ref,), ck_refs, fin_refs, st_refs = (
@@ -308,7 +316,6 @@ def backward(kind, q, k, v, w, gamma, beta, ckpts, dz, dfinal, *, b, group, inte
     """
     bsz, h, length, d = q.shape
     ns = len(ckpts)
-    t = group * b
     n = length // b
     n_groups = w.shape[2]
     ragged = n % group != 0
@@ -318,12 +325,8 @@ def backward(kind, q, k, v, w, gamma, beta, ckpts, dz, dfinal, *, b, group, inte
     def rev(g):
         return n_groups - 1 - g
 
-    tok = pl.BlockSpec((_SQ, _SQ, t, d), lambda i, j, g: (i, j, rev(g), 0))
-    tok_w = pl.BlockSpec((_SQ, _SQ, _SQ, group, b), lambda i, j, g: (i, j, rev(g), 0, 0))
-    head = pl.BlockSpec((_SQ, 1, d), lambda i, j, g: (j, 0, 0))
+    tok, tok_w, head, state, ckpt = _block_specs(shapes, d, b, group, rev)
     per_pair = pl.BlockSpec((_SQ, _SQ, 1, d), lambda i, j, g: (i, j, 0, 0))
-    state = [pl.BlockSpec((_SQ, _SQ, *s), lambda i, j, g: (i, j, 0, 0)) for s in shapes]
-    ckpt = [pl.BlockSpec((_SQ, _SQ, _SQ, *s), lambda i, j, g: (i, j, rev(g), 0, 0)) for s in shapes]
 
     def kernel(q_ref, k_ref, v_ref, w_ref, gamma_ref, beta_ref, dz_ref, *refs):
         ck_refs, dfin_refs = refs[:ns], refs[ns:2 * ns]

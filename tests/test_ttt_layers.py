@@ -102,13 +102,27 @@ def test_padding_keeps_complete_minibatches_and_grads_reach_every_param():
         assert float(jnp.abs(g[...]).max()) > 0, f"no gradient reaches {path}"
 
 
-def test_bf16_compute_float32_params():
-    layer = TTTLinear(32, 2, mini_batch_size=8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (1, 16, 32))
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_bf16_compute_float32_params(kind):
+    """bf16 compute against the float64 composition on the same (bf16-rounded) input.
+
+    Tolerance: 2 bf16 epsilons (2^-7 each) of the output's largest magnitude; measured errors
+    are 0.6-0.9 of one. The check must be able to fail: a doubled inner step (base_lr), a
+    plausible bug, moves the float64 reference by several tolerances.
+    """
+    layer = LAYERS[kind](32, 2, mini_batch_size=8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    perturb(layer, 0)
+    x = jax.random.normal(jax.random.key(1), (1, 32, 32)).astype(jnp.bfloat16)
     out = layer(x)
     assert out.dtype == jnp.bfloat16 and layer.W1[...].dtype == jnp.float32
-    ref = TTTLinear(32, 2, mini_batch_size=8, rngs=nnx.Rngs(0))(x)
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=5e-2, rtol=5e-2)
+    out = np.asarray(out, np.float64)
+    x64 = np.asarray(x, np.float64)
+    ref = np_layer_forward(layer, x64)
+    tol = 2 * float(jnp.finfo(jnp.bfloat16).eps) * np.abs(ref).max()
+    assert np.abs(out - ref).max() <= tol, (np.abs(out - ref).max(), tol)
+    layer.base_lr *= 2.0
+    wrong = np_layer_forward(layer, x64)
+    assert np.abs(out - wrong).max() > 2 * tol, (np.abs(out - wrong).max(), tol)
 
 
 def test_layer_sharded_over_heads_equals_one_device():

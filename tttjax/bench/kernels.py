@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from tttjax.bench.flops import ttt_inner_flops
-from tttjax.bench.table import MarkdownTable, write_csv
+from tttjax.bench.ops import print_rows
 from tttjax.bench.timing import median_time
 from tttjax.command_line import ArgumentParser
 from tttjax.ops import ttt
@@ -232,17 +232,12 @@ def _main_topology(args, parser, kinds, lengths):
     print("# FLOPs per chip: analytic = the algorithm's matmuls; xla = cost_analysis (the kernels "
           "enter it with their cost estimates, recomputation included; XLA counts a while loop's "
           "body once, not per iteration, so the XLA scan's figure is far below its work)")
-    table = MarkdownTable(("kind", "impl", "L", "mode", "args_gib", "temps_gib", "out_gib",
-                           "vmem_est_mib", "vmem_limit_mib", "analytic_gflop", "xla_gflop",
-                           "gb_accessed", "compile_s", "note"), float_format=".3g")
-    rows = []
-    for row in compile_rows(args.topology, kinds, lengths, heads=args.heads, tensor=args.tensor,
+    print_rows(("kind", "impl", "L", "mode", "args_gib", "temps_gib", "out_gib", "vmem_est_mib",
+                "vmem_limit_mib", "analytic_gflop", "xla_gflop", "gb_accessed", "compile_s", "note"),
+               compile_rows(args.topology, kinds, lengths, heads=args.heads, tensor=args.tensor,
                             d=args.head_dim, mini_batch=args.mini_batch,
-                            remat_group_size=args.remat_group_size, impls=impls):
-        rows.append(row)
-        table.row(row)
-    if args.csv:
-        write_csv(rows, args.csv)
+                            remat_group_size=args.remat_group_size, impls=impls),
+               args.csv, float_format=".3g")
     return 0
 
 
@@ -292,19 +287,14 @@ def main(argv=None):
     matmul_rate = measure_matmul_rate(args.matmul_size, args.repeats)
     print(f"# {datetime.date.today()} device: {device.device_kind} ({platform}), jax {jax.__version__}")
     print(f"# bf16 matmul {args.matmul_size}^3: {matmul_rate / 1e12:.1f} TFLOP/s measured")
-    table = MarkdownTable(("kind", "impl", "L", "b", "fwd_ms", "fwd_bwd_ms", "fwd_tflops",
-                           "fwd_bwd_tflops", "fwd_frac_of_matmul", "fwd_bwd_frac_of_matmul",
-                           "speedup_fwd", "speedup_fwd_bwd", "z_rel_err", "grad_rel_err", "note"),
-                          float_format=".3g")
-    rows = []
     kernel_impl = "pallas_interpret" if args.interpret else "pallas"
-    for row in run(kinds, lengths, args.heads, args.head_dim, args.repeats,
+    print_rows(("kind", "impl", "L", "b", "fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops",
+                "fwd_frac_of_matmul", "fwd_bwd_frac_of_matmul", "speedup_fwd", "speedup_fwd_bwd",
+                "z_rel_err", "grad_rel_err", "note"),
+               run(kinds, lengths, args.heads, args.head_dim, args.repeats,
                    mini_batch=args.mini_batch, remat_group_size=args.remat_group_size,
-                   kernel_impl=kernel_impl, matmul_rate=matmul_rate):
-        rows.append(row)
-        table.row(row)
-    if args.csv:
-        write_csv(rows, args.csv)
+                   kernel_impl=kernel_impl, matmul_rate=matmul_rate),
+               args.csv, float_format=".3g")
     return 0
 
 

@@ -39,6 +39,20 @@ _OPS = {"ttt_mlp": (ttt.ttt_mlp, "mlp", 64), "ttt_linear": (ttt.ttt_linear, "lin
 _MATMULS = {"mlp": (7, 28), "linear": (3, 12)}  # per mini-batch and (batch, head): fwd, fwd+bwd
 
 
+def print_rows(columns, rows, csv_path=None, float_format=".2f"):
+    """Prints each row of the iterable `rows` as it comes (a Markdown table of `columns`), then
+    writes them all to `csv_path` if given. Returns the rows (a list). Shared by the op and
+    kernel benchmarks."""
+    table = MarkdownTable(columns, float_format=float_format)
+    done = []
+    for row in rows:
+        done.append(row)
+        table.row(row)
+    if csv_path:
+        write_csv(done, csv_path)
+    return done
+
+
 def matmul_flops(kind, bsz, heads, length, d, b):
     """Analytic matmul FLOPs (forward, forward + backward) of the TTT op (module docstring)."""
     width = 4 * d if kind == "mlp" else d
@@ -145,18 +159,15 @@ def main(argv=None):
     print(f"# device: {jax.devices()[0].device_kind} x{jax.device_count()}, backend {jax.default_backend()}")
     rate = matmul_rate()
     print(f"# float32 matmul rate (1024^3, median): {rate / 1e9:.1f} GFLOP/s")
-    table = MarkdownTable(("op", "L", "b", "fwd_ms", "fwd_bwd_ms", "autodiff_fwd_bwd_ms",
-                           "vs_autodiff", "fwd_bwd_tok_s", "fwd_bwd_GFLOP", "fwd_bwd_GFLOP_s",
-                           "matmul_frac", "inputs_MiB", "fwd_peak_MiB", "fwd_bwd_peak_MiB"),
-                          float_format=".2f")
-    rows = []
-    for row in run(lengths, args.heads, args.head_dim, args.repeats, args.remat_group_size,
-                   reference=not args.no_reference, matmul_flop_s=rate):
-        row["matmul_GFLOP_s"] = rate / 1e9
-        rows.append(row)
-        table.row(row)
-    if args.csv:
-        write_csv(rows, args.csv)
+    def rows():
+        for row in run(lengths, args.heads, args.head_dim, args.repeats, args.remat_group_size,
+                       reference=not args.no_reference, matmul_flop_s=rate):
+            row["matmul_GFLOP_s"] = rate / 1e9
+            yield row
+
+    print_rows(("op", "L", "b", "fwd_ms", "fwd_bwd_ms", "autodiff_fwd_bwd_ms", "vs_autodiff",
+                "fwd_bwd_tok_s", "fwd_bwd_GFLOP", "fwd_bwd_GFLOP_s", "matmul_frac", "inputs_MiB",
+                "fwd_peak_MiB", "fwd_bwd_peak_MiB"), rows(), args.csv)
     return 0
 
 

@@ -35,6 +35,13 @@ from tttjax.sharding import with_logical_constraint
 
 _INIT_STD = 0.02
 
+# The TTT layers' defaults (docs/design.md §1), one home: the layer classes and the mixer
+# registry read them from here.
+DEFAULTS = {
+    "mlp": dict(mini_batch_size=64, base_lr=0.1, remat_group_size=16),
+    "linear": dict(mini_batch_size=16, base_lr=1.0, remat_group_size=16),
+}
+
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """x / max(||x||, eps) along the last axis, in float32 (torch F.normalize semantics)."""
@@ -44,7 +51,9 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return (xf * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))).astype(x.dtype)
 
 
-def _param(rngs, shape, names, dtype, kind):
+def init_param(rngs: nnx.Rngs, kind: str, shape, names, dtype) -> nnx.Param:
+    """A parameter initialised as docs/design.md §1 and §3 say: "normal" N(0, 0.02), "ones" or
+    "zeros", annotated with logical axis `names` (the TTT layers' and the DiT's one helper)."""
     if kind == "normal":
         value = _INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
     elif kind == "ones":
@@ -57,11 +66,15 @@ def _param(rngs, shape, names, dtype, kind):
 class _TTTLayer(nnx.Module):
     kind: str = ""
 
-    def __init__(self, width: int, num_heads: int, *, mini_batch_size: int, base_lr: float,
-                 remat_group_size: int = 16, causal: bool = False, impl: str = "xla",
+    def __init__(self, width: int, num_heads: int, *, mini_batch_size: int | None = None,
+                 base_lr: float | None = None, remat_group_size: int | None = None, causal: bool = False, impl: str = "xla",
                  context_axis: str | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         name = type(self).__name__
+        defaults = DEFAULTS[self.kind]  # None: the kind's default
+        mini_batch_size = defaults["mini_batch_size"] if mini_batch_size is None else mini_batch_size
+        base_lr = defaults["base_lr"] if base_lr is None else base_lr
+        remat_group_size = defaults["remat_group_size"] if remat_group_size is None else remat_group_size
         if width % num_heads:
             raise ValueError(f"{name}: width {width} must be divisible by num_heads {num_heads}")
         if mini_batch_size < 1 or remat_group_size < 1:
@@ -70,8 +83,7 @@ class _TTTLayer(nnx.Module):
         self.head_dim = d = width // num_heads
         self.mini_batch_size, self.base_lr = mini_batch_size, float(base_lr)
         self.remat_group_size, self.causal = remat_group_size, causal
-        if impl not in ttt_ops.IMPLS:
-            raise ValueError(f"{name}: impl must be one of {list(ttt_ops.IMPLS)}, got {impl!r}")
+        ttt_ops.check_impl(name, impl)
         self.impl = impl  # "xla" scan, "pallas" kernel, or "auto" (kernel where supported)
         # Mesh axis sharding the scan over L, or None ("" too: how a config spells none).
         self.context_axis = context_axis or None
@@ -88,19 +100,21 @@ class _TTTLayer(nnx.Module):
 
         self.wq, self.wk, self.wv = (linear(("embed", "heads")) for _ in range(3))
         self.wo = linear(("heads", "embed"))
-        self.theta_lr = _param(rngs, (h, width), ("heads", "embed"), param_dtype, "normal")
-        self.b_lr = _param(rngs, (h,), ("heads",), param_dtype, "zeros")
-        self.ln_weight = _param(rngs, (h, d), ("heads", "kv"), param_dtype, "ones")
-        self.ln_bias = _param(rngs, (h, d), ("heads", "kv"), param_dtype, "zeros")
+        self.theta_lr = init_param(rngs, "normal", (h, width), ("heads", "embed"), param_dtype)
+        self.b_lr = init_param(rngs, "zeros", (h,), ("heads",), param_dtype)
+        self.ln_weight = init_param(rngs, "ones", (h, d), ("heads", "kv"), param_dtype)
+        self.ln_bias = init_param(rngs, "zeros", (h, d), ("heads", "kv"), param_dtype)
         f = 4 * d if self.kind == "mlp" else d
-        self.W1 = _param(rngs, (h, d, f), ("heads", "kv", "ttt_hidden"), param_dtype, "normal")
-        self.b1 = _param(rngs, (h, 1, f), ("heads", None, "ttt_hidden"), param_dtype, "zeros")
+        self.W1 = init_param(rngs, "normal", (h, d, f), ("heads", "kv", "ttt_hidden"), param_dtype)
+        self.b1 = init_param(rngs, "zeros", (h, 1, f), ("heads", None, "ttt_hidden"), param_dtype)
         if self.kind == "mlp":
-            self.W2 = _param(rngs, (h, f, d), ("heads", "ttt_hidden", "kv"), param_dtype, "normal")
-            self.b2 = _param(rngs, (h, 1, d), ("heads", None, "kv"), param_dtype, "zeros")
+            self.W2 = init_param(rngs, "normal", (h, f, d), ("heads", "ttt_hidden", "kv"),
+                                 param_dtype)
+            self.b2 = init_param(rngs, "zeros", (h, 1, d), ("heads", None, "kv"), param_dtype)
         if causal:
             # ttt-lm's learnable offset of the 1/j step-size scale, initialised at zero.
-            self.token_idx_offset = _param(rngs, (mini_batch_size,), (None,), param_dtype, "zeros")
+            self.token_idx_offset = init_param(rngs, "zeros", (mini_batch_size,), (None,),
+                                               param_dtype)
         self.post_norm = nnx.LayerNorm(
             width, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
             scale_init=logical_init(nnx.initializers.ones, ("norm",)),
@@ -214,20 +228,14 @@ class _TTTLayer(nnx.Module):
 
 
 class TTTMLP(_TTTLayer):
-    """TTT-MLP mixer: inner net GELU_tanh(x W1 + b1) W2 + b2; defaults b = 64, base_lr = 0.1."""
+    """TTT-MLP mixer: inner net GELU_tanh(x W1 + b1) W2 + b2; defaults b = 64, base_lr = 0.1
+    (`DEFAULTS["mlp"]`)."""
 
     kind = "mlp"
 
-    def __init__(self, width: int, num_heads: int, *, mini_batch_size: int = 64,
-                 base_lr: float = 0.1, **kwargs):
-        super().__init__(width, num_heads, mini_batch_size=mini_batch_size, base_lr=base_lr, **kwargs)
-
 
 class TTTLinear(_TTTLayer):
-    """TTT-Linear mixer: inner net x W1 + b1; defaults b = 16, base_lr = 1.0."""
+    """TTT-Linear mixer: inner net x W1 + b1; defaults b = 16, base_lr = 1.0
+    (`DEFAULTS["linear"]`)."""
 
     kind = "linear"
-
-    def __init__(self, width: int, num_heads: int, *, mini_batch_size: int = 16,
-                 base_lr: float = 1.0, **kwargs):
-        super().__init__(width, num_heads, mini_batch_size=mini_batch_size, base_lr=base_lr, **kwargs)

@@ -57,7 +57,7 @@ from jax.ad_checkpoint import checkpoint_name
 from tttjax import platform
 from tttjax.layers.bidirectional import GatedBidirectional
 from tttjax.layers.registry import make_mixer
-from tttjax.logical_params import logical_param
+from tttjax.layers.ttt import init_param as _param
 from tttjax.models import dit_config
 from tttjax.models.embeddings import (pipeline_rope_positions, rope_3d_at, sincos_3d_positions,
                                       timestep_embedding)
@@ -66,7 +66,6 @@ from tttjax.ops.attention import chunked_attention, full_attention, segment_atte
 from tttjax.ops.rope import apply_rope, rope_3d
 from tttjax.sharding import with_logical_constraint
 
-_INIT_STD = 0.02
 Tables = dict[str, Any]
 
 REMAT_POLICIES = {
@@ -81,16 +80,6 @@ REMAT_POLICIES = {
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def _param(rngs: nnx.Rngs, kind: str, shape, names, dtype) -> nnx.Param:
-    if kind == "normal":
-        value = _INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
-    elif kind == "ones":
-        value = jnp.ones(shape, dtype)
-    else:
-        value = jnp.zeros(shape, dtype)
-    return logical_param(value, names)
 
 
 def _layer_norm(x: jax.Array, scale: nnx.Param | None, bias: nnx.Param | None, eps: float

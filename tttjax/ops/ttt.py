@@ -23,16 +23,16 @@ All inner arithmetic is float32 whatever the input dtype; `z` is returned in q's
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-Kind = Literal["mlp", "linear"]
+from pallas_kernels import ttt as pallas_ttt
+from pallas_kernels import ttt_step
 
-_LN_EPS = 1e-8  # inner LayerNorm and target normalisation epsilon (docs/design.md §1)
+Kind = Literal["mlp", "linear"]
 
 PARAM_SHAPES = {
     # name: shape as a function of (H, d)
@@ -51,7 +51,7 @@ PARAM_SHAPES = {
         "ln_bias": lambda h, d: (h, d),
     },
 }
-STATE_KEYS = {"mlp": ("W1", "b1", "W2", "b2"), "linear": ("W1", "b1")}
+STATE_KEYS = ttt_step.STATE_NAMES  # the inner state's names per kind (one home: ttt_step)
 
 
 class InnerLoss(NamedTuple):
@@ -62,45 +62,24 @@ class InnerLoss(NamedTuple):
 
 
 # --------------------------------------------------------------------------- math pieces
+# The formulas live in `pallas_kernels.ttt_step` (shared with the kernels); these are the op's
+# public spellings of them, on [..., b, d] arrays.
 
-
-def gelu_tanh(x):
-    return jax.nn.gelu(x, approximate=True)
-
-
-def gelu_tanh_grad(x):
-    """d/dx of the tanh-approximated GELU."""
-    c = math.sqrt(2.0 / math.pi)
-    u = c * (x + 0.044715 * x**3)
-    t = jnp.tanh(u)
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+gelu_tanh = ttt_step.gelu
+gelu_tanh_grad = ttt_step.gelu_grad
+reconstruction_target = ttt_step.target
 
 
 def layer_norm_forward(z, gamma, beta):
-    """Per-head LayerNorm with biased variance. z [..., b, d]; gamma, beta [..., 1, d]."""
-    mu = jnp.mean(z, axis=-1, keepdims=True)
-    zc = z - mu
-    std = jnp.sqrt(jnp.mean(zc * zc, axis=-1, keepdims=True) + _LN_EPS)
-    zhat = zc / std
+    """Per-head LayerNorm with biased variance. z [..., b, d]; gamma, beta [..., 1, d].
+    Returns (gamma * zhat + beta, zhat, std)."""
+    zhat, std = ttt_step.ln_stats(z)
     return gamma * zhat + beta, zhat, std
 
 
 def layer_norm_backward(grad_out, zhat, std, gamma):
     """Closed-form gradient of `layer_norm_forward` w.r.t. its input z."""
-    d = zhat.shape[-1]
-    g = grad_out * gamma
-    return (d * g - jnp.sum(g, axis=-1, keepdims=True)
-            - zhat * jnp.sum(g * zhat, axis=-1, keepdims=True)) / (d * std)
-
-
-def reconstruction_target(k, v, gamma, beta):
-    """y = gamma * (v - k - mean) / (std_unbiased(v - k) + 1e-8) + beta. Shapes [..., L, d]."""
-    r = v - k
-    mu = jnp.mean(r, axis=-1, keepdims=True)
-    var = jnp.sum((r - mu) ** 2, axis=-1, keepdims=True) / (r.shape[-1] - 1)
-    # The floor only matters for constant rows (e.g. padding), where sqrt' would be inf.
-    std = jnp.sqrt(jnp.maximum(var, 1e-30))
-    return gamma * (r - mu) / (std + _LN_EPS) + beta
+    return ttt_step.ln_input_grad(grad_out * gamma, zhat, std)
 
 
 # --------------------------------------------------------------------------- one mini-batch
@@ -217,8 +196,6 @@ def _custom_vjp_scan(kind, group):
     memory: the inputs, one state per group and one group's residuals, as with the autodiff
     scan's `jax.checkpoint` groups. Every (batch, head) pair runs in the same batched matmuls.
     """
-    from pallas_kernels import ttt_step  # no tttjax imports there: no cycle
-
     fwd_step = _per_pair(functools.partial(ttt_step.forward_step, kind), 5, 2)
     residuals = _per_pair(functools.partial(ttt_step.step_residuals, kind), 5, 2)
 
@@ -319,8 +296,22 @@ def _ttt_custom_vjp(kind, qf, kf, y, eta, gamma, beta, state, *, b, group):
 # --------------------------------------------------------------------------- validation
 
 
-def _validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, initial_state):
+Impl = Literal["xla", "auto", "pallas", "pallas_interpret"]
+IMPLS = ("xla", "auto", "pallas", "pallas_interpret")
+
+
+def check_impl(name: str, impl) -> None:
+    """Raises ValueError unless `impl` is one of `IMPLS` (the op's and the layers' one check)."""
+    if impl not in IMPLS:
+        raise ValueError(f"{name}: impl must be one of {list(IMPLS)}, got {impl!r}")
+
+
+def validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, initial_state):
+    """Raises ValueError naming the first argument of `ttt_mlp` / `ttt_linear` that breaks the
+    op's contract (shapes, keys, sizes). Every entry point calls it once, before dispatch."""
     name = f"ttt_{kind}"
+    if kind not in PARAM_SHAPES:
+        raise ValueError(f"TTT op: kind must be 'mlp' or 'linear', got {kind!r}")
     if q.ndim != 4:
         raise ValueError(f"{name}: q must be [B, H, L, d], got shape {q.shape}")
     if k.shape != q.shape or v.shape != q.shape:
@@ -366,8 +357,11 @@ def _validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, ini
 
 
 def _ttt(kind, q, k, v, eta, params, *, mini_batch_size, remat_group_size, causal,
-         token_idx_offset, initial_state, return_state, return_inner_loss, vjp="custom"):
-    _validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, initial_state)
+         token_idx_offset, initial_state, return_state, return_inner_loss, vjp="custom",
+         validated=False):
+    """The XLA scan (arguments as `ttt_mlp`; `validated`: the caller already ran `validate`)."""
+    if not validated:
+        validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, initial_state)
     bsz, h, length, d = q.shape
     b = mini_batch_size
     n = length // b
@@ -442,41 +436,44 @@ def _ttt(kind, q, k, v, eta, params, *, mini_batch_size, remat_group_size, causa
     return (z, *extras) if extras else z
 
 
-Impl = Literal["xla", "auto", "pallas", "pallas_interpret"]
-IMPLS = ("xla", "auto", "pallas", "pallas_interpret")
-
-
 def _dispatch(kind, impl, q, k, v, eta, params, *, mini_batch_size, remat_group_size, causal,
               token_idx_offset, initial_state, return_state, return_inner_loss):
-    """Runs the XLA scan or, where `impl` asks for it and it applies, the Pallas kernel."""
-    if impl not in IMPLS:
-        raise ValueError(f"ttt_{kind}: impl must be one of {list(IMPLS)}, got {impl!r}")
-    if impl != "xla":
-        # Imported here: pallas_kernels builds on this module (validation, target).
-        from pallas_kernels import ttt as pallas_ttt
-
-        _validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, initial_state)
-        target = pallas_ttt.select(kind, impl, d=q.shape[-1], length=q.shape[2],
-                                   mini_batch_size=mini_batch_size,
-                                   remat_group_size=remat_group_size, causal=causal,
-                                   return_inner_loss=return_inner_loss,
-                                   token_idx_offset=token_idx_offset)
-        if target is not None:
-            backend, interpret = target
-            return pallas_ttt.ttt_scan(kind, q, k, v, eta, params, mini_batch_size=mini_batch_size,
-                                       remat_group_size=remat_group_size, backend=backend,
-                                       interpret=interpret, initial_state=initial_state,
-                                       return_state=return_state)
+    """The one place that checks `impl`, validates the arguments and picks the XLA scan or the
+    Pallas kernel (`pallas_kernels.ttt.select`)."""
+    check_impl(f"ttt_{kind}", impl)
+    validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, initial_state)
+    target = pallas_ttt.select(kind, impl, d=q.shape[-1], length=q.shape[2],
+                               mini_batch_size=mini_batch_size,
+                               remat_group_size=remat_group_size, causal=causal,
+                               return_inner_loss=return_inner_loss,
+                               token_idx_offset=token_idx_offset)
+    if target is not None:
+        backend, interpret = target
+        return pallas_ttt.ttt_scan(kind, q, k, v, eta, params, mini_batch_size=mini_batch_size,
+                                   remat_group_size=remat_group_size, backend=backend,
+                                   interpret=interpret, initial_state=initial_state,
+                                   return_state=return_state)
     return _ttt(kind, q, k, v, eta, params, mini_batch_size=mini_batch_size,
                 remat_group_size=remat_group_size, causal=causal,
                 token_idx_offset=token_idx_offset, initial_state=initial_state,
-                return_state=return_state, return_inner_loss=return_inner_loss)
+                return_state=return_state, return_inner_loss=return_inner_loss, validated=True)
 
 
-def ttt_mlp(q, k, v, eta, params, *, mini_batch_size: int, remat_group_size: int = 16,
-            return_state: bool = False, causal: bool = False, token_idx_offset=None,
-            initial_state=None, return_inner_loss: bool = False, impl: Impl = "xla"):
-    """TTT-MLP inner loop (docs/design.md §1): g(x; W) = GELU_tanh(x W1 + b1) W2 + b2.
+def _public_op(kind: Kind, name: str, doc: str):
+    """`ttt_mlp` / `ttt_linear`: one signature, two kinds."""
+    def op(q, k, v, eta, params, *, mini_batch_size: int, remat_group_size: int = 16,
+           return_state: bool = False, causal: bool = False, token_idx_offset=None,
+           initial_state=None, return_inner_loss: bool = False, impl: Impl = "xla"):
+        return _dispatch(kind, impl, q, k, v, eta, params, mini_batch_size=mini_batch_size,
+                         remat_group_size=remat_group_size, causal=causal,
+                         token_idx_offset=token_idx_offset, initial_state=initial_state,
+                         return_state=return_state, return_inner_loss=return_inner_loss)
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = doc
+    return op
+
+
+ttt_mlp = _public_op("mlp", "ttt_mlp", """TTT-MLP inner loop (docs/design.md §1): g(x; W) = GELU_tanh(x W1 + b1) W2 + b2.
 
     Args:
       q, k: [B, H, L, d], already L2-normalised and rotated; any float dtype.
@@ -501,22 +498,10 @@ def ttt_mlp(q, k, v, eta, params, *, mini_batch_size: int, remat_group_size: int
     Returns:
       z [B, H, L, d] in q's dtype (z_t = q_t + LN(g(q_t; W_i)), before post_norm and wo);
       with extras requested, the tuple (z, state?, inner_loss?) in that order.
-    """
-    return _dispatch("mlp", impl, q, k, v, eta, params, mini_batch_size=mini_batch_size,
-                     remat_group_size=remat_group_size, causal=causal,
-                     token_idx_offset=token_idx_offset, initial_state=initial_state,
-                     return_state=return_state, return_inner_loss=return_inner_loss)
+    """)
 
-
-def ttt_linear(q, k, v, eta, params, *, mini_batch_size: int, remat_group_size: int = 16,
-               return_state: bool = False, causal: bool = False, token_idx_offset=None,
-               initial_state=None, return_inner_loss: bool = False, impl: Impl = "xla"):
-    """TTT-Linear inner loop (docs/design.md §1): g(x; W) = x W1 + b1.
+ttt_linear = _public_op("linear", "ttt_linear", """TTT-Linear inner loop (docs/design.md §1): g(x; W) = x W1 + b1.
 
     Same arguments and returns as `ttt_mlp`, with params W1 [H, d, d], b1 [H, 1, d],
     ln_weight, ln_bias [H, d] (initial_state: W1, b1 with a leading batch axis).
-    """
-    return _dispatch("linear", impl, q, k, v, eta, params, mini_batch_size=mini_batch_size,
-                     remat_group_size=remat_group_size, causal=causal,
-                     token_idx_offset=token_idx_offset, initial_state=initial_state,
-                     return_state=return_state, return_inner_loss=return_inner_loss)
+    """)

@@ -160,7 +160,7 @@ def ttt_context_parallel(kind: ttt_ops.Kind, q, k, v, eta, params, *, mini_batch
                          f"of mini_batch_size={b}; pad the sequence to "
                          f"{-(-length // (cp * b)) * cp * b} tokens (a multiple of cp x "
                          f"mini_batch_size = {cp * b})")
-    ttt_ops._validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, None)
+    ttt_ops.validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, None)
     _check_axes(mesh, name, "batch", batch_axes, "B", bsz)
     head_ways = _check_axes(mesh, name, "head", head_axes, "H", h)
     local_heads = h // head_ways
