@@ -11,6 +11,8 @@
              generation runs it): time, tokens/s, FLOPs, MFU           (tttjax.bench.sample)
     aot      the trainer's step compiled ahead of time for a TPU slice (libtpu, any
              host) or fake CPU devices: per-chip memory, cost, roofline    (tttjax.bench.aot)
+    study    every mixer trained on the same toon stories, held-out storyboards filmed and
+             scored by `tttjax.eval`: the paper's mixer comparison at toy scale (.study)
 
 Shared pieces: `timing` (median wall time, compiled peak memory), `table` (Markdown rows and
 CSV), `flops` (analytic DiT FLOPs), `mfu` (peak rates by device), `run_config` (config-file
@@ -24,4 +26,5 @@ SUBCOMMANDS = {
     "train": "the real train step of a config: step time, tokens/s, model FLOPs, MFU",
     "sample": "one denoising step at n segments: time, tokens/s, model FLOPs, MFU",
     "aot": "the train step compiled for a TPU slice or fake CPU devices: memory, cost, fits",
+    "study": "mixers trained on toon stories, held-out storyboards scored: table, CSV, PNG",
 }
