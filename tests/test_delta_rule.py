@@ -85,8 +85,60 @@ def test_gradients_match_float64_recurrence():
                            ("q", "k", "v", "g", "beta", "s0"))
 
 
+# Packed sequences: row 0 has a one-token sequence, a start at a chunk boundary (16) and the
+# chunk's last token (15); row 1 one start mid-chunk. Chunk 8, length 21 (padded to 24).
+RESETS = ([1, 2, 15, 16], [10])
+
+
+def _reset_mask(length):
+    reset = np.zeros((2, length), bool)
+    for row, starts in enumerate(RESETS):
+        reset[row, starts] = True
+    return reset
+
+
+def _per_sequence(fn, length, *arrays, state):
+    """`fn(*row arrays cut to one sequence, state) -> (out, final)` run sequence by sequence,
+    each from `state`; (outputs concatenated, each row's last final state)."""
+    outs, finals = [], []
+    for row, starts in enumerate(RESETS):
+        bounds = [0] + starts + [length]
+        pieces = [fn(*(a[row:row + 1, :, s:e] for a in arrays), state[row:row + 1])
+                  for s, e in zip(bounds[:-1], bounds[1:])]
+        outs.append(jnp.concatenate([o for o, _ in pieces], axis=2))
+        finals.append(pieces[-1][1])
+    return jnp.concatenate(outs, axis=0), jnp.concatenate(finals, axis=0)
+
+
+def test_reset_restarts_every_packed_sequence_from_the_initial_state():
+    q, k, v, g, beta, s0 = make_inputs(8, 2, 2, 21, 8, 4)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    o, s = delta_rule(f32(q), f32(k), f32(v), f32(g), f32(beta), chunk_size=8,
+                      initial_state=f32(s0), return_state=True, reset=jnp.asarray(_reset_mask(21)))
+    ref = lambda q, k, v, g, beta, s: delta_rule_reference(q, k, v, g, beta, initial_state=s)  # noqa: E731
+    o_ref, s_ref = _per_sequence(ref, 21, q, k, v, g, beta, state=s0)
+    np.testing.assert_allclose(o, o_ref, rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(s, s_ref, rtol=1e-4, atol=2e-5)
+
+
+def test_reset_gradients_match_float64_recurrence():
+    reset = jnp.asarray(_reset_mask(21))
+
+    def chunked(q, k, v, g, beta, s0):
+        return gated_delta_rule(q, k, v, g, beta, chunk_size=8, initial_state=s0,
+                                return_state=True, reset=reset)
+
+    def scan(q, k, v, g, beta, s0):
+        return _per_sequence(delta_rule_scan, 21, q, k, v, g, beta, state=s0)
+
+    assert_gradients_match(chunked, scan, make_inputs(9, 2, 2, 21, 8, 4),
+                           ("q", "k", "v", "g", "beta", "s0"))
+
+
 def test_bad_shapes_raise():
     q, k, v, g, beta, s0 = (jnp.asarray(a, jnp.float32) for a in make_inputs(5, 1, 2, 8, 4, 4))
+    with pytest.raises(ValueError, match="reset must be"):
+        gated_delta_rule(q, k, v, g, beta, reset=jnp.zeros((1, 7), bool))
     with pytest.raises(ValueError, match="g must be"):
         gated_delta_rule(q, k, v, g[..., :4], beta)
     with pytest.raises(ValueError, match="v must be"):

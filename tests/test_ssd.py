@@ -58,8 +58,60 @@ def test_gradients_match_float64_recurrence():
                            ("x", "dt", "A", "B", "C", "h0"))
 
 
+# Packed sequences: row 0 has a one-token sequence, a start at a chunk boundary (16) and the
+# chunk's last token (15); row 1 one start mid-chunk. Chunk 8, length 21 (padded to 24).
+RESETS = ([1, 2, 15, 16], [10])
+
+
+def _per_sequence(fn, length, x, dt, a, b_mat, c_mat, h0):
+    """`fn` run sequence by sequence, each from h0; (outputs concatenated, last final states)."""
+    outs, finals = [], []
+    for row, starts in enumerate(RESETS):
+        bounds = [0] + starts + [length]
+        pieces = [fn(*(t[row:row + 1, :, s:e] for t in (x, dt)), a,
+                     *(t[row:row + 1, :, s:e] for t in (b_mat, c_mat)), h0[row:row + 1])
+                  for s, e in zip(bounds[:-1], bounds[1:])]
+        outs.append(jnp.concatenate([y for y, _ in pieces], axis=2))
+        finals.append(pieces[-1][1])
+    return jnp.concatenate(outs, axis=0), jnp.concatenate(finals, axis=0)
+
+
+def _reset_mask(length):
+    reset = np.zeros((2, length), bool)
+    for row, starts in enumerate(RESETS):
+        reset[row, starts] = True
+    return jnp.asarray(reset)
+
+
+def test_reset_restarts_every_packed_sequence_from_the_initial_state():
+    x, dt, a, b_mat, c_mat, h0 = make_inputs(8, 2, 4, 21, 3, 2, 5)
+    f32 = lambda t: jnp.asarray(t, jnp.float32)  # noqa: E731
+    y, h = ssd_jit(f32(x), f32(dt), f32(a), f32(b_mat), f32(c_mat), chunk_size=8,
+                   initial_state=f32(h0), return_state=True, reset=_reset_mask(21))
+    ref = lambda x, dt, a, b, c, h: ssd_reference(x, dt, a, b, c, initial_state=h)  # noqa: E731
+    y_ref, h_ref = _per_sequence(ref, 21, x, dt, a, b_mat, c_mat, h0)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5 * np.abs(y_ref).max())
+    np.testing.assert_allclose(h, h_ref, rtol=1e-4, atol=1e-5 * np.abs(h_ref).max())
+
+
+def test_reset_gradients_match_float64_recurrence():
+    reset = _reset_mask(21)
+
+    def chunked(x, dt, a, b_mat, c_mat, h0):
+        return ssd(x, dt, a, b_mat, c_mat, chunk_size=8, initial_state=h0, return_state=True,
+                   reset=reset)
+
+    def scan(*args):
+        return _per_sequence(ssd_scan, 21, *args)
+
+    assert_gradients_match(chunked, scan, make_inputs(9, 2, 4, 21, 3, 2, 5),
+                           ("x", "dt", "A", "B", "C", "h0"))
+
+
 def test_bad_shapes_raise():
     x, dt, a, b_mat, c_mat, h0 = (jnp.asarray(t, jnp.float32) for t in make_inputs(5, 1, 4, 8, 2, 2, 3))
+    with pytest.raises(ValueError, match="reset must be"):
+        ssd(x, dt, a, b_mat, c_mat, reset=jnp.zeros((1, 7), bool))
     with pytest.raises(ValueError, match="dt must be"):
         ssd(x, dt[..., :3], a, b_mat, c_mat)
     with pytest.raises(ValueError, match="A must be"):

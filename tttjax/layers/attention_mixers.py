@@ -11,8 +11,13 @@ from the `rope` argument applied to q and k, and differ only in which keys a que
 - `LocalAttention`: non-overlapping windows of `window` tokens (attention cost of the
   paper's local-attention-only baseline; used by the mixer benchmark). O(L * window).
 
-Call: `layer(x [B, L, D], *, rope=None) -> [B, L, D]` with rope (cos, sin) each [L, d] or
-[B, L, d].
+Call: `layer(x [B, L, D], *, rope=None, mask=None, segment_ids=None) -> [B, L, D]` with rope
+(cos, sin) each [L, d] or [B, L, d]. `mask` (0 = padding) and `segment_ids` (packed
+sequences) are the keywords of `TTTMLP.__call__`, applied through the attention mask: padding
+keys are never seen, and a query sees only keys of its own sequence (block diagonal). As in
+the recurrent mixers the real tokens are first moved to the front (`tttjax.ops.packing`), so a
+window counts real tokens only and each token keeps its own rope row. Attention keeps no
+state between calls: `initial_state` / `return_state` are refused.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from flax import nnx
 
 from tttjax.logical_params import logical_init, logical_param
 from tttjax.ops import attention as attention_ops
+from tttjax.ops.packing import token_layout
 from tttjax.ops.rope import apply_rope
 from tttjax.sharding import with_logical_constraint
 
@@ -57,7 +63,8 @@ class _AttentionMixer(nnx.Module):
             self.q_norm_scale, self.q_norm_bias = ones(), zeros()
             self.k_norm_scale, self.k_norm_bias = ones(), zeros()
 
-    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, key_mask=None,
+                segment_ids=None) -> jax.Array:
         raise TypeError(f"{type(self).__name__} is abstract; use FullAttention, "
                         "SlidingWindowAttention or LocalAttention")
 
@@ -69,13 +76,25 @@ class _AttentionMixer(nnx.Module):
         out = (yf - mu) * jax.lax.rsqrt(var + _QK_NORM_EPS) * scale[...] + bias[...]
         return out.astype(y.dtype)
 
-    def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None
-                 ) -> jax.Array:
-        """x [B, L, D] -> [B, L, D]; rope: optional (cos, sin) each [L, d] or [B, L, d]."""
+    def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None,
+                 mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 initial_state=None, return_state: bool = False) -> jax.Array:
+        """x [B, L, D] -> [B, L, D]; rope: optional (cos, sin) each [L, d] or [B, L, d];
+        mask [B, L] or [L] (0 = padding) and segment_ids [B, L] int as in the module doc."""
+        name = type(self).__name__
+        if initial_state is not None or return_state:
+            raise ValueError(f"{name}: attention has no recurrent state to start from or return "
+                             "(each call attends over the keys it is given); drop initial_state / "
+                             "return_state, or use a recurrent mixer (ttt_mlp, ttt_linear, "
+                             "gated_deltanet, mamba2)")
         bsz, length, width = x.shape
         if width != self.width:
-            raise ValueError(f"{type(self).__name__}: input width {width} != layer width {self.width}")
-        x = x.astype(self.dtype)
+            raise ValueError(f"{name}: input width {width} != layer width {self.width}")
+        layout = token_layout(mask, segment_ids, bsz, length, name)
+        x = layout.gather(x.astype(self.dtype))
+        if rope is not None and layout.order is not None:   # each token keeps its own rows
+            axis = 0 if rope[0].ndim == 2 else 1
+            rope = (layout.gather(rope[0], axis), layout.gather(rope[1], axis))
 
         def heads(y):
             y = y.reshape(bsz, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
@@ -90,10 +109,10 @@ class _AttentionMixer(nnx.Module):
             if cos.ndim == 3:  # per-example tables [B, L, d] -> broadcast over heads
                 cos, sin = cos[:, None], sin[:, None]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = self._attend(q, k, v)
+        y = self._attend(q, k, v, key_mask=layout.valid, segment_ids=layout.segment)
         y = y.transpose(0, 2, 1, 3).reshape(bsz, length, width)
         y = with_logical_constraint(y, ("batch", "length", "embed"))
-        return self.wo(y)
+        return layout.scatter(self.wo(y))
 
 
 class FullAttention(_AttentionMixer):
@@ -111,11 +130,13 @@ class FullAttention(_AttentionMixer):
         super().__init__(width, num_heads, **kwargs)
         self.implementation, self.chunk = implementation, chunk
 
-    def _attend(self, q, k, v):
+    def _attend(self, q, k, v, key_mask=None, segment_ids=None):
+        masks = dict(key_mask=key_mask, segment_ids=segment_ids)
         if self.implementation == "chunked":
-            return attention_ops.chunked_attention(q, k, v, chunk=self.chunk, causal=self.causal)
+            return attention_ops.chunked_attention(q, k, v, chunk=self.chunk, causal=self.causal,
+                                                   **masks)
         return attention_ops.full_attention(q, k, v, causal=self.causal,
-                                            implementation=self.implementation)
+                                            implementation=self.implementation, **masks)
 
 
 class SlidingWindowAttention(_AttentionMixer):
@@ -141,10 +162,11 @@ class SlidingWindowAttention(_AttentionMixer):
             return self.window - 1, 0
         return self.window // 2, self.window - 1 - self.window // 2
 
-    def _attend(self, q, k, v):
+    def _attend(self, q, k, v, key_mask=None, segment_ids=None):
         return attention_ops.sliding_window_attention(q, k, v, window=self.extent,
                                                       block_size=self.block_size,
-                                                      implementation=self.implementation)
+                                                      implementation=self.implementation,
+                                                      key_mask=key_mask, segment_ids=segment_ids)
 
 
 class LocalAttention(_AttentionMixer):
@@ -159,6 +181,9 @@ class LocalAttention(_AttentionMixer):
         super().__init__(width, num_heads, **kwargs)
         self.window, self.chunk = window, chunk
 
-    def _attend(self, q, k, v):
+    def _attend(self, q, k, v, key_mask=None, segment_ids=None):
+        if key_mask is not None or segment_ids is not None:
+            raise ValueError("LocalAttention: mask / segment_ids are not supported (its windows "
+                             "are fixed positions); use FullAttention or SlidingWindowAttention")
         return attention_ops.local_attention(q, k, v, window=self.window, causal=self.causal,
                                              chunk=self.chunk)

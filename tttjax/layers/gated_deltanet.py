@@ -15,6 +15,13 @@ width equals the model width; fla's default is 2 with fewer, wider heads).
 
 The layer is causal in time; `tttjax.layers.registry` adds the reversed pass for the
 bidirectional setting. RoPE is not used (the `rope` argument is accepted and ignored).
+
+Padded and packed batches, and sequences in pieces (the keywords of `TTTMLP.__call__`):
+`mask` (0 = padding: the real tokens are moved to the front, `tttjax.ops.packing`, and
+padding takes a skip step beta = 0, g = 0), `segment_ids` (the delta-rule state and the short
+convolutions restart from the initial state at every packed sequence), `initial_state` /
+`return_state` (the state is {"delta": S [B, H, d_k, d_v], "q_conv", "k_conv", "v_conv":
+the last K - 1 projected inputs [B, K - 1, C]}, all float32).
 """
 
 from __future__ import annotations
@@ -25,9 +32,9 @@ from flax import nnx
 
 from tttjax.layers import ssm_init
 from tttjax.logical_params import logical_init, logical_param
-from tttjax.ops.causal_conv import causal_depthwise_conv
 from tttjax.ops.delta_rule import gated_delta_rule
 from tttjax.ops.gated_rms_norm import gated_rms_norm
+from tttjax.ops.packing import check_state, token_layout
 from tttjax.sharding import with_logical_constraint
 
 _INIT_STD = 0.02
@@ -88,34 +95,67 @@ class GatedDeltaNet(nnx.Module):
             ssm_init.dt_bias(rngs.params(), (num_heads,), dtype=param_dtype), ("heads",))
         self.o_norm_weight = logical_param(jnp.ones((head_v,), param_dtype), ("kv",))
 
-    def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None
-                 ) -> jax.Array:
-        """x [B, L, D] -> [B, L, D]; `rope` is ignored."""
+    def state_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the `initial_state` / returned state dict for a batch of `batch` rows."""
+        h, k = self.num_heads, self.q_conv.shape[0] - 1
+        return {"delta": (batch, h, self.head_dim, self.head_v_dim),
+                "q_conv": (batch, k, h * self.head_dim), "k_conv": (batch, k, h * self.head_dim),
+                "v_conv": (batch, k, h * self.head_v_dim)}
+
+    def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None,
+                 mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 initial_state: dict[str, jax.Array] | None = None, return_state: bool = False):
+        """x [B, L, D] -> y [B, L, D], or (y, final state) with `return_state`.
+
+        Args:
+          rope: ignored.
+          mask: optional [B, L] or [L], 0 for padding: padding changes no state and no other
+            token's output (its own output is meaningless).
+          segment_ids: optional int [B, L], one id per packed sequence (contiguous runs): no
+            information flows between sequences; each starts from `initial_state`.
+          initial_state: optional state dict (module doc) to continue a sequence; default zeros.
+          return_state: also return the state after the last real token.
+        """
         del rope
         bsz, length, width = x.shape
         if width != self.width:
             raise ValueError(f"GatedDeltaNet: input width {width} != layer width {self.width}")
-        x = x.astype(self.dtype)
+        layout = token_layout(mask, segment_ids, bsz, length, "GatedDeltaNet")
+        init = check_state("GatedDeltaNet", initial_state, self.state_shapes(bsz))
+        x = layout.gather(x.astype(self.dtype))
         h = self.num_heads
+        conv_states = {}
 
         def heads(y, d):
             y = y.reshape(bsz, length, h, d).transpose(0, 2, 1, 3)
             return with_logical_constraint(y, ("batch", "heads", "length", "kv"))
 
-        def conv_silu(proj, kernel):
-            return jax.nn.silu(causal_depthwise_conv(proj(x), kernel[...]))
+        def conv_silu(proj, kernel, key):
+            out = layout.conv(proj(x), kernel[...], initial_state=init.get(key),
+                              return_state=return_state)
+            if return_state:
+                out, conv_states[key] = out
+            return jax.nn.silu(out)
 
-        q = fla_l2_normalize(heads(conv_silu(self.q_proj, self.q_conv), self.head_dim))
-        k = fla_l2_normalize(heads(conv_silu(self.k_proj, self.k_conv), self.head_dim))
-        v = heads(conv_silu(self.v_proj, self.v_conv), self.head_v_dim)
+        q = fla_l2_normalize(heads(conv_silu(self.q_proj, self.q_conv, "q_conv"), self.head_dim))
+        k = fla_l2_normalize(heads(conv_silu(self.k_proj, self.k_conv, "k_conv"), self.head_dim))
+        v = heads(conv_silu(self.v_proj, self.v_conv, "v_conv"), self.head_v_dim)
         beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32)).transpose(0, 2, 1)
         a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
         g = (-jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a)).transpose(0, 2, 1)
+        if layout.valid is not None:      # padding: decay 1, no write (docs/design.md §7)
+            real = layout.valid[:, None, :]
+            beta, g = jnp.where(real, beta, 0.0), jnp.where(real, g, 0.0)
 
-        o = gated_delta_rule(q, k, v.astype(jnp.float32), g, beta, chunk_size=self.chunk_size)
+        o = gated_delta_rule(q, k, v.astype(jnp.float32), g, beta, chunk_size=self.chunk_size,
+                             initial_state=init.get("delta"), return_state=return_state,
+                             reset=layout.reset)
+        if return_state:
+            o, conv_states["delta"] = o
         o = with_logical_constraint(o.transpose(0, 2, 1, 3), ("batch", "length", "heads", "kv"))
         gate = self.g_proj(x).reshape(bsz, length, h, self.head_v_dim)
         o = gated_rms_norm(o, gate.astype(jnp.float32), self.o_norm_weight[...], eps=self.norm_eps,
                            norm_before_gate=True)
         o = o.reshape(bsz, length, h * self.head_v_dim).astype(self.dtype)
-        return with_logical_constraint(self.o_proj(o), ("batch", "length", "embed"))
+        y = layout.scatter(with_logical_constraint(self.o_proj(o), ("batch", "length", "embed")))
+        return (y, conv_states) if return_state else y

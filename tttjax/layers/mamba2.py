@@ -17,6 +17,13 @@ default); the layer then has `expand * width / head_dim` heads (96 for CogVideoX
 
 Causal in time; `tttjax.layers.registry` adds the reversed pass for the bidirectional
 setting. RoPE is not used (the `rope` argument is accepted and ignored).
+
+Padded and packed batches, and sequences in pieces (the keywords of `TTTMLP.__call__`):
+`mask` (0 = padding: the real tokens are moved to the front, `tttjax.ops.packing`, and
+padding takes a skip step dt = 0), `segment_ids` (the SSM state and the short convolutions
+restart from the initial state at every packed sequence), `initial_state` / `return_state`
+(the state is {"ssm": h [B, H, P, N], "x_conv": [B, K - 1, d_inner], "bc_conv": [B, K - 1,
+2 G N]}, the convolutions' last K - 1 inputs before their bias; all float32).
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ from flax import nnx
 
 from tttjax.layers import ssm_init
 from tttjax.logical_params import logical_init, logical_param
-from tttjax.ops.causal_conv import causal_depthwise_conv
 from tttjax.ops.gated_rms_norm import gated_rms_norm
+from tttjax.ops.packing import check_state, token_layout
 from tttjax.ops.ssd import ssd
 from tttjax.sharding import with_logical_constraint
 
@@ -89,26 +96,50 @@ class Mamba2(nnx.Module):
         self.D = logical_param(jnp.ones((nheads,), param_dtype), ("heads",))
         self.norm_weight = logical_param(jnp.ones((nheads, head_dim), param_dtype), ("heads", "kv"))
 
-    def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None
-                 ) -> jax.Array:
-        """x [B, L, D] -> [B, L, D]; `rope` is ignored."""
+    def state_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the `initial_state` / returned state dict for a batch of `batch` rows."""
+        k = self.x_conv.shape[0] - 1
+        return {"ssm": (batch, self.num_heads, self.head_dim, self.d_state),
+                "x_conv": (batch, k, self.d_inner),
+                "bc_conv": (batch, k, 2 * self.ngroups * self.d_state)}
+
+    def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None,
+                 mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 initial_state: dict[str, jax.Array] | None = None, return_state: bool = False):
+        """x [B, L, D] -> y [B, L, D], or (y, final state) with `return_state`; the keywords
+        as `GatedDeltaNet.__call__` (state dict: the module doc)."""
         del rope
         bsz, length, width = x.shape
         if width != self.width:
             raise ValueError(f"Mamba2: input width {width} != layer width {self.width}")
-        x = x.astype(self.dtype)
+        layout = token_layout(mask, segment_ids, bsz, length, "Mamba2")
+        init = check_state("Mamba2", initial_state, self.state_shapes(bsz))
+        x = layout.gather(x.astype(self.dtype))
         h, p, g, n = self.num_heads, self.head_dim, self.ngroups, self.d_state
+        states = {}
 
-        xs = jax.nn.silu(causal_depthwise_conv(self.x_proj(x), self.x_conv[...], self.x_conv_bias[...]))
-        bc = jax.nn.silu(causal_depthwise_conv(self.bc_proj(x), self.bc_conv[...], self.bc_conv_bias[...]))
+        def conv_silu(proj, kernel, bias, key):
+            out = layout.conv(proj(x), kernel[...], bias[...], initial_state=init.get(key),
+                              return_state=return_state)
+            if return_state:
+                out, states[key] = out
+            return jax.nn.silu(out)
+
+        xs = conv_silu(self.x_proj, self.x_conv, self.x_conv_bias, "x_conv")
+        bc = conv_silu(self.bc_proj, self.bc_conv, self.bc_conv_bias, "bc_conv")
         xs = with_logical_constraint(xs.reshape(bsz, length, h, p).transpose(0, 2, 1, 3),
                                      ("batch", "heads", "length", "kv"))
         bc = bc.reshape(bsz, length, 2, g, n).transpose(2, 0, 3, 1, 4)   # [2, B, G, L, N]
         dt = jax.nn.softplus(self.dt_proj(x).astype(jnp.float32)
                              + self.dt_bias[...].astype(jnp.float32)).transpose(0, 2, 1)
         a = -jnp.exp(self.A_log[...].astype(jnp.float32))
+        if layout.valid is not None:      # padding: decay 1, no input (docs/design.md §7)
+            dt = jnp.where(layout.valid[:, None, :], dt, 0.0)
 
-        y = ssd(xs.astype(jnp.float32), dt, a, bc[0], bc[1], chunk_size=self.chunk_size)
+        y = ssd(xs.astype(jnp.float32), dt, a, bc[0], bc[1], chunk_size=self.chunk_size,
+                initial_state=init.get("ssm"), return_state=return_state, reset=layout.reset)
+        if return_state:
+            y, states["ssm"] = y
         y = y + self.D[...].astype(jnp.float32)[:, None, None] * xs.astype(jnp.float32)
         y = with_logical_constraint(y.transpose(0, 2, 1, 3), ("batch", "length", "heads", "kv"))
         z = self.z_proj(x).reshape(bsz, length, h, p)
@@ -118,4 +149,5 @@ class Mamba2(nnx.Module):
                            self.norm_weight[...].reshape(g, (h // g) * p),
                            eps=self.norm_eps, norm_before_gate=False)
         y = y.reshape(bsz, length, self.d_inner).astype(self.dtype)
-        return with_logical_constraint(self.out_proj(y), ("batch", "length", "embed"))
+        y = layout.scatter(with_logical_constraint(self.out_proj(y), ("batch", "length", "embed")))
+        return (y, states) if return_state else y

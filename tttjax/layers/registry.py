@@ -14,6 +14,9 @@ are ignored (one config can carry every mixer's settings, as the DiT's `mixer_co
 configs/ does). Options a mixer does not take are refused by name.
 `default_mixer_config(width, num_heads)` has every default.
 
+Adding a mixer is one `REGISTRY` entry (class, whether it is recurrent, its defaults): the
+options it accepts and whether it takes `causal` are read from its constructor.
+
 Directions:
   forward        one pass in sequence order: recurrent mixers scan forward, TTT uses the
                  video form (non-causal inside a mini-batch), attention is non-causal. This
@@ -29,6 +32,7 @@ Directions:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -43,25 +47,40 @@ from tttjax.layers.gated_deltanet import GatedDeltaNet
 from tttjax.layers.mamba2 import Mamba2
 from tttjax.layers.ttt import TTTLinear, TTTMLP
 
-MIXERS = {
-    "ttt_mlp": TTTMLP,
-    "ttt_linear": TTTLinear,
-    "gated_deltanet": GatedDeltaNet,
-    "mamba2": Mamba2,
-    "swa": SlidingWindowAttention,
-    "full": FullAttention,
+@dataclasses.dataclass(frozen=True)
+class MixerSpec:
+    """One registered mixer: all `make_mixer` and `default_mixer_config` need to know.
+
+    Whether the constructor takes `causal` (set from `direction`) and which options it
+    accepts are read from its signature, so adding a mixer is one entry in `REGISTRY`.
+    """
+
+    cls: type                  # the nnx.Module: cls(width, num_heads, *, dtype, param_dtype, rngs, ...)
+    recurrent: bool            # scans in sequence order: "bidirectional" adds the reversed pass
+    defaults: dict[str, Any]   # the paper's options (docs/design.md §1 and §7)
+
+
+REGISTRY: dict[str, MixerSpec] = {
+    "ttt_mlp": MixerSpec(TTTMLP, True, dict(mini_batch_size=64, base_lr=0.1, remat_group_size=16)),
+    "ttt_linear": MixerSpec(TTTLinear, True,
+                            dict(mini_batch_size=16, base_lr=1.0, remat_group_size=16)),
+    "gated_deltanet": MixerSpec(GatedDeltaNet, True,
+                                dict(expand_v=1.0, conv_size=4, chunk_size=64, norm_eps=1e-5)),
+    "mamba2": MixerSpec(Mamba2, True, dict(d_state=128, expand=2, ngroups=1, conv_size=4,
+                                           chunk_size=256, norm_eps=1e-5)),
+    "swa": MixerSpec(SlidingWindowAttention, False, dict(window=8192, qk_norm=True)),
+    "full": MixerSpec(FullAttention, False, dict(qk_norm=True)),
 }
-MIXER_NAMES = tuple(MIXERS) + ("none",)
+MIXERS = {name: spec.cls for name, spec in REGISTRY.items()}    # name -> class
+MIXER_NAMES = tuple(REGISTRY) + ("none",)
 DIRECTIONS = ("forward", "causal", "bidirectional")
-_RECURRENT = ("ttt_mlp", "ttt_linear", "gated_deltanet", "mamba2")
-_HAS_CAUSAL_FLAG = ("ttt_mlp", "ttt_linear", "swa", "full")
 _COMMON = ("width", "num_heads", "direction", "dtype", "param_dtype")
 _NOT_OPTIONS = ("self", "width", "num_heads", "dtype", "param_dtype", "rngs", "causal")
 
 
 def mixer_names() -> tuple[str, ...]:
     """Names that build a mixer module (every name but `none`)."""
-    return tuple(MIXERS)
+    return tuple(REGISTRY)
 
 
 def default_mixer_config(width: int, num_heads: int) -> ml_collections.ConfigDict:
@@ -72,27 +91,26 @@ def default_mixer_config(width: int, num_heads: int) -> ml_collections.ConfigDic
         direction="forward",
         dtype="float32",
         param_dtype="float32",
-        ttt_mlp=dict(mini_batch_size=64, base_lr=0.1, remat_group_size=16),
-        ttt_linear=dict(mini_batch_size=16, base_lr=1.0, remat_group_size=16),
-        gated_deltanet=dict(expand_v=1.0, conv_size=4, chunk_size=64, norm_eps=1e-5),
-        mamba2=dict(d_state=128, expand=2, ngroups=1, conv_size=4, chunk_size=256, norm_eps=1e-5),
-        swa=dict(window=8192, qk_norm=True),
-        full=dict(qk_norm=True),
+        **{name: dict(spec.defaults) for name, spec in REGISTRY.items()},
     ))
+
+
+def _init_keywords(klass: type) -> list[str]:
+    """Keyword-only constructor arguments of `klass`, following `**kwargs` up its bases."""
+    found: list[str] = []
+    for base in klass.__mro__:
+        if "__init__" not in vars(base):
+            continue
+        params = inspect.signature(vars(base)["__init__"]).parameters.values()
+        found += [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name not in found]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return found
 
 
 def mixer_options(name: str) -> tuple[str, ...]:
     """Keyword options the mixer `name` accepts (besides the common ones)."""
-    found: list[str] = []
-    for klass in MIXERS[name].__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        params = inspect.signature(vars(klass)["__init__"]).parameters.values()
-        found += [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name not in _NOT_OPTIONS
-                  and p.name not in found]
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    return tuple(found)
+    return tuple(k for k in _init_keywords(REGISTRY[name].cls) if k not in _NOT_OPTIONS)
 
 
 class SumBidirectional(nnx.Module):
@@ -101,15 +119,26 @@ class SumBidirectional(nnx.Module):
     def __init__(self, mixer: nnx.Module):
         self.mixer = mixer
 
-    def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None
-                 ) -> jax.Array:
-        """x [B, L, D] -> [B, L, D]; rope (cos, sin) [L, d] or [B, L, d] in x's order."""
+    def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None,
+                 mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 initial_state=None, return_state: bool = False) -> jax.Array:
+        """x [B, L, D] -> [B, L, D]; rope (cos, sin) [L, d] or [B, L, d], mask [B, L] or [L]
+        and segment_ids [B, L] in x's order (reversed with x for the backward pass)."""
+        if initial_state is not None or return_state:
+            raise ValueError(f"{type(self.mixer).__name__} (bidirectional): a two-way pass has no "
+                             "single state to start from or return (the reversed pass starts at "
+                             "the sequence's end); drop initial_state / return_state, or use "
+                             "direction 'forward' / 'causal'")
+        flip = lambda a: None if a is None else jnp.flip(a, jnp.ndim(a) - 1)  # noqa: E731
         flip_rope = None
         if rope is not None:
             axis = rope[0].ndim - 2
             flip_rope = (jnp.flip(rope[0], axis), jnp.flip(rope[1], axis))
-        backward = self.mixer(jnp.flip(x, 1), rope=flip_rope)
-        return self.mixer(x, rope=rope) + jnp.flip(backward, 1)
+        # only the keywords given, so mixers without segment_ids are still called as before
+        fwd = {k: v for k, v in (("mask", mask), ("segment_ids", segment_ids)) if v is not None}
+        bwd = {k: flip(v) for k, v in fwd.items()}
+        backward = self.mixer(jnp.flip(x, 1), rope=flip_rope, **bwd)
+        return self.mixer(x, rope=rope, **fwd) + jnp.flip(backward, 1)
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
@@ -158,12 +187,13 @@ def make_mixer(name: str, config: Any, *, rngs: nnx.Rngs) -> nnx.Module | None:
     if unknown:
         raise ValueError(f"make_mixer: mixer {name!r} has no option(s) {unknown}; it accepts "
                          f"{sorted(allowed)}")
-    if name in _HAS_CAUSAL_FLAG:
+    spec = REGISTRY[name]
+    if "causal" in _init_keywords(spec.cls):
         options["causal"] = direction == "causal"
 
-    mixer = MIXERS[name](width, num_heads, dtype=_dtype(_get(config, "dtype", "float32"), "dtype"),
+    mixer = spec.cls(width, num_heads, dtype=_dtype(_get(config, "dtype", "float32"), "dtype"),
                          param_dtype=_dtype(_get(config, "param_dtype", "float32"), "param_dtype"),
                          rngs=rngs, **options)
-    if direction == "bidirectional" and name in _RECURRENT:
+    if direction == "bidirectional" and spec.recurrent:
         return SumBidirectional(mixer)
     return mixer

@@ -12,6 +12,10 @@
   window i (windows share `overlap_frames` frames; overlapping outputs are averaged),
   local RoPE inside every window.
 
+Padded and packed batches (`full_attention`, `chunked_attention`, `sliding_window_attention`):
+`key_mask` [B, Lk] bool (False: a key no query sees, e.g. padding) and `segment_ids` [B, L]
+int (a query sees only keys of its own id: block-diagonal attention over packed sequences).
+
 Blocked forms scan over blocks with `jax.checkpoint` around each block, so the backward pass
 keeps one block's logits at a time. Logits and softmax are float32 whatever the input dtype;
 outputs take q's dtype. The scale is d ** -0.5.
@@ -55,30 +59,57 @@ def _softmax_attend(q, k, v, mask, scale):
                       preferred_element_type=jnp.float32)
 
 
+def _check_token_masks(name, q, k, key_mask, segment_ids):
+    bsz, _, lq, _ = q.shape
+    lk = k.shape[2]
+    if key_mask is not None and key_mask.shape != (bsz, lk):
+        raise ValueError(f"{name}: key_mask must be [B, Lk] = {(bsz, lk)}, got {key_mask.shape}")
+    if segment_ids is not None and (lq != lk or segment_ids.shape != (bsz, lq)):
+        raise ValueError(f"{name}: segment_ids must be [B, L] = {(bsz, lq)} (queries and keys of "
+                         f"one sequence), got {segment_ids.shape} with Lk = {lk}")
+
+
+def _token_mask(key_mask, seg_q, seg_k):
+    """[B, 1, Tq, Tk] bool (or None) from key_mask [B, Tk] and segment ids [B, Tq] / [B, Tk]."""
+    mask = None
+    if key_mask is not None:
+        mask = key_mask.astype(bool)[:, None, None, :]
+    if seg_q is not None:
+        same = (seg_q[:, :, None] == seg_k[:, None, :])[:, None]
+        mask = same if mask is None else mask & same
+    return mask
+
+
 def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
-                   implementation: str | None = None) -> jax.Array:
+                   implementation: str | None = None, key_mask: jax.Array | None = None,
+                   segment_ids: jax.Array | None = None) -> jax.Array:
     """Softmax attention over the whole sequence.
 
     Args:
       q: [B, H, Lq, d]; k, v: [B, H, Lk, d] (Lq == Lk when causal).
       causal: mask keys after the query position.
       implementation: passed to `jax.nn.dot_product_attention` (None, "xla", "cudnn").
+      key_mask, segment_ids: optional padding / packing masks (module doc).
     Returns:
       [B, H, Lq, d] in q's dtype.
     """
     _check_qkv("full_attention", q, k, v, same_length=causal)
+    _check_token_masks("full_attention", q, k, key_mask, segment_ids)
+    mask = _token_mask(key_mask, segment_ids, segment_ids)
     t = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  [B, H, L, d] <-> [B, L, H, d]
-    return t(jax.nn.dot_product_attention(t(q), t(k), t(v), is_causal=causal,
+    return t(jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask, is_causal=causal,
                                           implementation=implementation))
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int = 1024,
-                      causal: bool = False, key_mask: jax.Array | None = None) -> jax.Array:
+                      causal: bool = False, key_mask: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
     """`full_attention` with an online softmax over key blocks (flash-attention order).
 
     Args:
       q: [B, H, Lq, d]; k, v: [B, H, Lk, d]; chunk: query and key block size.
       key_mask: optional [B, Lk] bool, False for keys no query may see (padding).
+      segment_ids: optional [B, L] int (Lq == Lk): queries see keys of their own id only.
     Returns:
       [B, H, Lq, d] in q's dtype. Memory O((Lq + Lk) * d + chunk^2) per head.
     """
@@ -93,22 +124,28 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int = 
     qb = jnp.moveaxis(_pad_length(q, 0, nq * cq - lq).reshape(bsz, heads, nq, cq, d), 2, 0)
     kb = jnp.moveaxis(_pad_length(k, 0, nk * ck - lk).reshape(bsz, heads, nk, ck, d), 2, 0)
     vb = jnp.moveaxis(_pad_length(v, 0, nk * ck - lk).reshape(bsz, heads, nk, ck, v.shape[-1]), 2, 0)
-    if key_mask is not None and key_mask.shape != (bsz, lk):
-        raise ValueError(f"chunked_attention: key_mask must be [B, Lk] = {(bsz, lk)}, got {key_mask.shape}")
+    _check_token_masks("chunked_attention", q, k, key_mask, segment_ids)
     valid = jnp.arange(nk * ck) < lk
     valid = jnp.broadcast_to(valid, (bsz, nk * ck)) if key_mask is None else (
         jnp.pad(key_mask.astype(bool), ((0, 0), (0, nk * ck - lk))))
     mb = jnp.moveaxis(valid.reshape(bsz, nk, ck), 1, 0)           # [nk, B, ck]
+    if segment_ids is None:   # unused: the key block masks ignore them
+        seg_q, seg_k = jnp.zeros((nq, bsz, 1), jnp.int32), jnp.zeros((nk, bsz, 1), jnp.int32)
+    else:
+        seg_q = jnp.moveaxis(jnp.pad(segment_ids, ((0, 0), (0, nq * cq - lq))).reshape(bsz, nq, cq), 1, 0)
+        seg_k = jnp.moveaxis(jnp.pad(segment_ids, ((0, 0), (0, nk * ck - lk))).reshape(bsz, nk, ck), 1, 0)
 
     def query_block(_, inputs):
-        qi, q_blk = inputs
+        qi, q_blk, sq = inputs
         q_pos = qi * cq + jnp.arange(cq)
 
         def key_block(carry, kin):
             m, l, acc = carry
-            kj, k_blk, v_blk, k_valid = kin
+            kj, k_blk, v_blk, k_valid, sk = kin
             k_pos = kj * ck + jnp.arange(ck)
             mask = k_valid[:, None, None, :]                       # [B, 1, 1, ck]
+            if segment_ids is not None:
+                mask = mask & (sq[:, None, :, None] == sk[:, None, None, :])
             if causal:
                 mask = mask & (k_pos[None, :] <= q_pos[:, None])
             s = jnp.einsum("bhqd,bhkd->bhqk", q_blk, k_blk, preferred_element_type=jnp.float32)
@@ -123,10 +160,10 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int = 
         init = (jnp.full((bsz, heads, cq), _MASKED, jnp.float32),
                 jnp.zeros((bsz, heads, cq), jnp.float32),
                 jnp.zeros((bsz, heads, cq, v.shape[-1]), jnp.float32))
-        (_, l, acc), _ = jax.lax.scan(key_block, init, (jnp.arange(nk), kb, vb, mb))
+        (_, l, acc), _ = jax.lax.scan(key_block, init, (jnp.arange(nk), kb, vb, mb, seg_k))
         return None, acc / jnp.maximum(l, 1e-30)[..., None]
 
-    _, out = jax.lax.scan(jax.checkpoint(query_block), None, (jnp.arange(nq), qb))
+    _, out = jax.lax.scan(jax.checkpoint(query_block), None, (jnp.arange(nq), qb, seg_q))
     out = jnp.moveaxis(out, 0, 2).reshape(bsz, heads, nq * cq, v.shape[-1])[:, :, :lq]
     return out.astype(q.dtype)
 
@@ -139,7 +176,8 @@ def _window_block_size(left: int, right: int, length: int) -> int:
 
 def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                              window: tuple[int, int], block_size: int | None = None,
-                             implementation: str | None = None) -> jax.Array:
+                             implementation: str | None = None, key_mask: jax.Array | None = None,
+                             segment_ids: jax.Array | None = None) -> jax.Array:
     """Token i attends to keys i - left .. i + right (clipped to the sequence).
 
     `window=(left, 0)` is causal sliding-window attention; `(w, w)` a symmetric window.
@@ -152,6 +190,9 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       implementation: None (blocked, any backend), or "cudnn" / "xla" to hand the window to
         `jax.nn.dot_product_attention(local_window_size=...)` ("cudnn": fused kernel on
         NVIDIA GPUs; "xla" builds an L x L mask and is for checking only).
+      key_mask, segment_ids: optional padding / packing masks (module doc); the window counts
+        positions, so padding inside it is not replaced by further keys (`tttjax.ops.packing`
+        moves padding to the end first).
     Returns:
       [B, H, L, d] in q's dtype. In the blocked form each query block of c tokens reads the
       `ceil(left/c) + 1 + ceil(right/c)` key blocks around it (gathered by shifted slices),
@@ -166,9 +207,11 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if implementation not in (None, "xla", "cudnn"):
         raise ValueError(f"sliding_window_attention: implementation must be None, 'xla' or "
                          f"'cudnn', got {implementation!r}")
+    _check_token_masks("sliding_window_attention", q, k, key_mask, segment_ids)
     if implementation is not None:
         t = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731
         return t(jax.nn.dot_product_attention(t(q), t(k), t(v), local_window_size=(left, right),
+                                              mask=_token_mask(key_mask, segment_ids, segment_ids),
                                               implementation=implementation))
     bsz, heads, length, d = q.shape
     dv = v.shape[-1]
@@ -183,23 +226,35 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         # Padded so block j's window is blocks j .. j + ml + mr; built from shifted slices
         # (a gather-free stack) so the backward pass is plain slicing and adds.
         a = _pad_length(a, ml * c, (n + mr) * c - length)
-        blocks = a.reshape(bsz, heads, n + ml + mr, c, a.shape[-1])
+        blocks = a.reshape(bsz, a.shape[1], n + ml + mr, c, a.shape[-1])
         win = jnp.concatenate([blocks[:, :, t:t + n] for t in range(ml + 1 + mr)], axis=3)
         return jnp.moveaxis(win, 2, 0)                          # [n, B, H, span, d]
 
     qb = jnp.moveaxis(_pad_length(q, 0, n * c - length).reshape(bsz, heads, n, c, d), 2, 0)
     kw, vw = key_windows(k), key_windows(v)
     scale = d ** -0.5
+    # per-token masks ride along as [B, 1, L, 1] "heads" of the same windows
+    as_tokens = lambda a: a[:, None, :, None]  # noqa: E731
+    km = None if key_mask is None else key_windows(as_tokens(key_mask.astype(jnp.int32)))[..., 0]
+    if segment_ids is None:
+        sq = sk = None
+    else:
+        sq = jnp.moveaxis(jnp.pad(segment_ids, ((0, 0), (0, n * c - length))).reshape(bsz, n, c), 1, 0)
+        sk = key_windows(as_tokens(segment_ids))[..., 0]           # [n, B, 1, span]
 
     def block(_, inputs):
-        j, q_blk, k_win, v_win = inputs
+        j, q_blk, k_win, v_win, km_win, sq_blk, sk_win = inputs
         q_pos = j * c + jnp.arange(c)
         k_pos = (j - ml) * c + jnp.arange(span)
         rel = k_pos[None, :] - q_pos[:, None]
         mask = (rel >= -left) & (rel <= right) & (k_pos[None, :] >= 0) & (k_pos[None, :] < length)
+        if km_win is not None:
+            mask = mask & (km_win[:, :, None, :] != 0)             # [B, 1, c, span]
+        if sq_blk is not None:
+            mask = mask & (sq_blk[:, None, :, None] == sk_win[:, :, None, :])
         return None, _softmax_attend(q_blk, k_win, v_win, mask, scale)
 
-    _, out = jax.lax.scan(jax.checkpoint(block), None, (jnp.arange(n), qb, kw, vw))
+    _, out = jax.lax.scan(jax.checkpoint(block), None, (jnp.arange(n), qb, kw, vw, km, sq, sk))
     out = jnp.moveaxis(out, 0, 2).reshape(bsz, heads, n * c, dv)[:, :, :length]
     return out.astype(q.dtype)
 

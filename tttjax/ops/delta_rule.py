@@ -19,7 +19,15 @@ both independent of `S`, so the sequential part is three small matmuls per chunk
 
 Everything runs in float32; the outputs take v's dtype. Sequences whose length is not a
 multiple of the chunk are padded at the end with `beta = 0, g = 0` tokens, which leave the
-state untouched, so outputs and the final state are exact.
+state untouched, so outputs and the final state are exact (the same skip is how a caller
+leaves padding tokens out: `beta = 0, g = 0` there).
+
+Packed sequences (`reset`, True at the first token of every sequence after the first): the
+state returns to the initial state before such a token. In the chunk form that is a decay of
+exactly 0 across the boundary without ever forming `log 0`: the decay ratios `D[r, i]` are 0
+between tokens of different segments (so `T` is block diagonal and each segment's `w` is its
+own), the cumulative decay `G` restarts at every segment start, and a token reads the carried
+state `S` only if no segment starts between the chunk's start and it, else the initial state.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _check(q, k, v, g, beta, chunk_size, initial_state):
+def _check(q, k, v, g, beta, chunk_size, initial_state, reset=None):
     if q.ndim != 4 or k.shape != q.shape:
         raise ValueError(f"gated_delta_rule: q and k must both be [B, H, L, d_k], got "
                          f"{q.shape} and {k.shape}")
@@ -46,6 +54,29 @@ def _check(q, k, v, g, beta, chunk_size, initial_state):
     if initial_state is not None and initial_state.shape != want:
         raise ValueError(f"gated_delta_rule: initial_state must be [B, H, d_k, d_v] = {want}, "
                          f"got {initial_state.shape}")
+    if reset is not None and reset.shape != (b, length):
+        raise ValueError(f"gated_delta_rule: reset must be [B, L] = {(b, length)}, got "
+                         f"{reset.shape}")
+
+
+def segment_local_cumsum(a: jax.Array, reset: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Inclusive cumulative sum over the last axis that restarts at every `reset` position,
+    and the mask "no reset at or before this position" (the token still continues the state
+    carried into the block).
+
+    a [..., C] float; reset None or broadcastable bool [..., C] -> (cum [..., C], carried
+    [..., C] bool). The restart subtracts the plain cumsum just before the last reset, so
+    within a segment differences of `cum` are those of the plain cumsum.
+    """
+    cum = jnp.cumsum(a, axis=-1)
+    if reset is None:
+        return cum, jnp.ones(cum.shape, bool)
+    reset = jnp.broadcast_to(reset, a.shape)
+    pos = jnp.arange(a.shape[-1])
+    last = jax.lax.cummax(jnp.where(reset, pos, -1), axis=a.ndim - 1)
+    exclusive = cum - a
+    base = jnp.take_along_axis(exclusive, jnp.maximum(last, 0), axis=-1)
+    return cum - jnp.where(last >= 0, base, 0.0), last < 0
 
 
 def unit_lower_inverse(t: jax.Array) -> jax.Array:
@@ -79,7 +110,8 @@ def unit_lower_inverse(t: jax.Array) -> jax.Array:
 
 def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array,
                      *, chunk_size: int = 64, scale: float | None = None,
-                     initial_state: jax.Array | None = None, return_state: bool = False):
+                     initial_state: jax.Array | None = None, return_state: bool = False,
+                     reset: jax.Array | None = None):
     """Chunkwise gated delta rule.
 
     Args:
@@ -91,11 +123,13 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
       scale: output scale, default d_k ** -0.5.
       initial_state: optional [B, H, d_k, d_v] state before the first token (zeros otherwise).
       return_state: also return the final state.
+      reset: optional [B, L] bool, True where a new packed sequence starts: the state is the
+        initial state again before that token (the first token needs no flag).
     Returns:
       o [B, H, L, d_v] in v's dtype; with `return_state`, (o, S_L) with S_L [B, H, d_k, d_v]
-      float32.
+      float32 (the state after the last token, i.e. of the last packed sequence).
     """
-    _check(q, k, v, g, beta, chunk_size, initial_state)
+    _check(q, k, v, g, beta, chunk_size, initial_state, reset)
     bsz, heads, length, dk = q.shape
     dv = v.shape[-1]
     out_dtype = v.dtype
@@ -112,11 +146,18 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
 
     q, k, v = chunks(q, 1), chunks(k, 1), chunks(v, 1)
     g, beta = chunks(g, 0), chunks(beta, 0)
+    packed = reset is not None
+    if packed:
+        # [B, 1, n, C]: the chunk padding starts no segment, so it stays in the last one
+        reset = jnp.pad(reset.astype(bool), ((0, 0), (0, pad))).reshape(bsz, 1, n, c)
+        segment = jnp.cumsum(reset, axis=-1)                       # in-chunk segment index
 
-    cum = jnp.cumsum(g, axis=-1)                                   # [B, H, n, C]
+    cum, carried = segment_local_cumsum(g, reset if packed else None)   # [B, H, n, C]
     idx = jnp.arange(c)
     incl = idx[:, None] >= idx[None, :]                            # i <= r
-    strict = idx[:, None] > idx[None, :]
+    if packed:
+        incl = incl & (segment[..., :, None] == segment[..., None, :])
+    strict = incl & (idx[:, None] > idx[None, :])
     # exp only where i <= r: the upper triangle of G_r - G_i is positive and may overflow.
     decay = jnp.exp(jnp.where(incl, cum[..., :, None] - cum[..., None, :], -jnp.inf))
 
@@ -132,18 +173,39 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
     last = cum[..., -1:]
     kd = jnp.exp(last - cum)[..., None] * k
     decay_last = jnp.exp(last[..., 0])                             # [B, H, n]
+    state0 = (jnp.zeros((bsz, heads, dk, dv), jnp.float32) if initial_state is None
+              else initial_state.astype(jnp.float32))
+
+    lead = lambda a: jnp.moveaxis(a, 2, 0)  # noqa: E731  chunk axis first for the scan
+    if packed:
+        # Tokens after an in-chunk segment start read the initial state instead of the carry;
+        # only the chunk's last segment writes to the state it hands on.
+        fresh = (~carried)[..., None]
+        in_last = (segment == segment[..., -1:])[..., None]
+        kd = jnp.where(in_last, kd, 0.0)
+        fresh_w = jnp.einsum("bhnrk,bhkv->bhnrv", jnp.where(fresh, wk, 0.0), state0)
+        u = u - fresh_w
+        wk = jnp.where(fresh, 0.0, wk)
+        fresh_o = (jnp.einsum("bhnrk,bhkv->bhnrv", jnp.where(fresh, qg, 0.0), state0))
+        qg = jnp.where(fresh, 0.0, qg)
+        keeps = carried[..., -1]                                   # [B, 1, n] no reset in chunk
+        fresh_s = jnp.where(keeps, 0.0, decay_last)[..., None, None] * state0[:, :, None]
+        decay_last = jnp.where(keeps, decay_last, 0.0)
+    else:
+        fresh_o = fresh_s = jnp.zeros((n,), jnp.float32)[:, None]   # unused placeholders
 
     def step(state, xs):
-        u_c, wk_c, attn_c, qg_c, kd_c, dl_c = xs
+        u_c, wk_c, attn_c, qg_c, kd_c, dl_c, fo_c, fs_c = xs
         w = u_c - jnp.einsum("bhrk,bhkv->bhrv", wk_c, state)
         o = jnp.einsum("bhrk,bhkv->bhrv", qg_c, state) + jnp.einsum("bhri,bhiv->bhrv", attn_c, w)
         state = dl_c[..., None, None] * state + jnp.einsum("bhrk,bhrv->bhkv", kd_c, w)
+        if packed:
+            o, state = o + fo_c, state + fs_c
         return state, o
 
-    lead = lambda a: jnp.moveaxis(a, 2, 0)  # noqa: E731  chunk axis first for the scan
-    state0 = (jnp.zeros((bsz, heads, dk, dv), jnp.float32) if initial_state is None
-              else initial_state.astype(jnp.float32))
+    fresh_o = lead(fresh_o) if packed else fresh_o
+    fresh_s = lead(fresh_s) if packed else fresh_s
     state, o = jax.lax.scan(step, state0, (lead(u), lead(wk), lead(attn), lead(qg), lead(kd),
-                                           lead(decay_last)))
+                                           lead(decay_last), fresh_o, fresh_s))
     o = jnp.moveaxis(o, 0, 2).reshape(bsz, heads, n * c, dv)[:, :, :length].astype(out_dtype)
     return (o, state) if return_state else o

@@ -16,7 +16,15 @@ once; only the chunk-to-chunk carry (an elementwise multiply-add on [P, N]) is a
 Layouts: x [B, H, L, P], dt [B, H, L], A [H], B and C [B, G, L, N] with G groups dividing H;
 head h reads group `h // (H // G)` (mamba_ssm's `repeat(B, "b l g n -> b l (g h) n")`).
 Float32 arithmetic; y takes x's dtype. Lengths that are not a multiple of the chunk are
-padded at the end with dt = 0 tokens (decay 1, no input), so outputs and final state are exact.
+padded at the end with dt = 0 tokens (decay 1, no input), so outputs and final state are exact;
+callers leave padding tokens out the same way (dt = 0 there).
+
+Packed sequences (`reset`, True at the first token of every sequence after the first): the
+state is the initial state again before such a token, a decay of exactly 0 across the
+boundary formed without `log 0` (as in `tttjax.ops.delta_rule`): in-chunk decays are 0
+between segments, `G` restarts at each segment start, a token reads the carried state only
+if no segment starts between the chunk start and it, and only the chunk's last segment adds
+to the state carried on.
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tttjax.ops.delta_rule import segment_local_cumsum
 
-def _check(x, dt, a, b_mat, c_mat, chunk_size, initial_state):
+
+def _check(x, dt, a, b_mat, c_mat, chunk_size, initial_state, reset=None):
     if x.ndim != 4:
         raise ValueError(f"ssd: x must be [B, H, L, P], got shape {x.shape}")
     bsz, heads, length, p = x.shape
@@ -46,11 +56,13 @@ def _check(x, dt, a, b_mat, c_mat, chunk_size, initial_state):
     want = (bsz, heads, p, b_mat.shape[3])
     if initial_state is not None and initial_state.shape != want:
         raise ValueError(f"ssd: initial_state must be [B, H, P, N] = {want}, got {initial_state.shape}")
+    if reset is not None and reset.shape != (bsz, length):
+        raise ValueError(f"ssd: reset must be [B, L] = {(bsz, length)}, got {reset.shape}")
 
 
 def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,  # noqa: N803
         chunk_size: int = 64, initial_state: jax.Array | None = None,
-        return_state: bool = False):
+        return_state: bool = False, reset: jax.Array | None = None):
     """Chunked SSD scan.
 
     Args:
@@ -61,10 +73,12 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *
       chunk_size: tokens per chunk; any L works (padding at the end).
       initial_state: optional [B, H, P, N] state before the first token.
       return_state: also return the final state.
+      reset: optional [B, L] bool, True where a new packed sequence starts (the state is the
+        initial state again before that token).
     Returns:
       y [B, H, L, P] in x's dtype; with `return_state`, (y, h_L) with h_L [B, H, P, N] float32.
     """
-    _check(x, dt, A, B, C, chunk_size, initial_state)
+    _check(x, dt, A, B, C, chunk_size, initial_state, reset)
     bsz, heads, length, p = x.shape
     groups, n_state = B.shape[1], B.shape[3]
     hg = heads // groups
@@ -86,9 +100,16 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *
     cs = chunks(C, (bsz, groups), (n_state,))
     a = A.astype(jnp.float32).reshape(groups, hg)[None, :, :, None, None]
 
-    cum = jnp.cumsum(dts * a, axis=-1)                              # [B, G, Hg, n, C]
+    packed = reset is not None
+    if packed:
+        # [B, 1, 1, n, C]: the chunk padding starts no segment, so it stays in the last one
+        reset = jnp.pad(reset.astype(bool), ((0, 0), (0, pad))).reshape(bsz, 1, 1, n, c)
+        segment = jnp.cumsum(reset, axis=-1)
+    cum, carried = segment_local_cumsum(dts * a, reset if packed else None)  # [B, G, Hg, n, C]
     idx = jnp.arange(c)
     incl = idx[:, None] >= idx[None, :]
+    if packed:
+        incl = incl & (segment[..., :, None] == segment[..., None, :])
     # exp only on the lower triangle: G_r - G_s > 0 above it and could overflow.
     decay = jnp.exp(jnp.where(incl, cum[..., :, None] - cum[..., None, :], -jnp.inf))
     cb = jnp.einsum("bgnrs,bgnis->bgnri", cs, bs)                   # [B, G, n, C, C]
@@ -96,20 +117,31 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *
     y = jnp.einsum("bgjnri,bgjnip->bgjnrp", decay * cb[:, :, None], xdt)
 
     last = cum[..., -1:]
+    to_end = jnp.exp(last - cum)
+    if packed:
+        to_end = jnp.where(segment == segment[..., -1:], to_end, 0.0)
     # Each chunk's own contribution to the state at its end, all chunks at once.
-    contrib = jnp.einsum("bgjnsp,bgnsk->bgjnpk", xdt * jnp.exp(last - cum)[..., None], bs)
+    contrib = jnp.einsum("bgjnsp,bgnsk->bgjnpk", xdt * to_end[..., None], bs)
     chunk_decay = jnp.exp(last[..., 0])                              # [B, G, Hg, n]
+    h0 = (jnp.zeros((bsz, groups, hg, p, n_state), jnp.float32) if initial_state is None
+          else initial_state.astype(jnp.float32).reshape(bsz, groups, hg, p, n_state))
+    if packed:
+        keeps = carried[..., -1]                                     # no segment starts in chunk
+        contrib = contrib + jnp.where(keeps, 0.0, chunk_decay)[..., None, None] * h0[:, :, :, None]
+        chunk_decay = jnp.where(keeps, chunk_decay, 0.0)
 
     def carry(h, inputs):
         dec, add = inputs
         return dec[..., None, None] * h + add, h                     # emit the state *before*
 
-    h0 = (jnp.zeros((bsz, groups, hg, p, n_state), jnp.float32) if initial_state is None
-          else initial_state.astype(jnp.float32).reshape(bsz, groups, hg, p, n_state))
     h_end, h_prev = jax.lax.scan(carry, h0, (jnp.moveaxis(chunk_decay, 3, 0),
                                              jnp.moveaxis(contrib, 3, 0)))
     h_prev = jnp.moveaxis(h_prev, 0, 3)                              # [B, G, Hg, n, P, N]
-    y = y + jnp.exp(cum)[..., None] * jnp.einsum("bgjnpk,bgnrk->bgjnrp", h_prev, cs)
+    read = jnp.einsum("bgjnpk,bgnrk->bgjnrp", h_prev, cs)
+    if packed:
+        fresh = jnp.einsum("bgjpk,bgnrk->bgjnrp", h0, cs)
+        read = jnp.where(carried[..., None], read, fresh)
+    y = y + jnp.exp(cum)[..., None] * read
 
     y = y.reshape(bsz, heads, n * c, p)[:, :, :length].astype(out_dtype)
     if return_state:
