@@ -16,8 +16,9 @@ What runs where:
   v unpadded in their own dtype and form y (and its VJP) in VMEM, so no float32 token array
   goes through HBM (`ttt_tpu`'s docstring).
 
-Causal (ttt-lm) form and the inner-loss diagnostics are not in the kernels: they run in the XLA
-op (`impl="auto"` falls back to it; `impl="pallas"` raises).
+Causal (ttt-lm) form, the inner-loss diagnostics and packed sequences (`segment_ids`, state
+resets) are not in the kernels: they run in the XLA op (`impl="auto"` falls back to it;
+`impl="pallas"` raises).
 
 Under a mesh (`jax.set_mesh(mesh)`, as the trainer, sampler and AOT plans run): XLA's SPMD
 partitioner cannot split a `pallas_call` (an opaque custom call), so `ttt_scan` runs the kernel
@@ -59,7 +60,7 @@ def check_supported(kind: str, backend: str, *, d: int, mini_batch_size: int, re
 
 
 def select(kind, impl, *, d, length, mini_batch_size, remat_group_size, causal=False,
-           return_inner_loss=False, token_idx_offset=None):
+           return_inner_loss=False, token_idx_offset=None, segment_ids=False):
     """Which kernel `impl` asks for at this shape: (backend, interpret), or None for the XLA op.
 
     "xla": None. "auto": the kernel of the target platform (`tttjax.platform.target_platform`:
@@ -72,7 +73,8 @@ def select(kind, impl, *, d, length, mini_batch_size, remat_group_size, causal=F
         return None
     explicit = impl != "auto"
     unsupported = ("causal=True" if causal else "return_inner_loss=True" if return_inner_loss
-                   else "token_idx_offset" if token_idx_offset is not None else None)
+                   else "token_idx_offset" if token_idx_offset is not None
+                   else "segment_ids (state resets)" if segment_ids else None)
     if unsupported:
         if explicit:
             raise ValueError(f"ttt_{kind}: the Pallas kernels implement the non-causal scan only; "

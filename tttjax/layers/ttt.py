@@ -63,6 +63,22 @@ def init_param(rngs: nnx.Rngs, kind: str, shape, names, dtype) -> nnx.Param:
     return logical_param(value, names)
 
 
+def _real_token_ids(segment_ids, mask, batch, length, padded):
+    """[B, padded] ids in which every padding token (mask 0, and the layer's own padding at the
+    end) carries the id of the real token before it (the first real token's, before any), so
+    sequences start only where a real token's id changes."""
+    ids = jnp.broadcast_to(jnp.asarray(segment_ids), (batch, length))
+    ids = jnp.pad(ids, ((0, 0), (0, padded - length)), mode="edge")
+    if mask is None:
+        return ids
+    real = jnp.broadcast_to(jnp.asarray(mask) != 0, (batch, length))
+    real = jnp.pad(real, ((0, 0), (0, padded - length)))
+    pos = jnp.where(real, jnp.arange(padded), -1)
+    last = jax.lax.cummax(pos, axis=1)                            # last real token so far
+    first = jnp.argmax(real, axis=1)[:, None]
+    return jnp.take_along_axis(ids, jnp.where(last < 0, first, last), axis=1)
+
+
 class _TTTLayer(nnx.Module):
     kind: str = ""
 
@@ -152,8 +168,8 @@ class _TTTLayer(nnx.Module):
         return with_logical_constraint(y, ("batch", heads, "length", "kv"))
 
     def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None,
-                 mask: jax.Array | None = None, initial_state: dict[str, jax.Array] | None = None,
-                 return_state: bool = False):
+                 mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 initial_state: dict[str, jax.Array] | None = None, return_state: bool = False):
         """x [B, L, D] -> y [B, L, D], or (y, final inner state) with `return_state`.
 
         Args:
@@ -163,6 +179,13 @@ class _TTTLayer(nnx.Module):
             inner-loop step, so they change neither the state nor other tokens' outputs (each
             mini-batch's step is still divided by the mini-batch size b, as for the padding
             the layer adds itself). Their own outputs are computed but meaningless.
+          segment_ids: optional [B, L] (or [L]) int, one id per packed sequence: a sequence
+            starts where the id differs from the previous real (mask != 0) token's, and there
+            the inner state resets to the initial state, so no information flows between
+            sequences. Each start must fall on a multiple of mini_batch_size: pad every packed
+            sequence to a multiple of b tokens with mask=0 (those tokens may carry any id).
+            Runs in the XLA scan (impl="auto" uses it; impl="pallas" raises); not with
+            context_axis.
           initial_state: optional inner state to start from, a dict W1, b1 (and W2, b2 for
             TTT-MLP) of float32 [B, H, ...] (the `state` a previous call returned), to continue
             a sequence processed in pieces; default the learned initial state.
@@ -175,9 +198,14 @@ class _TTTLayer(nnx.Module):
         if mask is not None and jnp.shape(mask) not in ((length,), (batch, length)):
             raise ValueError(f"{name}: mask must be [L] or [B, L] = {(batch, length)}, got "
                              f"{tuple(jnp.shape(mask))}")
-        if self.context_axis is not None and (initial_state is not None or return_state):
-            raise ValueError(f"{name}: initial_state / return_state are not supported with "
-                             "context_axis (the context-parallel scan keeps its state local)")
+        if segment_ids is not None and jnp.shape(segment_ids) not in ((length,), (batch, length)):
+            raise ValueError(f"{name}: segment_ids must be [B, L] = {(batch, length)} (or [L]), "
+                             f"got {tuple(jnp.shape(segment_ids))}")
+        if self.context_axis is not None and (initial_state is not None or return_state
+                                              or segment_ids is not None):
+            raise ValueError(f"{name}: initial_state / return_state / segment_ids are not "
+                             "supported with context_axis (the context-parallel scan keeps its "
+                             "state local); use context_axis=None")
         b = self.mini_batch_size
         pad_unit = b
         if self.context_axis is not None:
@@ -217,6 +245,8 @@ class _TTTLayer(nnx.Module):
         offset = self.token_idx_offset[...] if self.causal else None
         state_args = {} if self.context_axis is not None else dict(
             initial_state=initial_state, return_state=return_state)
+        if segment_ids is not None:
+            state_args["segment_ids"] = _real_token_ids(segment_ids, mask, batch, length, padded)
         z = op(q, k, v, eta, self.inner_params(), mini_batch_size=b,
                remat_group_size=self.remat_group_size, causal=self.causal, token_idx_offset=offset,
                impl=self.impl, **state_args)

@@ -28,6 +28,7 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import ttt as pallas_ttt
 from pallas_kernels import ttt_step
@@ -180,13 +181,24 @@ def _per_pair(fn, n_pair_args, n_head_args, n_pair_tail=0):
     return jax.vmap(jax.vmap(fn, in_axes=axes_h), in_axes=axes_b)
 
 
+def _reset(state, state0, r):
+    """The state a mini-batch starts from: `state0` in the rows where a packed segment starts
+    (r [B] > 0), else `state` (tuples of [B, H, ...])."""
+    return tuple(jnp.where(r.reshape(r.shape + (1,) * (a.ndim - 1)) > 0, a0, a)
+                 for a, a0 in zip(state, state0))
+
+
 @functools.lru_cache(maxsize=None)
-def _custom_vjp_scan(kind, group):
+def _custom_vjp_scan(kind, group, resets=False):
     """Non-causal scan over groups of `group` mini-batches with a hand-derived backward.
 
-    scan(q, k, y, w, gamma, beta, state0) -> (z, final state), with q, k, y [NG, G, B, H, b, d]
-    float32, w = eta / b [NG, G, B, H, b, 1], gamma, beta [H, 1, d], state0 a tuple of
-    [B, H, ...] float32 (W1, b1 (, W2, b2)). z has q's shape.
+    scan(q, k, y, w, r, gamma, beta, init, state0) -> (z, final state), with q, k, y
+    [NG, G, B, H, b, d] float32, w = eta / b [NG, G, B, H, b, 1], gamma, beta [H, 1, d], init
+    (the state the scan starts from) a tuple of [B, H, ...] float32 (W1, b1 (, W2, b2)). z has
+    q's shape. Packed segments (`resets=True`): r [NG, G, B] float32, 1 where a segment starts
+    at that mini-batch, whose step then starts from state0 (like init; the call's initial
+    state) instead of the carried state; the backward sends the state cotangent at each reset
+    to state0 (summed over resets) and none across the boundary. Without: r, state0 None.
 
     The forward rule keeps one state per group (the checkpoint). The backward walks the groups
     in reverse; for each it recomputes the group's steps from its checkpoint, keeping each
@@ -204,54 +216,66 @@ def _custom_vjp_scan(kind, group):
 
     bwd = jax.vmap(jax.vmap(_bwd, in_axes=(0,) * 9), in_axes=(0, 0, 0, 0, 0, 0, None, 0, 0))
 
-    def run_group(state, xs, gamma, beta):
+    def start(st, state0, r):
+        return st if r is None else _reset(st, state0, r)
+
+    def run_group(state, xs, gamma, beta, state0):
         def body(st, x):
-            q, k, y, w = x
-            return fwd_step(st, q, k, y, w, gamma, beta)
+            q, k, y, w, r = x
+            return fwd_step(start(st, state0, r), q, k, y, w, gamma, beta)
         return jax.lax.scan(body, state, xs)
 
     @jax.custom_vjp
-    def scan(q, k, y, w, gamma, beta, state0):
-        flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), (q, k, y, w))
-        final, z = run_group(state0, flat, gamma, beta)
+    def scan(q, k, y, w, r, gamma, beta, init, state0):
+        flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), (q, k, y, w, r))
+        final, z = run_group(init, flat, gamma, beta, state0)
         return z.reshape(q.shape), final
 
-    def scan_fwd(q, k, y, w, gamma, beta, state0):
+    def scan_fwd(q, k, y, w, r, gamma, beta, init, state0):
         def outer(st, xs):
-            new, z = run_group(st, xs, gamma, beta)
+            new, z = run_group(st, xs, gamma, beta, state0)
             return new, (z, st)
-        final, (z, ckpts) = jax.lax.scan(outer, state0, (q, k, y, w))
-        return (z, final), (q, k, y, w, gamma, beta, ckpts)
+        final, (z, ckpts) = jax.lax.scan(outer, init, (q, k, y, w, r))
+        return (z, final), (q, k, y, w, r, gamma, beta, ckpts, state0)
 
     def scan_bwd(res, cotangents):
-        q, k, y, w, gamma, beta, ckpts = res
+        q, k, y, w, r, gamma, beta, ckpts, state0 = res
         dz, dfinal = cotangents
 
-        def group_bwd(dst, xs):
-            qg, kg, yg, wg, dzg, ckpt = xs
+        def group_bwd(carry, xs):
+            dst, ds0 = carry
+            qg, kg, yg, wg, rg, dzg, ckpt = xs
 
             def recompute(st, x):
-                r, new = residuals(st, *x, gamma, beta)
-                return new, (st, r)
-            end, (states, res_g) = jax.lax.scan(recompute, ckpt, (qg, kg, yg, wg))
+                qi, ki, yi, wi, ri = x
+                res_i, new = residuals(start(st, state0, ri), qi, ki, yi, wi, gamma, beta)
+                return new, (st, res_i)
+            end, (states, res_g) = jax.lax.scan(recompute, ckpt, (qg, kg, yg, wg, rg))
 
             def back(c, x):
-                dst, new = c
-                st, r, qi, ki, wi, dzi = x
-                dst, dq, dk, dy, dw, dg, db = bwd(st, new, r, qi, ki, wi, gamma, dzi, dst)
+                dst, new, ds0 = c
+                st, res_i, qi, ki, wi, ri, dzi = x
+                dst, dq, dk, dy, dw, dg, db = bwd(start(st, state0, ri), new, res_i, qi, ki, wi,
+                                                  gamma, dzi, dst)
+                if ri is not None:  # a reset: the cotangent goes to state0, none across it
+                    ds0 = tuple(a + b for a, b in zip(ds0, _reset(tuple(map(jnp.zeros_like, dst)),
+                                                                   dst, ri)))
+                    dst = _reset(dst, tuple(map(jnp.zeros_like, dst)), ri)
                 # Walking backwards, the state before step j is the state after step j - 1.
                 # (The LayerNorm gradients leave as outputs, not carries: under shard_map a
                 # zero carry would not match their varying type.)
-                return (dst, st), (dq, dk, dy, dw, jnp.sum(dg, 0), jnp.sum(db, 0))
+                return (dst, st, ds0), (dq, dk, dy, dw, jnp.sum(dg, 0), jnp.sum(db, 0))
 
-            (dst, _), grads = jax.lax.scan(back, (dst, end), (states, res_g, qg, kg, wg, dzg),
-                                           reverse=True)
-            return dst, grads
+            (dst, _, ds0), grads = jax.lax.scan(
+                back, (dst, end, ds0), (states, res_g, qg, kg, wg, rg, dzg), reverse=True)
+            return (dst, ds0), grads
 
-        dstate0, (dq, dk, dy, dw, dgamma, dbeta) = jax.lax.scan(
-            group_bwd, tuple(dfinal), (q, k, y, w, dz, ckpts), reverse=True)
-        grads = (dq, dk, dy, dw, jnp.sum(dgamma, (0, 1)), jnp.sum(dbeta, (0, 1)), dstate0)
-        primals = (q, k, y, w, gamma, beta, ckpts_first(ckpts))
+        ds0 = None if r is None else tuple(jnp.zeros_like(x) for x in dfinal)
+        (dinit, ds0), (dq, dk, dy, dw, dgamma, dbeta) = jax.lax.scan(
+            group_bwd, (tuple(dfinal), ds0), (q, k, y, w, r, dz, ckpts), reverse=True)
+        dr = None if r is None else jnp.zeros_like(r)
+        grads = (dq, dk, dy, dw, dr, jnp.sum(dgamma, (0, 1)), jnp.sum(dbeta, (0, 1)), dinit, ds0)
+        primals = (q, k, y, w, r, gamma, beta, ckpts_first(ckpts), state0)
         return jax.tree.map(_match_vma, grads, primals)
 
     def ckpts_first(ckpts):  # the types of state0 (the first checkpoint is state0)
@@ -261,10 +285,11 @@ def _custom_vjp_scan(kind, group):
     return scan
 
 
-def _ttt_custom_vjp(kind, qf, kf, y, eta, gamma, beta, state, *, b, group):
+def _ttt_custom_vjp(kind, qf, kf, y, eta, gamma, beta, state, *, b, group, resets=None):
     """The non-causal scan through `_custom_vjp_scan`: blocks, groups and the remainder group.
 
-    qf, kf, y [B, H, L, d] float32; eta [B, H, L]; state a dict of [B, H, ...] float32.
+    qf, kf, y [B, H, L, d] float32; eta [B, H, L]; state a dict of [B, H, ...] float32;
+    resets None or [B, n] float32 (`segment_starts`).
     Returns (z [B, H, L, d] float32, final state dict).
     """
     bsz, h, length, d = qf.shape
@@ -278,15 +303,19 @@ def _ttt_custom_vjp(kind, qf, kf, y, eta, gamma, beta, state, *, b, group):
         return jnp.moveaxis(x.reshape(bsz, h, n, b, x.shape[-1]), 2, 0)
 
     xs = tuple(to_blocks(x) for x in (qf, kf, y, w))
+    xs += (None if resets is None else resets.T,)                 # r: [n, B]
     st = tuple(state[key] for key in keys)
+    st0 = None if resets is None else st  # what a packed segment's first step starts from
+    with_resets = resets is not None
     zs = []
     if n_full:
-        grouped = tuple(x[:n_full].reshape(n_full // g, g, *x.shape[1:]) for x in xs)
-        z, st = _custom_vjp_scan(kind, g)(*grouped, gamma, beta, st)
+        grouped = tuple(None if x is None else x[:n_full].reshape(n_full // g, g, *x.shape[1:])
+                        for x in xs)
+        z, st = _custom_vjp_scan(kind, g, with_resets)(*grouped, gamma, beta, st, st0)
         zs.append(z.reshape(n_full, *z.shape[2:]))
     if n_full < n:  # the remainder: one shorter group
-        rest = tuple(x[n_full:][None] for x in xs)
-        z, st = _custom_vjp_scan(kind, n - n_full)(*rest, gamma, beta, st)
+        rest = tuple(None if x is None else x[n_full:][None] for x in xs)
+        z, st = _custom_vjp_scan(kind, n - n_full, with_resets)(*rest, gamma, beta, st, st0)
         zs.append(z[0])
     z = zs[0] if len(zs) == 1 else jnp.concatenate(zs, axis=0)
     z = jnp.moveaxis(z, 0, 2).reshape(bsz, h, length, d)
@@ -353,12 +382,50 @@ def validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, init
                                  f"got {tuple(initial_state[key].shape)}")
 
 
+def segment_starts(name, segment_ids, bsz, length, b):
+    """Where packed sequences start, per mini-batch (docs/design.md §1, packed sequences).
+
+    Args:
+      segment_ids: [B, L] int, one id per packed sequence; a new sequence starts at token t > 0
+        where the id differs from token t - 1's. Every start must be a multiple of b (the
+        mini-batch form cannot reset the state inside a mini-batch).
+    Returns:
+      (resets [B, n] float32, 1 where mini-batch i starts a new sequence (never i = 0: the
+      first mini-batch starts from the initial state anyway), bad): for concrete ids a start
+      inside a mini-batch raises ValueError and bad is None; for traced ids (under jit) it
+      cannot, and bad [B] bool marks the rows that have one (the op returns NaN there).
+    """
+    ids = jnp.asarray(segment_ids)
+    if ids.shape != (bsz, length):
+        raise ValueError(f"{name}: segment_ids must be [B, L] = {(bsz, length)}, got {ids.shape}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{name}: segment_ids must be integers (one id per packed sequence), "
+                         f"got {ids.dtype}")
+    change = ids[:, 1:] != ids[:, :-1]                           # token t + 1 starts a sequence
+    misaligned = change & (jnp.arange(1, length) % b != 0)
+    bad = None
+    try:
+        misaligned_np = np.asarray(misaligned)
+    except jax.errors.TracerArrayConversionError:
+        bad = jnp.any(misaligned, axis=1)
+    else:
+        if misaligned_np.any():
+            row, t = (int(i) for i in np.argwhere(misaligned_np)[0])
+            raise ValueError(
+                f"{name}: segment_ids start a new sequence at token {t + 1} of row {row}, not a "
+                f"multiple of mini_batch_size={b} (the inner state can only reset between "
+                f"mini-batches); pad each packed sequence to a multiple of {b} tokens with mask=0 "
+                "(TTT layers) or eta=0 (the op)")
+    resets = jnp.concatenate([jnp.zeros((bsz, 1), bool), change[:, b - 1::b]], axis=1)
+    return resets.astype(jnp.float32), bad
+
+
 # --------------------------------------------------------------------------- the scan
 
 
 def _ttt(kind, q, k, v, eta, params, *, mini_batch_size, remat_group_size, causal,
          token_idx_offset, initial_state, return_state, return_inner_loss, vjp="custom",
-         validated=False):
+         validated=False, segment_ids=None):
     """The XLA scan (arguments as `ttt_mlp`; `validated`: the caller already ran `validate`)."""
     if not validated:
         validate(kind, q, k, v, eta, params, mini_batch_size, remat_group_size, initial_state)
@@ -366,6 +433,9 @@ def _ttt(kind, q, k, v, eta, params, *, mini_batch_size, remat_group_size, causa
     b = mini_batch_size
     n = length // b
     f32 = jnp.float32
+    resets = bad = None
+    if segment_ids is not None:
+        resets, bad = segment_starts(f"ttt_{kind}", segment_ids, bsz, length, b)
 
     gamma = params["ln_weight"].astype(f32)[:, None, :]      # [H,1,d]
     beta = params["ln_bias"].astype(f32)[:, None, :]
@@ -391,10 +461,13 @@ def _ttt(kind, q, k, v, eta, params, *, mini_batch_size, remat_group_size, causa
     else:
         state = {key: initial_state[key].astype(f32) for key in STATE_KEYS[kind]}
 
+    def poison(z):  # traced segment_ids with a start inside a mini-batch: NaN, never wrong
+        return z if bad is None else jnp.where(bad[:, None, None, None], jnp.nan, z)
+
     if vjp == "custom" and not causal and not return_inner_loss:
         z, state = _ttt_custom_vjp(kind, qf, kf, y, eta, gamma, beta, state, b=b,
-                                   group=remat_group_size)
-        z = z.astype(q.dtype)
+                                   group=remat_group_size, resets=resets)
+        z = poison(z).astype(q.dtype)
         return (z, state) if return_state else z
 
     # [B,H,L,...] -> [n, B, H, b, ...]: the scan walks the leading mini-batch axis.
@@ -402,11 +475,18 @@ def _ttt(kind, q, k, v, eta, params, *, mini_batch_size, remat_group_size, causa
         x = x.reshape(bsz, h, n, b, *x.shape[3:])
         return jnp.moveaxis(x, 2, 0)
 
-    xs = (to_blocks(qf), to_blocks(kf), to_blocks(y), to_blocks(eta.astype(f32)))
+    xs = (to_blocks(qf), to_blocks(kf), to_blocks(y), to_blocks(eta.astype(f32)),
+          None if resets is None else resets.T)                      # resets: [n, B]
     step = functools.partial(_minibatch_step, kind=kind, causal=causal, with_loss=return_inner_loss)
+    keys = STATE_KEYS[kind]
+    state0 = state
 
     def scan_group(carry, group_xs):
         def body(c, x):
+            *x, r = x
+            if r is not None:  # a packed sequence starts: back to the initial state
+                c = dict(zip(keys, _reset(tuple(c[key] for key in keys),
+                                          tuple(state0[key] for key in keys), r)))
             return step(c, (*x, gamma, beta, row_scale))
         return jax.lax.scan(body, carry, group_xs)
 
@@ -426,7 +506,7 @@ def _ttt(kind, q, k, v, eta, params, *, mini_batch_size, remat_group_size, causa
     out = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *outs) if len(outs) > 1 else outs[0]
 
     z_blocks, losses = out
-    z = jnp.moveaxis(z_blocks, 0, 2).reshape(bsz, h, length, d).astype(q.dtype)
+    z = poison(jnp.moveaxis(z_blocks, 0, 2).reshape(bsz, h, length, d)).astype(q.dtype)
     extras = []
     if return_state:
         extras.append(state)
@@ -437,7 +517,7 @@ def _ttt(kind, q, k, v, eta, params, *, mini_batch_size, remat_group_size, causa
 
 
 def _dispatch(kind, impl, q, k, v, eta, params, *, mini_batch_size, remat_group_size, causal,
-              token_idx_offset, initial_state, return_state, return_inner_loss):
+              token_idx_offset, initial_state, return_state, return_inner_loss, segment_ids):
     """The one place that checks `impl`, validates the arguments and picks the XLA scan or the
     Pallas kernel (`pallas_kernels.ttt.select`)."""
     check_impl(f"ttt_{kind}", impl)
@@ -446,7 +526,8 @@ def _dispatch(kind, impl, q, k, v, eta, params, *, mini_batch_size, remat_group_
                                mini_batch_size=mini_batch_size,
                                remat_group_size=remat_group_size, causal=causal,
                                return_inner_loss=return_inner_loss,
-                               token_idx_offset=token_idx_offset)
+                               token_idx_offset=token_idx_offset,
+                               segment_ids=segment_ids is not None)
     if target is not None:
         backend, interpret = target
         return pallas_ttt.ttt_scan(kind, q, k, v, eta, params, mini_batch_size=mini_batch_size,
@@ -456,18 +537,21 @@ def _dispatch(kind, impl, q, k, v, eta, params, *, mini_batch_size, remat_group_
     return _ttt(kind, q, k, v, eta, params, mini_batch_size=mini_batch_size,
                 remat_group_size=remat_group_size, causal=causal,
                 token_idx_offset=token_idx_offset, initial_state=initial_state,
-                return_state=return_state, return_inner_loss=return_inner_loss, validated=True)
+                return_state=return_state, return_inner_loss=return_inner_loss, validated=True,
+                segment_ids=segment_ids)
 
 
 def _public_op(kind: Kind, name: str, doc: str):
     """`ttt_mlp` / `ttt_linear`: one signature, two kinds."""
     def op(q, k, v, eta, params, *, mini_batch_size: int, remat_group_size: int = 16,
            return_state: bool = False, causal: bool = False, token_idx_offset=None,
-           initial_state=None, return_inner_loss: bool = False, impl: Impl = "xla"):
+           initial_state=None, return_inner_loss: bool = False, impl: Impl = "xla",
+           segment_ids=None):
         return _dispatch(kind, impl, q, k, v, eta, params, mini_batch_size=mini_batch_size,
                          remat_group_size=remat_group_size, causal=causal,
                          token_idx_offset=token_idx_offset, initial_state=initial_state,
-                         return_state=return_state, return_inner_loss=return_inner_loss)
+                         return_state=return_state, return_inner_loss=return_inner_loss,
+                         segment_ids=segment_ids)
     op.__name__ = op.__qualname__ = name
     op.__doc__ = doc
     return op
@@ -494,7 +578,13 @@ ttt_mlp = _public_op("mlp", "ttt_mlp", """TTT-MLP inner loop (docs/design.md §1
         default backend, TPU or GPU; ValueError where it cannot run), "auto" (the kernel where
         the backend, shape and options allow, else the XLA scan) or "pallas_interpret" (the TPU
         kernel in Pallas interpret mode, any platform; slow, for tests). The kernels cover the
-        non-causal form without inner-loss diagnostics.
+        non-causal form without inner-loss diagnostics or segment_ids.
+      segment_ids: optional [B, L] int, one id per packed sequence (a new one starts where the
+        id changes): at each start the inner state resets to the initial state (initial_state,
+        else params'), so nothing flows between sequences, gradients included. Starts must be
+        multiples of mini_batch_size (ValueError naming the first that is not; traced ids
+        cannot raise and give NaN rows instead). The XLA scan only: impl="auto" runs it,
+        impl="pallas" raises.
     Returns:
       z [B, H, L, d] in q's dtype (z_t = q_t + LN(g(q_t; W_i)), before post_norm and wo);
       with extras requested, the tuple (z, state?, inner_loss?) in that order.
