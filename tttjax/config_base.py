@@ -106,7 +106,8 @@ def get_config() -> ml_collections.ConfigDict:
     # a jax.profiler trace of profile.num_steps steps (0: none), the persistent XLA cache.
     config.eval_every = 0
     config.eval = ml_collections.ConfigDict(dict(split="validation", batches=1,
-                                                  timesteps=(100, 500, 900), seed=0))
+                                                  timesteps=(100, 500, 900), seed=0,
+                                                  video_steps=0))
     config.profile = ml_collections.ConfigDict(dict(start_step=3, num_steps=0, all_hosts=False))
     config.compile_cache_dir = ""
     return config

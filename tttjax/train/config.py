@@ -27,7 +27,9 @@ A training config (`configs/tiny.py`, `configs/cogvideox_5b.py`) holds, besides 
     checkpoint  keep, async_save, init_from ("" | converted checkpoint | previous workdir)
     eval_every  held-out loss every N steps (0 = never; tttjax.train.evaluation)
     eval        split, batches (global batches per evaluation), timesteps (fixed diffusion
-                timesteps the loss is taken at), seed (of the fixed noise)
+                timesteps the loss is taken at), seed (of the fixed noise), video_steps
+                (toon world: sampler steps of a held-out sample video for TensorBoard,
+                tttjax.train.eval_video; 0 or absent = none)
     profile     start_step, num_steps (0 = no trace), all_hosts (else process 0 only):
                 a jax.profiler trace into WORKDIR/profile (tttjax.train.profiling)
     compile_cache_dir  persistent XLA compilation cache ("" = WORKDIR/compile_cache,
@@ -323,6 +325,16 @@ def _validate_observability(config) -> None:
               f"config.eval.timesteps must be ints in [0, {steps}), got {ts}")
         _need(isinstance(ev.split, str) and ev.split,
               f"config.eval.split must name a dataset split, got {ev.split!r}")
+        _int(ev.get("video_steps", 0), "eval.video_steps", lo=0)
+        _need(not ev.get("video_steps", 0) or config.data.dataset == "toon_storyboards",
+              f"config.eval.video_steps={ev.get('video_steps')} samples the toon world, but "
+              f"config.data.dataset is {config.data.dataset!r} (its latents need the CogVideoX "
+              "VAE to be seen); set config.eval.video_steps=0")
+    else:
+        video_steps = config.get("eval", {}).get("video_steps", 0)
+        _int(video_steps, "eval.video_steps", lo=0)
+        _need(not video_steps, f"config.eval.video_steps={video_steps} but config.eval_every "
+              "is 0, so no evaluation (and no video) runs; set config.eval_every too")
     profile = config.get("profile")
     if profile is not None:
         _int(profile.start_step, "profile.start_step", lo=0)

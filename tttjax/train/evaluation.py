@@ -15,10 +15,9 @@ example; no prompt dropout; for the `latents` dataset the posterior mean, not a 
 loss per timestep shows where the model improves (low t: detail, high t: layout); their
 mean is the headline number.
 
-Not built: sampling a short video for TensorBoard. Sampling the tiny toon model takes a few
-seconds (50 steps of the small DiT, toy-codec decoding), but it needs the sampler's own
-compiled programs and text prompts beside the training step; it was left out for time, not
-because of its cost. `python -m tttjax.sample --workdir WORKDIR` samples from any checkpoint.
+For the toon world, `config.eval.video_steps` also samples a short video of a held-out
+storyboard at each evaluation and logs it to TensorBoard (`tttjax.train.eval_video`).
+`python -m tttjax.sample --workdir WORKDIR` samples from any checkpoint.
 """
 
 from __future__ import annotations

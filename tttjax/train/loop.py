@@ -48,6 +48,7 @@ from tttjax.sharding import logical_to_spec, make_mesh
 from tttjax.train import config as config_lib
 from tttjax.train import run_record
 from tttjax.train.checkpoints import Checkpointer, check_workdir_fits
+from tttjax.train.eval_video import EvalVideo
 from tttjax.train.evaluation import HeldOutEval
 from tttjax.train.metrics import MetricsLogger
 from tttjax.train.model_state import init_params, load_params, model_spec
@@ -287,6 +288,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
     spec, step_fn = plan.spec, plan.step_fn
     evaluator = (HeldOutEval(config, mesh, spec, batch_sh, shapes)
                  if config.get("eval_every", 0) else None)
+    # compiled here, next to the train step, not at the first evaluation
+    eval_video = (EvalVideo(config, mesh, rules, spec)
+                  if evaluator is not None and config.eval.get("video_steps", 0) else None)
     record = run_record.collect(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -399,6 +403,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
                     check_diverged(host_counters["nonfinite_in_a_row"], done)
                 if evaluator is not None and done % config.eval_every == 0:
                     logger.log_eval(done, evaluator(params))
+                    if eval_video is not None:
+                        logger.log_eval_video(done, eval_video(params), eval_video.captions)
                 preempted = watch.requested(done) or done == stop_at
                 due = done % config.checkpoint_every == 0 or done == config.steps or preempted
                 if due and save(done):

@@ -10,7 +10,9 @@ Every `log_every` steps one record is written (process 0 only):
 train_step_flops`) times steps/s over the devices; `mfu` divides it by the device kind's
 peak (`tttjax.bench.mfu`) and is absent where no peak is listed (CPU). With
 `config.eval_every`, held-out records `{"step", "eval_loss", "eval_loss_t<T>", ...}`
-(`tttjax.train.evaluation`) share the file. Printed lines carry time and process index
+(`tttjax.train.evaluation`) share the file, and with `config.eval.video_steps` a sample
+of a held-out toon storyboard goes to TensorBoard as the image `eval/video`
+(`tttjax.train.eval_video`). Printed lines carry time and process index
 (`tttjax.train.log_lines`).
 
 `loss` and `grad_norm` are means over the steps since the previous record (with
@@ -192,6 +194,14 @@ class MetricsLogger:
         self._say(f"step {step}: held-out " + ", ".join(
             f"{k.removeprefix('eval_')} {v:.4f}" for k, v in values.items()))
         return record
+
+    def log_eval_video(self, step: int, strip, captions: list[str]) -> None:
+        """Writes the held-out sample of `step` (tttjax.train.eval_video) to TensorBoard:
+        `eval/video`, a uint8 [H, W, 3] frame strip, and `eval/video_captions`."""
+        if not self.enabled:
+            return
+        self._writer.add_image("eval/video", strip, step, dataformats="HWC")
+        self._writer.add_text("eval/video_captions", " | ".join(captions), step)
 
     def _say(self, text: str) -> None:
         text = log_lines.line(text, source="train")
