@@ -205,3 +205,26 @@ def test_cli_prompts_instead_of_a_storyboard(tmp_path, workdir, capsys):
         rc = sample_cli.main(["--workdir", workdir, "--out", str(tmp_path / "q.mp4")] + argv)
         err = capsys.readouterr().err.strip()
         assert rc == 2 and "either --storyboard" in err and "\n" not in err
+
+
+def test_pipeline_from_an_exported_folder_samples_the_workdirs_video(tmp_path, workdir, generator):
+    """`python -m tttjax.export` of the workdir, loaded by `from_pretrained`: the same text
+    encoder, decoder, schedule and sizes (tttjax_generation.json) and bitwise the same frames."""
+    from tttjax import export as export_cli
+    from tttjax.pipeline import TTTVideoPipeline
+
+    out = tmp_path / "exported"
+    assert export_cli.main(["--workdir", workdir, "--out", str(out)]) == 0
+    prompts = [s["text"] for s in STORY[:2]]
+    pipe = TTTVideoPipeline.from_pretrained(str(out))
+    assert pipe.generator.source.startswith("loaded exported folder")
+    got = pipe(prompts=prompts, seed=0, num_inference_steps=2)
+    want = TTTVideoPipeline(generator)(prompts=prompts, seed=0, num_inference_steps=2)
+    assert got.frames.dtype == np.uint8 and got.frames.ndim == 4 and got.frames.shape[-1] == 3
+    np.testing.assert_array_equal(got.frames, want.frames)
+    np.testing.assert_array_equal(got.latents, want.latents)
+    assert got.fps == want.fps
+    # a half-written export (no tttjax_config.json, which export writes last) is no export
+    (out / export_cli.TTTJAX_CONFIG).unlink()
+    with pytest.raises(ValueError, match="nor an exported folder"):
+        TTTVideoPipeline.from_pretrained(str(out))

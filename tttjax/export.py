@@ -16,10 +16,17 @@ W is a training workdir (its newest verified checkpoint) or a converted checkpoi
                                        for a plain DiT
   tttjax_config.json                   tttjax's whole `config.model` (mixer, mixer_config,
                                        attention, ...), which config.json cannot hold
+  tttjax_generation.json               what the checkpoint samples with (latent size, prompt
+                                       length, noise schedule, text encoder and decoder:
+                                       `tttjax.generation.pairing`), so that
+                                       `TTTVideoPipeline.from_pretrained(DIR)` gives the same
+                                       videos as the workdir
 
 `read_export(DIR)` rebuilds the `CogVideoXDiT` through `tttjax.models.convert.from_diffusers`
 (the project's diffusers import) with the mixer tensors in place of fresh ones; the round
-trip is bitwise. Exit codes: 0, 2 for bad input (one line), 1 for a failure while writing.
+trip is bitwise, bfloat16 parameters included (stored as safetensors BF16). W and DIR may be
+`gs://` URLs (`tttjax.storage`; a URL export is read through a temporary local copy).
+Exit codes: 0, 2 for bad input (one line), 1 for a failure while writing.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ _PROG = "python -m tttjax.export"
 BASE_FILE = "diffusion_pytorch_model.safetensors"
 MIXER_FILE = "tttjax_mixer.safetensors"
 TTTJAX_CONFIG = "tttjax_config.json"
+PAIRING_FILE = "tttjax_generation.json"
 _MIXER_PREFIX = "transformer_blocks.{i}.mixer."
 
 
@@ -106,12 +114,13 @@ def export(path: str, out: str, *, seed: int = 0) -> list[str]:
 
     Returns the written file paths. Raises UsageError for a folder that is not a checkpoint.
     """
-    from safetensors.numpy import save_file
-
+    from tttjax import storage
+    from tttjax.generation import pairing
     from tttjax.models import dit_config
     from tttjax.models.convert import _parameter_sources
 
     params, cfg = _load(path, seed)
+    settings = pairing(path)
     sources = _parameter_sources(cfg)
     layers = range(cfg.num_layers)
     bias_sizes = {}
@@ -135,45 +144,77 @@ def export(path: str, out: str, *, seed: int = 0) -> list[str]:
         for i in layers:
             mixer[_MIXER_PREFIX.format(i=i) + rest] = np.ascontiguousarray(value[i])
 
-    os.makedirs(out, exist_ok=True)
+    out = storage.resolve(out)
+    storage.path(out).mkdir(parents=True, exist_ok=True)
     written = []
 
     def write(name, data):
-        target = os.path.join(out, name)
-        tmp = target + ".partial"
-        if isinstance(data, dict):
-            save_file(data, tmp, metadata={"format": "pt"})
-        else:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(data)
-        os.replace(tmp, target)
-        written.append(target)
+        target = storage.path(out) / name
+        write_file(target, data)
+        written.append(os.fspath(target))
 
     config = {"_class_name": "CogVideoXTransformer3DModel", **dit_config.to_diffusers_config(cfg)}
     write("config.json", json.dumps(config, indent=2, sort_keys=True))
-    write(TTTJAX_CONFIG, cfg.to_json(indent=2, sort_keys=True))
+    write(PAIRING_FILE, json.dumps(settings, indent=2, sort_keys=True))
     write(BASE_FILE, base)
-    stale = os.path.join(out, MIXER_FILE)
+    stale = storage.path(out) / MIXER_FILE
     if mixer:
         write(MIXER_FILE, mixer)
-    elif os.path.exists(stale):
-        os.remove(stale)
+    elif stale.exists():
+        stale.unlink()
+    # last: `is_exported` (tttjax.generation) looks for it, so a half-written folder is not one
+    write(TTTJAX_CONFIG, cfg.to_json(indent=2, sort_keys=True))
     return written
 
 
-def read_export(folder: str, *, mesh=None) -> tuple[Any, Any]:
-    """(CogVideoXDiT, config.model) from a folder written by `export`: the base through
-    `from_diffusers`, the mixer tensors from `tttjax_mixer.safetensors`."""
+def write_file(target, data: str | dict[str, np.ndarray]) -> None:
+    """Writes text, or a {key: array} dict as safetensors (bfloat16 as BF16), to the local
+    path or URL `target` so that no reader sees a partial file: locally a temporary file
+    renamed into place, on an object store one upload."""
+    from safetensors.numpy import save, save_file
+
+    from tttjax import storage
+
+    target = os.fspath(target)
+    if storage.is_url(target):
+        if isinstance(data, dict):
+            storage.path(target).write_bytes(save(data, metadata={"format": "pt"}))
+        else:
+            storage.path(target).write_text(data)
+        return
+    tmp = target + ".partial"
+    if isinstance(data, dict):
+        save_file(data, tmp, metadata={"format": "pt"})
+    else:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(data)
+    os.replace(tmp, target)
+
+
+def read_export(folder: str, *, mesh=None, rules=None) -> tuple[Any, Any]:
+    """(CogVideoXDiT, config.model) from a folder written by `export` (local or a URL, read
+    through a temporary local copy): the base through `from_diffusers`, the mixer tensors
+    from `tttjax_mixer.safetensors`. `mesh` / `rules` place each parameter as it is read."""
+    from tttjax.local_copy import local_folder
+
+    with local_folder(folder) as local:
+        return _read_local_export(local, mesh=mesh, rules=rules)
+
+
+def _read_local_export(folder: str, *, mesh, rules) -> tuple[Any, Any]:
     import jax
     import jax.numpy as jnp
     import ml_collections
     from flax import nnx
-    from safetensors.numpy import load_file
-
-    from tttjax.models.convert import from_diffusers, is_mixer_path
+    from safetensors import safe_open
 
     from tttjax.models import dit_config
+    from tttjax.models.convert import from_diffusers, is_mixer_path
+    from tttjax.safetensors_folder import read_tensors
 
+    if not os.path.isfile(os.path.join(folder, TTTJAX_CONFIG)):
+        raise ValueError(f"{folder}: no {TTTJAX_CONFIG}; give a folder written by "
+                         f"`{_PROG} --workdir W --out DIR`")
     with open(os.path.join(folder, TTTJAX_CONFIG), encoding="utf-8") as f:
         full = ml_collections.ConfigDict(json.load(f))
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
@@ -183,13 +224,17 @@ def read_export(folder: str, *, mesh=None) -> tuple[Any, Any]:
                     if k in base and base[k] != v)
     if differ:
         raise ValueError(f"{folder}: config.json and {TTTJAX_CONFIG} disagree on {differ}")
-    model, cfg = from_diffusers(folder, mesh=mesh, **full.to_dict())
+    placement = {} if rules is None else {"rules": rules}
+    model, cfg = from_diffusers(folder, mesh=mesh, **placement, **full.to_dict())
     mixer_file = os.path.join(folder, MIXER_FILE)
     if cfg.mixer == "none":
         return model, cfg
     if not os.path.isfile(mixer_file):
         raise ValueError(f"{folder}: the model has a {cfg.mixer!r} mixer but no {MIXER_FILE}")
-    stored = load_file(mixer_file)
+    with safe_open(mixer_file, framework="numpy") as f:
+        keys = list(f.keys())
+    # read_tensors: bfloat16 tensors come back as ml_dtypes.bfloat16 (NumPy's reader has none)
+    stored = dict(read_tensors({k: mixer_file for k in keys}, keys))
     graphdef, state = nnx.split(model)
     flat = []
     for path, var in nnx.to_flat_state(state):
@@ -219,10 +264,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="training workdir or converted checkpoint folder")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from tttjax import storage
+
     try:
-        if not os.path.isdir(args.workdir):
+        if not storage.path(args.workdir).is_dir():
             raise UsageError(f"--workdir {args.workdir!r} is not a folder")
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
+        if storage.path(args.out).exists() and not storage.path(args.out).is_dir():
             raise UsageError(f"--out {args.out!r} exists and is not a folder")
         written = export(args.workdir, args.out)
     except (UsageError, ValueError) as err:

@@ -14,7 +14,9 @@ What a checkpoint is paired with follows from how it was trained:
     the seeds of its `config.json`; nothing else is needed;
   - a workdir trained on `latents`, or a converted CogVideoX checkpoint, needs the CogVideoX
     VAE folder (`vae=`, diffusers `AutoencoderKLCogVideoX`) and a T5 encoder folder
-    (`text_encoder=`, transformers `T5EncoderModel` + tokenizer).
+    (`text_encoder=`, transformers `T5EncoderModel` + tokenizer);
+  - a folder written by `python -m tttjax.export` pairs as the checkpoint it came from (its
+    `tttjax_generation.json` records that pairing: `pairing(path)`).
 
 The video length follows the storyboard: n segments are `prefix + n * frames_per_segment`
 latent frames (docs/design.md §6), decoded to `(T - 1) * temporal + 1` frames.
@@ -164,16 +166,74 @@ def _text_encoder(text_encoder: str | None, hashed_text_seed: int | None, dim: i
     return T5TextEncoder.from_pretrained(text_encoder)
 
 
+def pairing(path: str) -> dict[str, Any]:
+    """What the checkpoint at `path` (a training workdir or a converted checkpoint) samples
+    with, as JSON-able settings: `latent_hw`, `text_length`, `schedule` (NoiseSchedule
+    fields), `text_encoder` ({"kind": "hashed", "seed"} or {"kind": "t5"}: a folder the user
+    gives) and `decoder` ({"kind": "toon", "codec", "seed"} or {"kind": "vae",
+    "latent_scale"}). `python -m tttjax.export` writes it next to the weights, so an exported
+    folder samples exactly as its source."""
+    from tttjax.models.convert import read_checkpoint_config
+    from tttjax.train.model_state import checkpoint_kind
+
+    kind, _ = checkpoint_kind(path)
+    if kind == "converted":
+        cfg = read_checkpoint_config(path)
+        return {"latent_hw": [cfg.sample_height, cfg.sample_width], "text_length": 226,
+                "schedule": dataclasses.asdict(DEFAULT_SCHEDULE), "text_encoder": {"kind": "t5"},
+                "decoder": {"kind": "vae", "latent_scale": None}}
+    config = _read_workdir_config(path)
+    out = {"latent_hw": [config.stage.latent_height, config.stage.latent_width],
+           "text_length": config.stage.text_length,
+           "schedule": dataclasses.asdict(NoiseSchedule(**config.diffusion.to_dict()))}
+    if config.data.dataset == "toon_storyboards":
+        out["text_encoder"] = {"kind": "hashed", "seed": config.data.text_encoder_seed}
+        out["decoder"] = {"kind": "toon", "codec": config.data.get("toon_codec", "linear"),
+                          "seed": config.data.toy_latent_seed}
+    else:
+        out["text_encoder"] = {"kind": "t5"}
+        out["decoder"] = {"kind": "vae", "latent_scale": config.data.get("latent_scale", 0.0) or None}
+    return out
+
+
+def _paired(settings: dict[str, Any], model_config, what: str, *, vae, text_encoder,
+            hashed_text_seed, latent_scale) -> tuple[TextEncoder, LatentDecoder]:
+    """The text encoder and decoder `settings` (from `pairing`) name, with the user's folders."""
+    text_settings, dec = settings["text_encoder"], settings["decoder"]
+    if text_settings["kind"] == "hashed":     # the encoder the data was made with, always
+        from tttjax.data.text_encoder import HashedTextEncoder
+
+        text = HashedTextEncoder(model_config.text_embed_dim, seed=text_settings["seed"])
+    else:
+        text = _text_encoder(text_encoder, hashed_text_seed, model_config.text_embed_dim, what)
+    if dec["kind"] == "toon":
+        decoder = ToyDecoder(model_config.in_channels, dec["seed"], dec["codec"])
+    else:
+        decoder = _vae_decoder(vae, what, latent_scale or dec.get("latent_scale"))
+    return text, decoder
+
+
+def is_exported(path: str) -> bool:
+    """True for a folder written by `python -m tttjax.export` (local or gs://)."""
+    from tttjax.export import BASE_FILE, TTTJAX_CONFIG
+
+    folder = storage.path(path)
+    return (folder / TTTJAX_CONFIG).is_file() and (folder / BASE_FILE).is_file()
+
+
 def load_generator(path: str, *, vae: str | None = None, text_encoder: str | None = None,
                    hashed_text_seed: int | None = None, text_length: int | None = None,
                    mesh_axes: dict[str, int] | None = None,
                    rules: LogicalRules = DEFAULT_RULES, seed: int = 0,
                    latent_scale: float | None = None) -> Generator:
-    """Loads a training workdir or a converted checkpoint for sampling (see the module doc).
+    """Loads a training workdir, a converted checkpoint or an exported folder for sampling
+    (see the module doc).
 
     Args:
-      path: a `python -m tttjax.train` workdir (latest checkpoint) or a folder written by
-        `python -m tttjax.convert` (model_config.json + state/).
+      path: a `python -m tttjax.train` workdir (latest checkpoint), a folder written by
+        `python -m tttjax.convert` (model_config.json + state/), or one written by
+        `python -m tttjax.export` (safetensors + tttjax_config.json; it samples exactly as
+        the checkpoint it was exported from, with the same text encoder and decoder).
       vae, text_encoder: folders for checkpoints trained on real latents (module doc).
       hashed_text_seed: instead of `text_encoder`, the seed of the download-free hashed
         encoder the `latents` data was pre-computed with (`precompute --hashed-text-dim`).
@@ -193,38 +253,35 @@ def load_generator(path: str, *, vae: str | None = None, text_encoder: str | Non
     path = storage.resolve(path)     # local: absolute; gs://...: as given
     if not storage.path(path).is_dir():
         raise ValueError(f"checkpoint folder {path!r} not found")
-    try:
-        kind, _ = checkpoint_kind(path)
-    except ValueError:
-        raise ValueError(f"{path!r} is neither a training workdir (config.json + checkpoints/, "
-                         "from `python -m tttjax.train`) nor a converted checkpoint "
-                         "(model_config.json + state/, from `python -m tttjax.convert`)") from None
+    if is_exported(path):
+        kind = "exported"
+        settings = _read_exported_pairing(path)
+    else:
+        try:
+            kind, _ = checkpoint_kind(path)
+        except ValueError:
+            raise ValueError(f"{path!r} is neither a training workdir (config.json + "
+                             "checkpoints/, from `python -m tttjax.train`), a converted "
+                             "checkpoint (model_config.json + state/, from `python -m "
+                             "tttjax.convert`) nor an exported folder (tttjax_config.json + "
+                             "safetensors, from `python -m tttjax.export`)") from None
+        settings = pairing(path)
+    what = {"converted": "converted checkpoint", "stage": "workdir", "exported": "exported folder"
+            }[kind] + f" {path}"
+    from tttjax.models import dit_config
+
     if kind == "converted":
         model_config = read_checkpoint_config(path)
-        schedule, what = DEFAULT_SCHEDULE, f"converted checkpoint {path}"
-        text = _text_encoder(text_encoder, hashed_text_seed, model_config.text_embed_dim, what)
-        decoder = _vae_decoder(vae, what, latent_scale)
-        latent_hw = (model_config.sample_height, model_config.sample_width)
-        text_length = text_length or 226
+    elif kind == "stage":
+        model_config = dit_config.validate(_read_workdir_config(path).model)
     else:
-        config = _read_workdir_config(path)
-        from tttjax.models import dit_config
+        from tttjax.export import TTTJAX_CONFIG
 
-        model_config = dit_config.validate(config.model)
-        schedule = NoiseSchedule(**config.diffusion.to_dict())
-        latent_hw = (config.stage.latent_height, config.stage.latent_width)
-        text_length = text_length or config.stage.text_length
-        what = f"workdir {path}"
-        if config.data.dataset == "toon_storyboards":
-            from tttjax.data.text_encoder import HashedTextEncoder
-
-            text = HashedTextEncoder(model_config.text_embed_dim, seed=config.data.text_encoder_seed)
-            decoder = ToyDecoder(model_config.in_channels, config.data.toy_latent_seed,
-                                 config.data.get("toon_codec", "linear"))
-        else:
-            text = _text_encoder(text_encoder, hashed_text_seed, model_config.text_embed_dim,
-                                 what)
-            decoder = _vae_decoder(vae, what, latent_scale or config.data.get("latent_scale", 0.0))
+        raw = (storage.path(path) / TTTJAX_CONFIG).read_text()
+        model_config = dit_config.validate(ml_collections.ConfigDict(json.loads(raw)))
+    text, decoder = _paired(settings, model_config, what, vae=vae, text_encoder=text_encoder,
+                            hashed_text_seed=hashed_text_seed, latent_scale=latent_scale)
+    text_length = text_length or settings["text_length"]
     if text_length < 1:
         raise ValueError(f"text_length must be >= 1, got {text_length}")
     dim = getattr(text, "dim", model_config.text_embed_dim)
@@ -233,16 +290,34 @@ def load_generator(path: str, *, vae: str | None = None, text_encoder: str | Non
                          f"{model_config.text_embed_dim}; pass the model's own text encoder")
 
     mesh = make_mesh(mesh_axes or {"data": 1, "fsdp": -1, "tensor": 1})
-    spec = model_spec(model_config, mesh, rules)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        # A training workdir's checkpoints hold the whole model: nothing may be made up.
-        params, report = load_params(spec, path, seed, allow_fresh_mixer=kind == "converted")
-    state = jax.tree.map(lambda x: x, spec.template)
-    nnx.replace_by_pure_dict(state, params)
-    model = nnx.merge(spec.graphdef, state)
+    if kind == "exported":
+        from tttjax.export import read_export
+
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            model, _ = read_export(path, mesh=mesh, rules=rules)
+        report = f"loaded exported folder {path}"
+    else:
+        spec = model_spec(model_config, mesh, rules)
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            # A training workdir's checkpoints hold the whole model: nothing may be made up.
+            params, report = load_params(spec, path, seed, allow_fresh_mixer=kind == "converted")
+        state = jax.tree.map(lambda x: x, spec.template)
+        nnx.replace_by_pure_dict(state, params)
+        model = nnx.merge(spec.graphdef, state)
     return Generator(model=model, model_config=model_config, text_encoder=text, decoder=decoder,
-                     latent_hw=tuple(latent_hw), text_length=int(text_length), schedule=schedule,
-                     mesh=mesh, rules=rules, source=report)
+                     latent_hw=tuple(settings["latent_hw"]), text_length=int(text_length),
+                     schedule=NoiseSchedule(**settings["schedule"]), mesh=mesh, rules=rules,
+                     source=report)
+
+
+def _read_exported_pairing(path: str) -> dict[str, Any]:
+    from tttjax.export import PAIRING_FILE
+
+    file = storage.path(path) / PAIRING_FILE
+    if not file.is_file():
+        raise ValueError(f"exported folder {path!r} has no {PAIRING_FILE} (what it samples with); "
+                         "export it again with this version of `python -m tttjax.export`")
+    return json.loads(file.read_text())
 
 
 def generate(gen: Generator, storyboard: Storyboard, *, seed: int = 0, steps: int = 50,

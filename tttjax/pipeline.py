@@ -2,7 +2,8 @@
 
     from tttjax.pipeline import TTTVideoPipeline
 
-    pipe = TTTVideoPipeline.from_pretrained("/runs/tiny")      # a training workdir
+    pipe = TTTVideoPipeline.from_pretrained("/runs/tiny")      # a training workdir, a converted
+                                                               # checkpoint or an exported folder
     out = pipe(prompts=["The cat walks to the right.",          # one prompt per 3-second segment
                         "The mouse hops up and down."],
                negative_prompt="blurry", seed=0, num_inference_steps=50)
@@ -69,8 +70,11 @@ class TTTVideoPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs: Any) -> TTTVideoPipeline:
-        """Loads a training workdir or a converted checkpoint folder.
+        """Loads a training workdir, a converted checkpoint folder or a folder written by
+        `python -m tttjax.export` (local paths or `gs://` URLs).
 
+        An exported folder samples exactly as the checkpoint it was exported from (its
+        `tttjax_generation.json` names the text encoder, decoder, schedule and sizes).
         `kwargs` go to `tttjax.generation.load_generator`: `vae=` and `text_encoder=` folders
         for checkpoints trained on real latents or converted from CogVideoX, `text_length=`,
         `mesh_axes=`. Raises ValueError naming what is missing.

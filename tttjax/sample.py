@@ -7,8 +7,9 @@
     python -m tttjax.sample --workdir DIR --prompt "segment 1" --prompt "segment 2" \\
         [--negative-prompt TEXT] --out OUT.mp4 [...]
 
---workdir is a training workdir (its latest checkpoint; `python -m tttjax.train`) or a
-converted checkpoint (`python -m tttjax.convert`). Checkpoints trained on real latents and
+--workdir is a training workdir (its latest checkpoint; `python -m tttjax.train`), a
+converted checkpoint (`python -m tttjax.convert`) or an exported folder (`python -m
+tttjax.export`, which samples as its source). Checkpoints trained on real latents and
 converted CogVideoX checkpoints also need --vae and --text-encoder (or --hashed-text-seed
 when their data was pre-computed with the hashed encoder; see `tttjax.generation`). The
 storyboard (docs/design.md §6, `tttjax.storyboard`) sets the length:
@@ -141,7 +142,8 @@ def parse_args(argv):
     parser = ArgumentParser(prog=_PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True,
-                        help="training workdir or converted checkpoint folder")
+                        help="training workdir, converted checkpoint or exported folder "
+                             "(local or gs://)")
     parser.add_argument("--storyboard", default=None, help="storyboard JSON (docs/design.md §6)")
     parser.add_argument("--prompt", action="append", default=None,
                         help="instead of --storyboard: one per 3-second segment, in order "
