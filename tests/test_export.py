@@ -135,6 +135,13 @@ def test_export_to_and_from_a_bucket(exported, tmp_path):
                      export_cli.BASE_FILE, export_cli.MIXER_FILE):
             assert storage.path(f"gs://bucket/export/{name}").read_bytes() == (local / name).read_bytes(), name
         back, _ = export_cli.read_export("gs://bucket/export")
+        # from_pretrained reads the bucket export's configs; a converted source needs its VAE
+        from tttjax.generation import is_exported, load_generator
+
+        assert is_exported("gs://bucket/export")
+        with pytest.raises(ValueError, match="exported folder gs://bucket/export needs the "
+                                             "CogVideoX VAE"):
+            load_generator("gs://bucket/export", hashed_text_seed=0)
     _assert_same_parameters(model, back)
 
 
