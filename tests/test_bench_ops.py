@@ -13,3 +13,28 @@ def test_bench_ops_runs_and_writes_csv(tmp_path, capsys):
     assert {r["op"] for r in rows} == {"ttt_mlp", "ttt_linear"} and len(rows) == 2
     assert all(float(r["fwd_bwd_peak_MiB"]) > 0 for r in rows)
     assert "| ttt_mlp | 64 |" in capsys.readouterr().out
+
+
+def test_paper_op_option_times_a_given_checkout(tmp_path, capsys):
+    """--paper-op imports ttt.models.ssm.ops.ttt_{kind} from the given folder and times it
+    beside tttjax (here a stand-in with the paper op's signature); a folder without it exits 2."""
+    import pytest
+
+    ops_dir = tmp_path / "ttt" / "models" / "ssm" / "ops"
+    ops_dir.mkdir(parents=True)
+    for folder in (tmp_path / "ttt", tmp_path / "ttt" / "models", tmp_path / "ttt" / "models" / "ssm",
+                   ops_dir):
+        (folder / "__init__.py").write_text("")
+    (ops_dir / "ttt_linear.py").write_text(
+        "def ttt_linear(XK, XQ, XV, eta, ln_w, ln_b, W1, b1, group):\n"
+        "    return (XQ @ W1[:, :, None] + b1[:, :, None]) * ln_w[None, :, None, None, :] + XK\n")
+    out = tmp_path / "ops.csv"
+    assert ops.main(["--lengths", "32", "--heads", "2", "--head-dim", "8", "--repeats", "1",
+                     "--ops", "ttt_linear", "--no-reference", "--paper-op", str(tmp_path),
+                     "--csv", str(out)]) == 0
+    row, = csv.DictReader(open(out))
+    assert float(row["paper_fwd_bwd_ms"]) > 0 and float(row["vs_paper"]) > 0
+    with pytest.raises(SystemExit) as exit_info:
+        ops.main(["--lengths", "32", "--paper-op", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2
+    assert "no ttt/models/ssm/ops folder" in capsys.readouterr().err

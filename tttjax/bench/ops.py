@@ -1,7 +1,7 @@
 """Benchmark of the TTT ops: forward and forward+backward time, tokens/s and memory vs L.
 
     python -m tttjax.bench ops [--lengths 4096,16384,65536] [--heads 4] [--head-dim 64]
-                               [--repeats 3] [--no-reference] [--csv out.csv]
+                               [--repeats 3] [--no-reference] [--paper-op PATH] [--csv out.csv]
 
 Memory is XLA's compiled memory analysis of each jitted function (arguments + outputs +
 temporaries, the peak a device needs), so growth with L can be read off exactly, whatever
@@ -13,6 +13,15 @@ closed-form steps in `jax.checkpoint` groups, `ttt._ttt(..., vjp="autodiff")`) i
 the same run, its calls alternating with the current op's, and `vs_autodiff` is the ratio of
 the two medians (below 1: the current op is faster), which stays meaningful on a busy machine.
 
+With `--paper-op PATH` (a checkout of the paper's code, `test-time-training/ttt-video-dit`, or
+any folder holding its `ttt/models/ssm/ops` package; never a dependency of tttjax), the
+paper's pure-PyTorch op (`ttt_mlp` / `ttt_linear`, its mini-batch step under torch.compile,
+checkpoint groups of `--remat-group-size`) runs forward + backward of the same loss on the
+same inputs in the same process, its calls alternating with tttjax's, and `vs_paper` is the
+ratio of the medians (below 1: tttjax is faster). Its inputs are what its layer passes: the
+blocks of q, k and target + k, eta / b per row; the target's normalisation is inside tttjax's
+timed op and outside the paper's.
+
 FLOPs are analytic, matmuls only (`matmul_flops`): per mini-batch and (batch, head), TTT-MLP
 runs 7 matmuls of b x d x 4d forward and 28 for forward + backward (forward, the group's
 recomputation, 14 in the backward), TTT-Linear 3 and 12 of b x d x d. `matmul_frac` is the
@@ -23,6 +32,7 @@ run on one 1024 x 1024 x 1024 matmul (`matmul_GFLOP_s`).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -81,6 +91,44 @@ def interleaved_medians(fns, args, repeats):
     return [statistics.median(ts) for ts in times]
 
 
+def paper_op(path, kind, args, b, remat_group_size):
+    """A callable running the paper's PyTorch op forward + backward of sum(z^2) (module doc)."""
+    import importlib
+
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(path))
+    try:
+        ops = importlib.import_module(f"ttt.models.ssm.ops.ttt_{kind}")
+    except ImportError as err:
+        raise ValueError(f"--paper-op {path}: cannot import ttt.models.ssm.ops.ttt_{kind} from "
+                         f"there ({err}); give the root of a ttt-video-dit checkout") from err
+    finally:
+        sys.path.remove(str(path))
+    q, k, v, eta, params = args
+    bsz, h, length, d = q.shape
+    n = length // b
+    y = ttt.reconstruction_target(k, v, params["ln_weight"][:, None, :],
+                                  params["ln_bias"][:, None, :])
+    tensor = lambda x: torch.tensor(np.asarray(x, np.float32))  # noqa: E731
+    blocks = lambda x: tensor(x).reshape(bsz, h, n, b, d)  # noqa: E731
+    eta_rows = (tensor(eta).reshape(bsz, h, n, 1, b) / b).repeat(1, 1, 1, b, 1)
+    state = [tensor(jnp.broadcast_to(params[key], (bsz,) + params[key].shape))
+             for key in ttt.STATE_KEYS[kind]]
+    leaves = [blocks(k), blocks(q), blocks(y + k), eta_rows, tensor(params["ln_weight"]),
+              tensor(params["ln_bias"]), *state]
+    fn = getattr(ops, f"ttt_{kind}")
+
+    def step(*_):
+        xs = [t.clone().requires_grad_(True) for t in leaves]
+        z = fn(*xs, remat_group_size)
+        (z * z).sum().backward()
+        return [x.grad for x in xs]
+
+    return step
+
+
 def _inputs(kind, length, heads, d, dtype):
     keys = jax.random.split(jax.random.key(0), 8)
     shape = (1, heads, length, d)
@@ -96,9 +144,11 @@ def _inputs(kind, length, heads, d, dtype):
 
 
 def run(lengths, heads, d, repeats, remat_group_size=16, dtype=jnp.float32, reference=True,
-        matmul_flop_s=None):
+        matmul_flop_s=None, paper_path=None, ops=tuple(_OPS)):
     """Yields one dict per (op, L) with times (s), tokens/s, FLOP rates and memory (MiB)."""
     for name, (op, kind, b) in _OPS.items():
+        if name not in ops:
+            continue
         for length in lengths:
             args = _inputs(kind, length, heads, d, dtype)
 
@@ -119,16 +169,20 @@ def run(lengths, heads, d, repeats, remat_group_size=16, dtype=jnp.float32, refe
             f = jax.jit(fwd).lower(*args).compile()
             fb = grad_of(fwd)
             t_f = median_time(f, args, repeats)
-            if reference:
-                t_fb, t_ref = interleaved_medians([fb, grad_of(fwd_autodiff)], args, repeats)
-            else:
-                t_fb, t_ref = median_time(fb, args, repeats), float("nan")
+            fns = [fb] + ([grad_of(fwd_autodiff)] if reference else [])
+            if paper_path:
+                fns.append(paper_op(paper_path, kind, args, b, remat_group_size))
+            times = interleaved_medians(fns, args, repeats) + [float("nan")] * 2
+            t_fb = times[0]
+            t_ref = times[1] if reference else float("nan")
+            t_paper = times[2 if reference else 1] if paper_path else float("nan")
             flops_f, flops_fb = matmul_flops(kind, 1, heads, length, d, b)
             io_bytes = sum(x.nbytes for x in jax.tree.leaves(args))
             yield {
                 "op": name, "L": length, "H": heads, "d": d, "b": b,
                 "fwd_ms": 1e3 * t_f, "fwd_bwd_ms": 1e3 * t_fb,
                 "autodiff_fwd_bwd_ms": 1e3 * t_ref, "vs_autodiff": t_fb / t_ref,
+                "paper_fwd_bwd_ms": 1e3 * t_paper, "vs_paper": t_fb / t_paper,
                 "fwd_tok_s": length / t_f, "fwd_bwd_tok_s": length / t_fb,
                 "fwd_bwd_GFLOP": flops_fb / 1e9,
                 "fwd_GFLOP_s": flops_f / t_f / 1e9, "fwd_bwd_GFLOP_s": flops_fb / t_fb / 1e9,
@@ -149,8 +203,19 @@ def main(argv=None):
     parser.add_argument("--remat-group-size", type=int, default=16)
     parser.add_argument("--no-reference", action="store_true",
                         help="do not time the previous (autodiff) gradient alongside")
+    parser.add_argument("--paper-op", default=None, metavar="PATH",
+                        help="also time the paper's PyTorch op from this ttt-video-dit checkout "
+                        "(needs torch; see above)")
+    parser.add_argument("--ops", default="ttt_mlp,ttt_linear",
+                        help="comma-separated subset of ttt_mlp,ttt_linear")
     parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     args = parser.parse_args(argv)
+    ops = tuple(x for x in args.ops.split(",") if x)
+    if not ops or any(x not in _OPS for x in ops):
+        parser.error(f"--ops must be a comma-separated subset of {','.join(_OPS)}, got {args.ops!r}")
+    if args.paper_op and not os.path.isdir(os.path.join(args.paper_op, "ttt", "models", "ssm", "ops")):
+        parser.error(f"--paper-op {args.paper_op}: no ttt/models/ssm/ops folder there; give the "
+                     "root of a test-time-training/ttt-video-dit checkout")
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x]
     except ValueError:
@@ -161,12 +226,13 @@ def main(argv=None):
     print(f"# float32 matmul rate (1024^3, median): {rate / 1e9:.1f} GFLOP/s")
     def rows():
         for row in run(lengths, args.heads, args.head_dim, args.repeats, args.remat_group_size,
-                       reference=not args.no_reference, matmul_flop_s=rate):
+                       reference=not args.no_reference, matmul_flop_s=rate,
+                       paper_path=args.paper_op, ops=ops):
             row["matmul_GFLOP_s"] = rate / 1e9
             yield row
 
     print_rows(("op", "L", "b", "fwd_ms", "fwd_bwd_ms", "autodiff_fwd_bwd_ms", "vs_autodiff",
-                "fwd_bwd_tok_s", "fwd_bwd_GFLOP", "fwd_bwd_GFLOP_s", "matmul_frac", "inputs_MiB",
+                "paper_fwd_bwd_ms", "vs_paper", "fwd_bwd_tok_s", "fwd_bwd_GFLOP", "fwd_bwd_GFLOP_s", "matmul_frac", "inputs_MiB",
                 "fwd_peak_MiB", "fwd_bwd_peak_MiB"), rows(), args.csv)
     return 0
 
