@@ -199,3 +199,40 @@ def test_bad_inputs_raise():
         A.sliding_window_attention(q, q, q, window=(-1, 2))
     with pytest.raises(ValueError, match="same length"):
         A.sliding_window_attention(q, q[:, :, :4], q[:, :, :4], window=(1, 1))
+
+
+def test_key_mask_and_segment_ids_in_every_form():
+    """Padding keys and packed sequences (block diagonal) against dense masked attention, for
+    the full, chunked and windowed forms (causal and not); padding queries are not compared."""
+    q, k, v = qkv(11, (B, H, 21, D))
+    rng = np.random.default_rng(12)
+    ids = np.stack([np.repeat([0, 1, 2], [6, 9, 6]), np.repeat([5, 3], [14, 7])])
+    valid = rng.random((B, 21)) > 0.25
+    valid[:, [0, 6, 14]] = True                  # every sequence keeps a real first token
+    same = (ids[:, :, None] == ids[:, None, :]) & valid[:, None, :]
+    masks = dict(key_mask=jnp.asarray(valid), segment_ids=jnp.asarray(ids))
+    cases = {
+        "full": (lambda: A.full_attention(f32(q), f32(k), f32(v), **masks), same),
+        "full causal": (lambda: A.full_attention(f32(q), f32(k), f32(v), causal=True, **masks),
+                        same & band(21, 21, 0)),
+        "chunked": (lambda: A.chunked_attention(f32(q), f32(k), f32(v), chunk=4, **masks), same),
+        "chunked causal": (lambda: A.chunked_attention(f32(q), f32(k), f32(v), chunk=4,
+                                                       causal=True, **masks),
+                           same & band(21, 21, 0)),
+        "window": (lambda: A.sliding_window_attention(f32(q), f32(k), f32(v), window=(3, 2),
+                                                      block_size=4, **masks),
+                   same & band(21, 3, 2)),
+        "window xla": (lambda: A.sliding_window_attention(f32(q), f32(k), f32(v), window=(3, 2),
+                                                          implementation="xla", **masks),
+                       same & band(21, 3, 2)),
+    }
+    for name, (fn, mask) in cases.items():
+        want = np_attention(q, k, v, mask[:, None])
+        seen = mask.any(-1)                        # queries with at least one visible key
+        got = np.asarray(fn())
+        np.testing.assert_allclose(got.transpose(0, 2, 1, 3)[seen], want.transpose(0, 2, 1, 3)[seen],
+                                   rtol=1e-5, atol=1e-5, err_msg=name)
+    with pytest.raises(ValueError, match="key_mask must be"):
+        A.full_attention(f32(q), f32(k), f32(v), key_mask=jnp.ones((B, 20), bool))
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        A.chunked_attention(f32(q), f32(k), f32(v), segment_ids=jnp.zeros((B, 20), jnp.int32))
