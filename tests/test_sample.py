@@ -228,3 +228,22 @@ def test_pipeline_from_an_exported_folder_samples_the_workdirs_video(tmp_path, w
     (out / export_cli.TTTJAX_CONFIG).unlink()
     with pytest.raises(ValueError, match="nor an exported folder"):
         TTTVideoPipeline.from_pretrained(str(out))
+
+
+def test_pipeline_from_an_export_in_a_bucket(workdir, generator):
+    """Export to gs:// (local emulator) and `from_pretrained("gs://...")`: the same frames."""
+    import gcs_emulator
+
+    from tttjax import export as export_cli
+    from tttjax.pipeline import TTTVideoPipeline
+
+    if gcs_emulator.available() is not None:
+        pytest.skip(gcs_emulator.available())
+    prompts = [STORY[0]["text"]]
+    with gcs_emulator.GCSEmulator() as gcs:
+        gcs.create_bucket("bucket")
+        assert export_cli.main(["--workdir", workdir, "--out", "gs://bucket/exported"]) == 0
+        got = TTTVideoPipeline.from_pretrained("gs://bucket/exported")(
+            prompts=prompts, seed=1, num_inference_steps=1)
+    want = TTTVideoPipeline(generator)(prompts=prompts, seed=1, num_inference_steps=1)
+    np.testing.assert_array_equal(got.frames, want.frames)
