@@ -101,16 +101,20 @@ def test_tiny_step_compiles_for_a_v5p_slice(capsys):
 
 def test_tiny_step_compiles_for_two_slices(capsys):
     assert aot.main(["--config", "configs/tiny.py:none,1", "--topology", "v5p-8",
-                     "--num-slices", "2", "--mesh", "data=-1,fsdp=2,tensor=1"]) == 0
+                     "--num-slices", "2", "--mesh", "data=-1,fsdp=2,tensor=2"]) == 0
     out = capsys.readouterr().out
-    assert "v5p-8 x 2 slices" in out and "'data': 4, 'fsdp': 2" in out
+    assert "v5p-8 x 2 slices" in out and "'data': 2, 'fsdp': 2, 'tensor': 2" in out
     assert LAST_LINE.match(out.strip().splitlines()[-1])
     # The hybrid mesh puts `data` across the slices (config.mesh.dcn_axes): the compiled
-    # program's only transfers between slices are summed reductions (gradients, loss); fsdp
-    # gathers and scatters stay inside a slice (tttjax.bench.dcn_traffic reads the HLO).
+    # program's only transfers between slices are summed all-reduces (gradients, loss); fsdp
+    # and tensor gathers and scatters stay inside a slice (tttjax.bench.dcn_traffic reads
+    # the HLO). Before the adaLN modulation's output was constrained to the activations'
+    # batch sharding (tttjax/models/dit.py, Modulation), the timestep embedding [B, 32] was
+    # all-gathered and collective-permuted across the slices at every modulation.
     dcn = [line for line in out.splitlines() if line.startswith("between slices (DCN):")]
-    assert len(dcn) == 1 and "all-reduce" in dcn[0], out
-    assert dcn[0].endswith("only reductions (data-parallel gradients and loss)"), dcn[0]
+    assert len(dcn) == 1, out
+    assert re.fullmatch(r"between slices \(DCN\): \d+ all-reduce transfers \(reduction SUM\); "
+                        r"only reductions \(data-parallel gradients and loss\)", dcn[0]), dcn[0]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -144,7 +144,12 @@ class Modulation(nnx.Module):
                             dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, temb: jax.Array) -> jax.Array:
-        return self.linear(jax.nn.silu(temb.astype(jnp.float32)))
+        out = self.linear(jax.nn.silu(temb.astype(jnp.float32)))
+        # Sharded like the activations it modulates. Unconstrained, the partitioner shards
+        # the output's batch over `data` only (D over fsdp, like the kernel) and reshards
+        # temb [B, E] across `data` to get there: on a multi-slice mesh an all-gather and
+        # collective-permutes between slices at every modulation (tests/test_bench_aot.py).
+        return with_logical_constraint(out, ("batch", None, "embed"))
 
 
 def _modulate(x32: jax.Array, shift: jax.Array, scale: jax.Array, dtype) -> jax.Array:
