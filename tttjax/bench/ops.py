@@ -25,8 +25,9 @@ timed op and outside the paper's.
 FLOPs are analytic, matmuls only (`matmul_flops`): per mini-batch and (batch, head), TTT-MLP
 runs 7 matmuls of b x d x 4d forward and 28 for forward + backward (forward, the group's
 recomputation, 14 in the backward), TTT-Linear 3 and 12 of b x d x d. `matmul_frac` is the
-forward + backward FLOP rate over this machine's float32 matmul rate, measured in the same
-run on one 1024 x 1024 x 1024 matmul (`matmul_GFLOP_s`).
+forward + backward FLOP rate over this machine's float32 matmul rate (`matmul_GFLOP_s`: one
+1024 x 1024 x 1024 matmul, its calls alternating with the op's in the same rounds, so a busy
+machine slows both alike).
 """
 
 from __future__ import annotations
@@ -71,11 +72,16 @@ def matmul_flops(kind, bsz, heads, length, d, b):
     return fwd * per_matmul, fwd_bwd * per_matmul
 
 
+def _matmul(n=1024):
+    """A compiled n x n x n float32 matmul, its argument and its FLOPs."""
+    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    return jax.jit(lambda a: a @ a).lower(x).compile(), x, 2 * n**3
+
+
 def matmul_rate(repeats=5, n=1024):
     """This machine's float32 matmul rate (FLOP/s): the median of n x n x n jitted matmuls."""
-    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a).lower(x).compile()
-    return 2 * n**3 / median_time(f, (x,), repeats)
+    f, x, flops = _matmul(n)
+    return flops / median_time(f, (x,), repeats)
 
 
 def interleaved_medians(fns, args, repeats):
@@ -144,7 +150,7 @@ def _inputs(kind, length, heads, d, dtype):
 
 
 def run(lengths, heads, d, repeats, remat_group_size=16, dtype=jnp.float32, reference=True,
-        matmul_flop_s=None, paper_path=None, ops=tuple(_OPS)):
+        paper_path=None, ops=tuple(_OPS)):
     """Yields one dict per (op, L) with times (s), tokens/s, FLOP rates and memory (MiB)."""
     for name, (op, kind, b) in _OPS.items():
         if name not in ops:
@@ -169,13 +175,16 @@ def run(lengths, heads, d, repeats, remat_group_size=16, dtype=jnp.float32, refe
             f = jax.jit(fwd).lower(*args).compile()
             fb = grad_of(fwd)
             t_f = median_time(f, args, repeats)
-            fns = [fb] + ([grad_of(fwd_autodiff)] if reference else [])
+            # The matmul rate is timed in the same rounds, so load on a shared machine moves
+            # it and the op's time together.
+            mm, mm_x, mm_flops = _matmul()
+            fns = [fb, lambda *_: mm(mm_x)] + ([grad_of(fwd_autodiff)] if reference else [])
             if paper_path:
                 fns.append(paper_op(paper_path, kind, args, b, remat_group_size))
             times = interleaved_medians(fns, args, repeats) + [float("nan")] * 2
-            t_fb = times[0]
-            t_ref = times[1] if reference else float("nan")
-            t_paper = times[2 if reference else 1] if paper_path else float("nan")
+            t_fb, rate = times[0], mm_flops / times[1]
+            t_ref = times[2] if reference else float("nan")
+            t_paper = times[3 if reference else 2] if paper_path else float("nan")
             flops_f, flops_fb = matmul_flops(kind, 1, heads, length, d, b)
             io_bytes = sum(x.nbytes for x in jax.tree.leaves(args))
             yield {
@@ -186,7 +195,7 @@ def run(lengths, heads, d, repeats, remat_group_size=16, dtype=jnp.float32, refe
                 "fwd_tok_s": length / t_f, "fwd_bwd_tok_s": length / t_fb,
                 "fwd_bwd_GFLOP": flops_fb / 1e9,
                 "fwd_GFLOP_s": flops_f / t_f / 1e9, "fwd_bwd_GFLOP_s": flops_fb / t_fb / 1e9,
-                "matmul_frac": (flops_fb / t_fb / matmul_flop_s) if matmul_flop_s else float("nan"),
+                "matmul_GFLOP_s": rate / 1e9, "matmul_frac": flops_fb / t_fb / rate,
                 "inputs_MiB": io_bytes / 2**20,
                 "fwd_peak_MiB": peak_bytes(f) / 2**20,
                 "fwd_bwd_peak_MiB": peak_bytes(fb) / 2**20,
@@ -222,18 +231,14 @@ def main(argv=None):
         parser.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
 
     print(f"# device: {jax.devices()[0].device_kind} x{jax.device_count()}, backend {jax.default_backend()}")
-    rate = matmul_rate()
-    print(f"# float32 matmul rate (1024^3, median): {rate / 1e9:.1f} GFLOP/s")
-    def rows():
-        for row in run(lengths, args.heads, args.head_dim, args.repeats, args.remat_group_size,
-                       reference=not args.no_reference, matmul_flop_s=rate,
-                       paper_path=args.paper_op, ops=ops):
-            row["matmul_GFLOP_s"] = rate / 1e9
-            yield row
-
+    print(f"# float32 matmul rate (1024^3, median, before the rows): {matmul_rate() / 1e9:.1f} "
+          "GFLOP/s; each row's matmul_GFLOP_s is timed in the rounds of its own calls")
+    rows = run(lengths, args.heads, args.head_dim, args.repeats, args.remat_group_size,
+               reference=not args.no_reference, paper_path=args.paper_op, ops=ops)
     print_rows(("op", "L", "b", "fwd_ms", "fwd_bwd_ms", "autodiff_fwd_bwd_ms", "vs_autodiff",
-                "paper_fwd_bwd_ms", "vs_paper", "fwd_bwd_tok_s", "fwd_bwd_GFLOP", "fwd_bwd_GFLOP_s", "matmul_frac", "inputs_MiB",
-                "fwd_peak_MiB", "fwd_bwd_peak_MiB"), rows(), args.csv)
+                "paper_fwd_bwd_ms", "vs_paper", "fwd_bwd_tok_s", "fwd_bwd_GFLOP",
+                "fwd_bwd_GFLOP_s", "matmul_GFLOP_s", "matmul_frac", "inputs_MiB", "fwd_peak_MiB",
+                "fwd_bwd_peak_MiB"), rows, args.csv)
     return 0
 
 
