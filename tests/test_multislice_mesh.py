@@ -92,7 +92,7 @@ def test_dcn_traffic_reads_transfers_and_replica_groups():
     traffic = dcn_traffic.of_text(hlo)
     assert traffic.kinds == {"ALL_REDUCE": 1} and traffic.only_reductions
     assert traffic.ici_collectives == {"all-gather": 1, "reduce-scatter": 1}
-    assert traffic.max_group_device == 3
+    assert traffic.max_group_device == 3 and traffic.send_dtypes == {"f32": 1}
     assert dcn_traffic.replica_groups(hlo.splitlines()[2]) == [[0, 2], [1, 3]]
     gather = hlo + ('\n  %send.2 = (f32[8]) send(%b, %t), frontend_attributes={'
                     '_xla_megascale_transfer_type="ALL_GATHER"}')

@@ -11,6 +11,13 @@ the multi-slice ("megascale") runtime, tagged `_xla_megascale_transfer_type` (AL
 ALL_GATHER, ONE_TO_ONE for a collective-permute, ...) and `_xla_megascale_reduce_operation`.
 Reading those tags is how a test checks that only data parallelism crosses slices: a data-
 parallel step exchanges gradient (and loss) sums, nothing else.
+
+A small all-gather between slices can be lowered as an all-reduce (each slice contributes its
+part, zero-padded), so `send_dtypes` counts the sends by element type: gradient and loss
+sums are floating point. A train step also sends one u32 all-reduce: XLA partitions the
+counter iota of the noise draw's batch dimension (threefry's `iota_2x32_shape`, B words)
+over the batch's devices and gathers it back, a few dozen bytes per step; removing it would
+mean drawing the noise row by row (per-example keys), which changes the step's random numbers.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import numpy as np
 
 _SEND = re.compile(r"\bsend\(.*_xla_megascale_transfer_type=\"(\w+)\"")
 _REDUCE_OP = re.compile(r"_xla_megascale_reduce_operation=\"(\w+)\"")
+_SEND_DTYPE = re.compile(r"= \((\w+)\[")
 _COLLECTIVE = re.compile(
     r"= \S+ (all-reduce|reduce-scatter|all-gather|all-to-all|collective-permute)(?:-start)?\(")
 _GROUPS_LIST = re.compile(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}")
@@ -37,6 +45,7 @@ class DcnTraffic:
     reduce_ops: dict[str, int]      # reduction of the ALL_REDUCE / REDUCE_SCATTER sends
     ici_collectives: dict[str, int]  # HLO collectives inside a slice, by opcode
     max_group_device: int           # largest device id any in-slice replica group names
+    send_dtypes: dict[str, int] = dataclasses.field(default_factory=dict)  # element type -> sends
 
     @property
     def only_reductions(self) -> bool:
@@ -49,6 +58,9 @@ class DcnTraffic:
             return "between slices (DCN): nothing"
         parts = ", ".join(f"{n} {k.lower().replace('_', '-')}" for k, n in sorted(self.kinds.items()))
         ops = "/".join(sorted(self.reduce_ops)) or "-"
+        if self.send_dtypes:
+            ops += "; element types " + ", ".join(f"{t} {n}" for t, n in
+                                                  sorted(self.send_dtypes.items()))
         verdict = ("only reductions (data-parallel gradients and loss)" if self.only_reductions
                    else "NOT only reductions: a model axis or a resharding crosses slices")
         return f"between slices (DCN): {parts} transfers (reduction {ops}); {verdict}"
@@ -74,11 +86,15 @@ def replica_groups(line: str) -> list[list[int]] | None:
 def of_text(hlo: str) -> DcnTraffic:
     """DcnTraffic of the text of a compiled (per-slice) TPU program."""
     kinds, reduce_ops, ici = collections.Counter(), collections.Counter(), collections.Counter()
+    dtypes = collections.Counter()
     max_id = -1
     for line in hlo.splitlines():
         send = _SEND.search(line)
         if send:
             kinds[send.group(1)] += 1
+            dtype = _SEND_DTYPE.search(line)
+            if dtype:
+                dtypes[dtype.group(1)] += 1
             op = _REDUCE_OP.search(line)
             if op:
                 reduce_ops[op.group(1)] += 1
@@ -88,7 +104,7 @@ def of_text(hlo: str) -> DcnTraffic:
             ici[coll.group(1)] += 1
             for group in replica_groups(line) or ():
                 max_id = max([max_id, *group])
-    return DcnTraffic(dict(kinds), dict(reduce_ops), dict(ici), max_id)
+    return DcnTraffic(dict(kinds), dict(reduce_ops), dict(ici), max_id, dict(dtypes))
 
 
 def of_compiled(compiled) -> DcnTraffic:
