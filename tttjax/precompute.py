@@ -57,26 +57,28 @@ encoder folder, bad sizes) exits with code 2 and one line, before anything is wr
 `--skip-bad`, videos with a bad storyboard or too few frames are skipped with a warning and
 an `<id>.skipped` note (holding the reason) next to the source files, so the dataset build
 does not wait for them; they are checked again on the next run.
+
+Reading and resampling the videos is `tttjax/precompute_frames.py`; building the dataset from
+the source files, `tttjax/precompute_dataset.py` (their names stay importable from here).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
-import shutil
 import sys
-import warnings
 
 import numpy as np
 
 from tttjax import storage
 from tttjax.command_line import ArgumentParser, UsageError, fail
-from tttjax.optional_dependency import require
+from tttjax.precompute_dataset import build_dataset, dataset_config
+from tttjax.precompute_frames import (  # noqa: F401 - re-exported: tttjax.precompute.X
+    VAEInputView, read_video, resize_center_crop, source_frame_indices, too_short_message,
+    unit_range, video_header)
 
 _PROG = "python -m tttjax.precompute"
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif")
@@ -122,117 +124,6 @@ def parse_args(argv):
                    help="skip videos with a bad storyboard or too few frames (warn) instead of "
                         "stopping")
     return p.parse_args(argv)
-
-
-# ------------------------------------------------------------------------------ frames
-
-
-def source_frame_indices(num_frames: int, source_fps: float, fps: float) -> np.ndarray:
-    """int [num_frames]: the source frame shown at time k / fps, for k < num_frames."""
-    k = np.arange(num_frames, dtype=np.float64)
-    return np.floor(k * source_fps / fps + 1e-6).astype(np.int64)
-
-
-def resize_center_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 [h, w, 3] -> uint8 [height, width, 3]: bicubic scale to cover, center crop."""
-    from PIL import Image
-
-    h, w = frame.shape[:2]
-    if (h, w) == (height, width):
-        return frame
-    scale = max(height / h, width / w)
-    size = (max(width, round(w * scale)), max(height, round(h * scale)))
-    img = Image.fromarray(frame).resize(size, Image.BICUBIC)
-    left, top = (size[0] - width) // 2, (size[1] - height) // 2
-    return np.asarray(img.crop((left, top, left + width, top + height)))
-
-
-def _start(reader) -> dict:
-    """Starts an imageio_ffmpeg reader; returns the video's metadata."""
-    with warnings.catch_warnings():
-        # JAX warns on every fork; this child execs ffmpeg at once, so the threads it warns
-        # about are never used there.
-        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
-                                category=RuntimeWarning)
-        return next(reader)
-
-
-def video_header(path: str) -> dict:
-    """ffmpeg's metadata of a video (fps, size, duration) without decoding frames."""
-    imageio_ffmpeg = require("imageio_ffmpeg", "video", "reading videos")
-
-    reader = imageio_ffmpeg.read_frames(path)
-    try:
-        return _start(reader)
-    except (OSError, RuntimeError, StopIteration) as err:
-        raise UsageError(f"{path}: not a readable video ({' '.join(str(err).split())[:200]})"
-                         ) from None
-    finally:
-        reader.close()
-
-
-def read_video(path: str, num_frames: int, fps: float, height: int, width: int) -> np.ndarray:
-    """The first `num_frames` frames of `path` at `fps`, resized: uint8 [T, H, W, 3].
-
-    Raises UsageError naming the file when the video is shorter.
-    """
-    imageio_ffmpeg = require("imageio_ffmpeg", "video", "reading videos")
-
-    reader = imageio_ffmpeg.read_frames(path)
-    try:
-        meta = _start(reader)
-        src_fps = float(meta.get("fps") or 0)
-        if src_fps <= 0:
-            raise UsageError(f"{path}: ffmpeg reports no frame rate; re-encode the video")
-        w, h = meta["size"]
-        wanted = source_frame_indices(num_frames, src_fps, fps)
-        out = np.empty((num_frames, height, width, 3), np.uint8)
-        k, index = 0, 0
-        for raw in reader:
-            if k == num_frames:
-                break
-            frame = None
-            while k < num_frames and wanted[k] == index:
-                if frame is None:
-                    rgb = np.frombuffer(raw, np.uint8).reshape(h, w, 3)
-                    frame = resize_center_crop(rgb, height, width)
-                out[k] = frame
-                k += 1
-            index += 1
-    finally:
-        reader.close()
-    if k < num_frames:
-        raise UsageError(_too_short(path, index, src_fps, num_frames, fps))
-    return out
-
-
-def unit_range(frames: np.ndarray) -> np.ndarray:
-    """uint8 [..., T, H, W, 3] -> float32 [..., T, 3, H, W] in [-1, 1] (the VAE's input)."""
-    return np.moveaxis(frames.astype(np.float32) / 127.5 - 1.0, -1, -3)
-
-
-class VAEInputView:
-    """uint8 frames [T, H, W, 3] seen as the VAE's input [1, T, 3, H, W] float32 in [-1, 1].
-
-    `CogVideoXVAE.encode` slices its input one temporal (and spatial) tile at a time, so only
-    the tile being encoded is converted to float: a 63 s video at 480 x 720 is held as 1 GB of
-    uint8 instead of 4 GB of float32.
-    """
-
-    def __init__(self, frames: np.ndarray):
-        self.frames = frames
-        t, h, w, c = frames.shape
-        self.shape = (1, t, c, h, w)
-
-    def __getitem__(self, index: tuple) -> np.ndarray:
-        b, t, c, h, w = index
-        return unit_range(self.frames[None][b, t, h, w])[:, :, c]
-
-
-def _too_short(path, have, src_fps, need, fps) -> str:
-    return (f"{path}: has {have} frames at {src_fps:g} fps ({have / src_fps:.2f} s) but its "
-            f"storyboard needs {need} frames at {fps:g} fps ({(need - 1) / fps:.2f} s); shorten "
-            "the storyboard or use a longer video")
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -301,7 +192,7 @@ def check_item(vid: str, video: str, board_path: str, plan: Plan) -> Item:
         # the header's duration can be off by a frame; read_video does the exact check
         have = int(math.floor(duration * src_fps + 0.5))
         if source_frame_indices(need, src_fps, plan.fps)[-1] >= have + 1:
-            raise UsageError(_too_short(video, have, src_fps, need, plan.fps))
+            raise UsageError(too_short_message(video, have, src_fps, need, plan.fps))
     return Item(vid, video, board)
 
 
@@ -346,7 +237,7 @@ def _shard(args) -> tuple[int, int, bool]:
     return index, count, count > 1
 
 
-# ------------------------------------------------------------------------------ dataset
+# ------------------------------------------------------------------------------ skipped videos
 
 
 def _skip_marker(out_dir: str, vid: str) -> str:
@@ -362,70 +253,7 @@ def _mark_skipped(out_dir: str, vid: str, err) -> None:
         f.write(" ".join(str(err).split()) + "\n")
 
 
-def _build_dataset_in_bucket(manual_dir: str, data_dir: str, config) -> str:
-    """`build_dataset` for a gs:// data_dir: TFDS's ArrayRecord writer opens local files only,
-    so the dataset is built in a local temporary folder, the bucket's older build of it is
-    deleted and the new one uploaded, `dataset_info.json` (what readers check) last."""
-    import tempfile
-
-    from tttjax.data.latents import build_latents_dataset
-
-    with tempfile.TemporaryDirectory(prefix="tttjax-precompute-") as scratch:
-        with contextlib.redirect_stdout(io.StringIO()):
-            built = build_latents_dataset(manual_dir, scratch, config)
-        src = str(built.data_dir)
-        dst = f"{storage.resolve(data_dir)}/{os.path.relpath(src, scratch)}"
-        if storage.path(dst).exists():
-            storage.path(dst).rmtree()
-        storage.upload_tree(src, dst, last=("dataset_info.json",))
-    return dst
-
-
-def build_dataset(manual_dir: str, data_dir: str, config) -> str:
-    """Builds `latents/<config.name>` into `data_dir`, replacing an older build; returns its folder.
-
-    The build runs in a scratch data dir and its version folder is moved into place, so a
-    reader never sees a half-built dataset and a rebuild picks up new source files (TFDS
-    itself would keep an existing version untouched).
-    """
-    import tensorflow_datasets as tfds
-
-    from tttjax.data.latents import build_latents_dataset
-
-    tfds.disable_progress_bar()
-    if storage.is_url(data_dir):
-        return _build_dataset_in_bucket(manual_dir, data_dir, config)
-    scratch = os.path.join(data_dir, f".precompute_build_{config.name}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    try:
-        # TFDS prints where it built, i.e. the scratch folder that is moved away below
-        with contextlib.redirect_stdout(io.StringIO()):
-            built = build_latents_dataset(manual_dir, scratch, config)
-        src = str(built.data_dir)
-        version = os.path.relpath(src, scratch)
-        dst = os.path.join(data_dir, version)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if os.path.exists(dst):
-            old = dst + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dst, old)
-            shutil.rmtree(old)
-        os.replace(src, dst)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return dst
-
-
 # ------------------------------------------------------------------------------ main
-
-
-def dataset_config(name: str, overrides: dict):
-    """The `LatentsConfig` the training loader derives from `name` and these fields
-    (`tttjax.data.loader.latents_config`): `name` itself when they are its values, else
-    `<name>_<hash>`, so `data.builder_config` / `data.builder_overrides` find this dataset."""
-    from tttjax.data.loader import latents_config
-
-    return latents_config(name, overrides)
 
 
 def _text_dim(args) -> int:
