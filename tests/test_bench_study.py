@@ -71,7 +71,7 @@ def test_study_trains_films_scores_and_resumes(tmp_path, monkeypatch, capsys):
     make_config = study.study_config
     monkeypatch.setattr(study, "study_config", fast_compiles)
     workdir = str(tmp_path / "study")
-    argv = ["--mixers", "none", "--segments", "1", "--steps", "1", "--batch", "8",
+    argv = ["--mixers", "none", "--segments", "4", "--steps", "1", "--batch", "8",
             "--train-episodes", "8", "--storyboards", "2", "--sample-steps", "1",
             "--workdir", workdir, "--plot", "none"]
     assert study.main(argv) == 0
@@ -83,6 +83,9 @@ def test_study_trains_films_scores_and_resumes(tmp_path, monkeypatch, capsys):
     assert all(0.0 <= float(r["following"]) <= 1.0 for r in rows)
     saved = json.loads((tmp_path / "study" / "none_s0" / "study_scores.json").read_text())
     assert saved["run"]["mixer"] == "none" and len(saved["videos"]) == 2
+    # more segments than the bundled tiny dataset's 3: the runs train on 4-segment stories
+    config = json.loads((tmp_path / "study" / "none_s0" / "config.json").read_text())
+    assert config["stage"]["num_segments"] == 4 and config["stage"]["latent_frames"] == 9
 
     # A second call reuses the saved scores: no training, same table.
     def no_training(*_):

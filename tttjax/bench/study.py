@@ -45,9 +45,14 @@ def study_config(mixer: str, *, segments: int, steps: int, seed: int, batch: int
     """`tiny:mixer=MIXER,segments=N` trained on `train_episodes` toon stories of exactly N
     segments (so every clip is a whole story), prompts of `text_length` words."""
     from tttjax.command_line import load_config
+    from tttjax.models import dit_config
     from tttjax.train import config as config_lib
 
-    config = load_config(f"tiny:mixer={mixer},segments={segments}")
+    # Loaded at the bundled segment count (load_config validates against the bundled tiny
+    # dataset, whose stories have at most 3 segments), then stretched to `segments` stories.
+    config = load_config(f"tiny:mixer={mixer}")
+    config.stage.update(name=f"tiny{segments}", num_segments=segments,
+                        latent_frames=dit_config.latent_frames(config.model, segments))
     config.seed = seed
     config.steps = steps
     config.log_every = max(1, min(50, steps))
