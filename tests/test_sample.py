@@ -17,6 +17,8 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
+from tiny_configs import tiny_config
+
 from tttjax import sample as sample_cli
 from tttjax.generation import generate, load_generator
 from tttjax.storyboard import load_storyboard
@@ -24,24 +26,15 @@ from tttjax.train.loop import train
 from tttjax.train.optimizer import path_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
-        "xla_cpu_use_fusion_emitters": False}
 STORY = [{"text": "The orange cat walks slowly over to the right side of the kitchen."},
          {"text": "The little white mouse hops up and down happily.", "neg_text": "blurry"},
          {"text": "The black cat jumps high into the air.", "requires_scene_transition": True}]
 
 
 def _tiny_config(data_dir):
-    spec = importlib.util.spec_from_file_location("cfg_tiny_sample", os.path.join(ROOT, "configs", "tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("none")
-    cfg.steps, cfg.log_every, cfg.checkpoint_every = 2, 1, 2
-    cfg.data.data_dir = data_dir
-    cfg.data.builder_overrides = dict(num_train=16, num_validation=0)
-    cfg.train.progress_bar = False
-    cfg.train.compiler_options = dict(FAST)
-    return cfg
+    return tiny_config("none", **{"steps": 2, "log_every": 1, "checkpoint_every": 2,
+                                  "data.data_dir": data_dir,
+                                  "data.builder_overrides": dict(num_train=16, num_validation=0)})
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Observability of a training run on the tiny config: MFU / TFLOP/s in the records, held-out
 evaluation, the profiler trace, the run record, the compile cache and the log-line prefix."""
 
-import importlib.util
 import json
 import math
 import os
@@ -13,39 +12,23 @@ import jax
 import pytest
 from etils import epath
 
+from tiny_configs import tiny_config
+
 from tttjax.bench.mfu import device_peak_tflops
 from tttjax.train import log_lines, train
 from tttjax.train.checkpoints import read_meta
 from tttjax.train.metrics import MetricsLogger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
-        "xla_cpu_use_fusion_emitters": False}
 PREFIX = re.compile(r"^I\d{4} \d\d:\d\d:\d\d\.\d{6} p0 \S+\] ")
 
 
 def tiny(data_dir, **over):
-    spec = importlib.util.spec_from_file_location("cfg_tiny_obs", os.path.join(ROOT, "configs",
-                                                                              "tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("none,1")
-    cfg.steps, cfg.log_every, cfg.checkpoint_every = 4, 1, 4
-    cfg.data.data_dir = data_dir
-    cfg.data.builder_overrides = dict(num_train=32, num_validation=8)
-    cfg.train.progress_bar = False
-    cfg.train.compiler_options = dict(FAST)
-    cfg.eval_every = 2
-    cfg.eval.batches = 1
-    cfg.eval.video_steps = 2
-    cfg.profile.start_step, cfg.profile.num_steps = 1, 2
-    for key, value in over.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return tiny_config("none,1", **{
+        "steps": 4, "log_every": 1, "checkpoint_every": 4, "data.data_dir": data_dir,
+        "data.builder_overrides": dict(num_train=32, num_validation=8), "eval_every": 2,
+        "eval.batches": 1, "eval.video_steps": 2, "profile.start_step": 1,
+        "profile.num_steps": 2, **over})
 
 
 @pytest.fixture(scope="module")
