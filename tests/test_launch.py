@@ -30,7 +30,7 @@ def test_tpu_vm_pod_dry_run():
               "--dry-run", "--", "--config.steps=10")
     assert out.returncode == 0, out.stderr
     root = str(LAUNCH.parent)
-    assert f"pip wheel -q --no-deps -w " in out.stderr and out.stderr.strip().endswith(root)
+    assert "pip wheel -q --no-deps -w " in out.stderr and out.stderr.strip().endswith(root)
     upload, install, train = out.stdout.splitlines()
     assert upload.startswith("+ gcloud storage cp ") and upload.endswith("gs://b/run/code/")
     assert f"{root}/constraints.txt" in upload and "cogvideox_5b.py" in upload
