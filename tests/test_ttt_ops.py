@@ -282,3 +282,27 @@ def test_custom_vjp_keeps_the_remat_bound_and_linear_memory():
     t32, t64, t128 = (temp(n, "custom") for n in (32, 64, 128))
     assert 1.7 <= (t128 - t64) / (t64 - t32) <= 2.3, (t32, t64, t128)
     assert t128 <= 1.1 * temp(128, "autodiff")
+
+
+@pytest.mark.parametrize("chains", [(2, 1), (2, 0)])  # two chains of heads / of batch rows
+def test_custom_vjp_chains_equal_one_chain(chains, monkeypatch):
+    """The CPU split of the (batch, head) pairs into independent scans (`_cpu_chains`) gives
+    one scan's values and gradients (with packed segments, whose resets are per batch row)."""
+    kind, bsz, h, n, d, b = "mlp", 2, 2, 4, 8, 8
+    q, k, v, eta, params = f32(make_inputs(7, kind, bsz, h, n * b, d))
+    seg = jnp.asarray([[0] * (2 * b) + [1] * (2 * b), [0] * (n * b)])
+    w_out = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+
+    def run(split):
+        monkeypatch.setattr(ttt, "_cpu_chains", lambda *_: split)
+        def loss(*a):
+            z, st = ttt.ttt_mlp(*a, mini_batch_size=b, remat_group_size=3, return_state=True,
+                                segment_ids=seg)
+            return jnp.sum(z * w_out) + jnp.sum(jnp.tanh(st["W2"])), (z, st)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(
+            q, k, v, eta, params)
+
+    (_, out_1), g_1 = run((1, 1))
+    (_, out_n), g_n = run(chains)
+    for x, y in zip(jax.tree.leaves((out_n, g_n)), jax.tree.leaves((out_1, g_1))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6 * max(1.0, np.abs(y).max()), rtol=0)

@@ -23,6 +23,7 @@ All inner arithmetic is float32 whatever the input dtype; `z` is returned in q's
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping
 from typing import Literal, NamedTuple
 
@@ -285,7 +286,54 @@ def _custom_vjp_scan(kind, group, resets=False):
     return scan
 
 
+def _cpu_chains(bsz, h):
+    """How many independent scans (chains) the custom-VJP path splits the (batch, head) pairs
+    into, and along which axis: (count, 1 for heads or 0 for batch).
+
+    XLA:CPU runs the thunks of one scan step one after another (its small per-step matmuls
+    and fusions hardly use a second core), but its thunk executor runs independent thunks
+    concurrently, so on CPU the pairs go into up to one chain per core (measured on the
+    2-core machine: README, "Measured: ops benchmark"). Other backends get one chain: there a
+    single batched op per step is what fills the device."""
+    if jax.default_backend() != "cpu":
+        return 1, 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    best = (1, 1)
+    for axis, size in ((1, h), (0, bsz)):
+        count = max((c for c in range(1, min(cores, size) + 1) if size % c == 0), default=1)
+        best = max(best, (count, axis), key=lambda x: x[0])
+    return best
+
+
 def _ttt_custom_vjp(kind, qf, kf, y, eta, gamma, beta, state, *, b, group, resets=None):
+    """The non-causal scan through `_custom_vjp_scan`, split into independent chains of
+    (batch, head) pairs on CPU (`_cpu_chains`; each chain is `_ttt_custom_vjp_chain`).
+
+    Arguments and returns as `_ttt_custom_vjp_chain`.
+    """
+    count, axis = _cpu_chains(qf.shape[0], qf.shape[1])
+    if count == 1:
+        return _ttt_custom_vjp_chain(kind, qf, kf, y, eta, gamma, beta, state, b=b, group=group,
+                                     resets=resets)
+    size = qf.shape[axis] // count
+    zs, states = [], []
+    for c in range(count):
+        part = lambda x, ax=axis: jax.lax.slice_in_dim(x, c * size, (c + 1) * size, axis=ax)  # noqa: E731
+        z, st = _ttt_custom_vjp_chain(
+            kind, part(qf), part(kf), part(y), part(eta),
+            part(gamma, 0) if axis == 1 else gamma, part(beta, 0) if axis == 1 else beta,
+            {key: part(x) for key, x in state.items()}, b=b, group=group,
+            resets=part(resets, 0) if axis == 0 and resets is not None else resets)
+        zs.append(z)
+        states.append(st)
+    return (jnp.concatenate(zs, axis),
+            {key: jnp.concatenate([st[key] for st in states], axis) for key in states[0]})
+
+
+def _ttt_custom_vjp_chain(kind, qf, kf, y, eta, gamma, beta, state, *, b, group, resets=None):
     """The non-causal scan through `_custom_vjp_scan`: blocks, groups and the remainder group.
 
     qf, kf, y [B, H, L, d] float32; eta [B, H, L]; state a dict of [B, H, ...] float32;
