@@ -103,7 +103,7 @@ def get_config(arg: str = "3s,ttt_mlp") -> ml_collections.ConfigDict:
     # pass) are split over `tensor` along the tokens, 4x less than replicated; from 9 s on the
     # memory plan does not fit without it (README, "memory plan of the 5B stages").
     config.mesh.axes = dict(data=-1, fsdp=8, tensor=4)
-    config.mesh.rules = (("length", "tensor"),)
+    config.mesh.rules = (("activation_length", "tensor"),)
     # a weight replicated because an axis does not divide it costs memory on every chip
     config.mesh.indivisible = "error"
     # init_from: the converted CogVideoX-5B checkpoint for 3s, the previous stage's workdir after.

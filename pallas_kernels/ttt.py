@@ -24,8 +24,8 @@ Under a mesh (`jax.set_mesh(mesh)`, as the trainer, sampler and AOT plans run): 
 partitioner cannot split a `pallas_call` (an opaque custom call), so `ttt_scan` runs the kernel
 inside `jax.shard_map` over the mesh axes that the logical rules give the batch and heads dims
 (`mesh_layout`); every device scans whole sequences of its batch/heads shard. A mesh axis that
-shards the sequence ("length") and is not used by batch or heads is gathered at the shard_map's
-boundary (the scan is sequential), and axes named by no dim replicate the work.
+shards the sequence ("activation_length") and is not used by batch or heads is gathered at the
+shard_map's boundary (the scan is sequential), and axes named by no dim replicate the work.
 
 Which kernel `impl="auto"` picks follows the platform the program is compiled for
 (`tttjax.platform.target_platform`): the devices of the mesh set with `jax.set_mesh`, else
@@ -143,7 +143,7 @@ def mesh_layout(mesh, bsz: int, heads: int, rules=None):
         already split and left out.
       bsz, heads: B and H of q [B, H, L, d].
       rules: logical rules; default the active `nnx.logical_axis_rules`, else `DEFAULT_RULES`
-        (what `with_logical_constraint` uses for the layer's ("batch", "heads", "length", "kv")).
+        (what `with_logical_constraint` uses for the layer's `sharding.BHLD`).
     Returns:
       (batch_axes, head_axes), tuples of mesh axis names. An axis is kept while the product of
       the kept axes divides the dim (`shard_map` splits evenly; a dropped axis replicates the
@@ -151,7 +151,7 @@ def mesh_layout(mesh, bsz: int, heads: int, rules=None):
     """
     rules = rules if rules is not None else (core_spmd.get_logical_axis_rules()
                                              or sharding_lib.DEFAULT_RULES)
-    spec = tuple(sharding_lib.logical_to_spec(("batch", "heads"), rules))
+    spec = tuple(sharding_lib.logical_to_spec(("activation_batch", "activation_heads"), rules))
     spec += (None,) * (2 - len(spec))
     manual, used, out = set(mesh.manual_axes), set(), []
     for dim, entry in zip((bsz, heads), spec):

@@ -467,7 +467,7 @@ def test_sharded_forward_equals_single_device(tiny_ttt_perturbed):
 
 
 def test_sequence_sharding_over_a_non_dividing_axis(tiny_ttt_perturbed):
-    """`length=tensor` on 3 tensor devices: 80 video and 16 text tokens do not divide by 3.
+    """`activation_length=tensor` on 3 tensor devices: 80 video and 16 text tokens do not divide by 3.
 
     The activations are still split along the sequence (XLA pads the last shard; the 5B
     video streams, 1350 tokens per latent frame, never divide by 4), and the forward pass and
@@ -483,7 +483,7 @@ def test_sequence_sharding_over_a_non_dividing_axis(tiny_ttt_perturbed):
 
     ref_loss, ref_grads = nnx.jit(nnx.value_and_grad(loss))(model, x, e, t)
     mesh = shd.make_mesh({"data": 1, "fsdp": 2, "tensor": 3}, jax.devices()[:6])
-    rules = shd.merge_rules([("length", "tensor")])
+    rules = shd.merge_rules([("activation_length", "tensor")])
     graphdef, state = nnx.split(model)
 
     def sharded_loss(st, x, e, t):

@@ -151,7 +151,8 @@ def test_mesh_layout_follows_rules_divisibility_and_manual_axes():
     assert pallas_ttt.mesh_layout(mesh, 4, 6) == (("data", "fsdp"), ("tensor",))
     # shard_map splits evenly: an axis that does not divide its dim is left out (gathered).
     assert pallas_ttt.mesh_layout(mesh, 2, 3) == (("data",), ())
-    rules = sharding.merge_rules([("batch", "data"), ("heads", ("tensor", "fsdp"))])
+    rules = sharding.merge_rules([("activation_batch", "data"),
+                                  ("activation_heads", ("tensor", "fsdp"))])
     assert pallas_ttt.mesh_layout(mesh, 2, 4, rules) == (("data",), ("tensor", "fsdp"))
     # Inside a caller's shard_map over data: data is already split, the rest stays to do.
     manual = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"),
@@ -179,7 +180,7 @@ def test_kernel_in_shard_map_on_cpu_mesh_equals_unsharded_xla_op():
     (_, z_ref), g_ref = fn((q, k, v, eta, params), "xla")
 
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    rules = sharding.merge_rules([("batch", "data"), ("length", "fsdp")])
+    rules = sharding.merge_rules([("activation_batch", "data"), ("activation_length", "fsdp")])
     assert pallas_ttt.mesh_layout(mesh, bsz, heads, rules) == (("data",), ("tensor",))
     put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))  # noqa: E731
     args = (put(q, "data", "tensor", "fsdp"), put(k, "data", "tensor", "fsdp"),

@@ -280,7 +280,7 @@ def test_invalid_configs_are_refused_before_compiling(data_dir):
         ({"data.builder_config": "small"}, "frames_per_segment must be 4"),
         ({"optim.new.schedule": "linear"}, "schedule"),
         ({"mesh.axes": {"data": -1, "fsdp": -1}}, "at most one axis"),
-        ({"mesh.rules": (("length", "tensr"),)}, r"names mesh axes \['tensr'\]"),
+        ({"mesh.rules": (("activation_length", "tensr"),)}, r"names mesh axes \['tensr'\]"),
         ({"mesh.rules": ("length",)}, "a \\(logical axis, mesh axes\\) pair"),
         ({"diffusion.beta_end": 2.0}, "config.diffusion"),
         ({"checkpoint.init_from": "/nonexistent/ckpt"}, "does not exist"),
@@ -294,12 +294,16 @@ def test_invalid_configs_are_refused_before_compiling(data_dir):
 
 def test_mesh_rules_override_the_defaults(data_dir):
     """config.mesh.rules states only what changes; every other default rule stays."""
-    rules = dict(config_lib.rules(tiny(data_dir, **{"mesh.rules": (("length", "tensor"),
-                                                                   ("extra", ("data", "fsdp")))})))
+    rules = dict(config_lib.rules(tiny(data_dir, **{"mesh.rules": (
+        ("activation_length", "tensor"), ("extra", ("data", "fsdp")))})))
     defaults = dict(shd.DEFAULT_RULES)
-    assert rules.pop("length") == "tensor" and rules.pop("extra") == ("data", "fsdp")
-    assert rules == {k: v for k, v in defaults.items() if k != "length"}
+    assert rules.pop("activation_length") == "tensor" and rules.pop("extra") == ("data", "fsdp")
+    assert rules == {k: v for k, v in defaults.items() if k != "activation_length"}
     assert dict(config_lib.rules(tiny(data_dir))) == defaults
+    # The retired name of the sequence axis is refused, naming its replacement: appended, it
+    # would match no constraint and leave the sequence unsharded.
+    with pytest.raises(ValueError, match=r"now \('activation_length', \.\.\.\)"):
+        config_lib.rules(tiny(data_dir, **{"mesh.rules": (("length", "tensor"),)}))
 
 
 @pytest.mark.slow

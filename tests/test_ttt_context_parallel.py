@@ -243,7 +243,7 @@ def test_layer_with_context_axis_equals_layer_without():
         return y, grads
 
     y_one, grads_one = run(plain)
-    y_cp, grads_cp = run(context, mesh_of(sizes), merge_rules([("length", "context")]))
+    y_cp, grads_cp = run(context, mesh_of(sizes), merge_rules([("activation_length", "context")]))
     assert_close_to_scale(y_cp, y_one, rtol=0, scale_tol=1e-5, what="layer output")
     flat_one = dict(jax.tree_util.tree_flatten_with_path(grads_one)[0])
     flat_cp = dict(jax.tree_util.tree_flatten_with_path(grads_cp)[0])

@@ -4,9 +4,9 @@ Every parameter and key activation in tttjax is annotated with *logical* axis na
 (MaxText style); a rule table from the config maps them to *mesh* axes. Changing the
 parallelism of a run is therefore a config change, not a code change.
 
-Logical axes used in the code base:
-  batch       examples of the global batch
-  length      sequence (token) axis
+Parameters and activations have separate names, so a run can shard a weight's width one way
+and the activations computed with it another (e.g. FSDP weights with sequence-parallel
+activations). Parameter axes:
   embed       model width D
   heads       attention / TTT heads
   kv          per-head feature dim d
@@ -15,6 +15,22 @@ Logical axes used in the code base:
   layers      stacked layer axis of scanned blocks
   state       recurrent state dims of the baseline mixers
   vocab, conv, norm    small axes that stay replicated
+Activation axes (`with_logical_constraint` inside the model; BLD, BHLD, BLHD below name the
+common layouts):
+  activation_batch    examples of the batch
+  activation_length   sequence (token) axis; ("activation_length", "tensor") is sequence
+                      parallelism between blocks (the 5B config's rule)
+  activation_embed    model width D of [B, L, D] activations
+  activation_heads    heads of [B, H, L, d] / [B, L, H, d] activations
+  activation_kv       per-head feature dim d of those
+  activation_mlp      MLP hidden width of [B, L, 4D] activations
+Input arrays:
+  batch       the global batch of the arrays the trainer places on the mesh
+              (`tttjax/train/step_plan.py`); its default equals activation_batch's
+
+The default rules give each activation the sharding of the parameter axis of the same
+width (activation_embed and embed both ask for fsdp; `_prune_spec` drops fsdp from the
+width of an activation whose batch already uses it).
 """
 
 from __future__ import annotations
@@ -32,11 +48,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 LogicalRules = Sequence[tuple[str, Any]]
 
-# Parameters are FSDP-sharded over `fsdp` along their width, heads go to `tensor`.
+# Parameters are FSDP-sharded over `fsdp` along their width, heads go to `tensor`;
+# activations split their batch over data x fsdp and their heads over `tensor`.
 DEFAULT_RULES: LogicalRules = (
     ("batch", ("data", "fsdp")),
     ("activation_batch", ("data", "fsdp")),
-    ("length", None),
+    ("activation_length", None),
+    ("activation_embed", "fsdp"),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
@@ -50,6 +71,15 @@ DEFAULT_RULES: LogicalRules = (
 )
 
 DEFAULT_MESH_AXES = ("data", "fsdp", "tensor")
+
+# The activation layouts most constraints use.
+BLD = ("activation_batch", "activation_length", "activation_embed")                   # [B, L, D]
+BHLD = ("activation_batch", "activation_heads", "activation_length", "activation_kv")  # [B, H, L, d]
+BLHD = ("activation_batch", "activation_length", "activation_heads", "activation_kv")  # [B, L, H, d]
+
+# Logical names that no longer exist, and what replaced them: a rule naming one would
+# otherwise be appended and match nothing, leaving the run unsharded where it asked.
+RETIRED_NAMES = {"length": "activation_length"}
 
 
 def resolve_mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -187,8 +217,14 @@ def merge_rules(overrides: LogicalRules, base: LogicalRules = DEFAULT_RULES) -> 
     """`base` with the entries of `overrides` replacing those of the same logical name.
 
     Names new to `base` are appended. A run states only what it changes, e.g.
-    `merge_rules([("length", "tensor")])` for sequence parallelism over `tensor`.
+    `merge_rules([("activation_length", "tensor")])` for sequence parallelism over `tensor`.
+    Raises ValueError for a name of RETIRED_NAMES, naming its replacement.
     """
+    for rule in overrides:
+        name = rule[0] if isinstance(rule, (list, tuple)) and rule else None
+        if name in RETIRED_NAMES:
+            raise ValueError(f"logical axis {name!r} is no longer used; the rule "
+                             f"({name!r}, ...) is now ({RETIRED_NAMES[name]!r}, ...)")
     overrides = {str(name): (tuple(t) if isinstance(t, (list, tuple)) else t)
                  for name, t in overrides}
     merged = [(name, overrides.pop(name, target)) for name, target in base]

@@ -4,7 +4,7 @@
     python -m tttjax.bench aot --config configs/tiny.py:ttt_mlp --topology v5p-8 --num-slices 2
     python -m tttjax.bench aot --config configs/cogvideox_5b.py:3s,ttt_mlp \\
         --mesh data=1,fsdp=8,tensor=4 --batch 8            # fake CPU devices, the CPU compiler
-    ... [--config.KEY=VALUE ...] [--mesh NAME=SIZE,...] [--batch N] [--rules length=none]
+    ... [--config.KEY=VALUE ...] [--mesh NAME=SIZE,...] [--batch N] [--rules activation_length=none]
 
 What is compiled is exactly what `python -m tttjax.train` runs for the config and mesh: the
 step of `tttjax.train.loop.train_step_setup` (loss, prompt dropout, clipping, parameter groups
@@ -252,7 +252,8 @@ def _define_flags(fv) -> None:
     flags.DEFINE_integer("batch", None, "global batch (config.train.global_batch_size)",
                          flag_values=fv)
     flags.DEFINE_string("rules", "", "logical rule overrides on top of config.mesh.rules, e.g. "
-                        "length=none or length=tensor (mesh axes joined by '+')", flag_values=fv)
+                        "activation_length=none or activation_length=tensor (mesh axes joined "
+                        "by '+')", flag_values=fv)
     flags.DEFINE_string("dump_dir", None, "write XLA's dumps (memory-usage reports, HLO) here "
                         "(a local folder, or gs://...: dumped locally, then uploaded)",
                         flag_values=fv)

@@ -246,7 +246,7 @@ def _sample_loop(apply, plan: _Plan, state, cond, uncond, key, progress_token):
         return combine(v_u.astype(jnp.float32), v_c.astype(jnp.float32), jnp.asarray(scales)[i])
 
     # Under a mesh, latents (and the noise) are split over the batch like the model's input.
-    names = ("batch",) + (None,) * (len(plan.shape) - 1)
+    names = ("activation_batch",) + (None,) * (len(plan.shape) - 1)
 
     def body(i, carry):
         # The model state rides in the carry: NNX modules must be rebuilt from values of

@@ -30,7 +30,7 @@ from tttjax.logical_params import logical_init, logical_param
 from tttjax.ops import attention as attention_ops
 from tttjax.ops.packing import token_layout
 from tttjax.ops.rope import apply_rope
-from tttjax.sharding import with_logical_constraint
+from tttjax.sharding import BHLD, BLD, with_logical_constraint
 
 _INIT_STD = 0.02
 _QK_NORM_EPS = 1e-6
@@ -98,7 +98,7 @@ class _AttentionMixer(nnx.Module):
 
         def heads(y):
             y = y.reshape(bsz, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-            return with_logical_constraint(y, ("batch", "heads", "length", "kv"))
+            return with_logical_constraint(y, BHLD)
 
         q, k, v = heads(self.wq(x)), heads(self.wk(x)), heads(self.wv(x))
         if self.qk_norm:
@@ -111,7 +111,7 @@ class _AttentionMixer(nnx.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = self._attend(q, k, v, key_mask=layout.valid, segment_ids=layout.segment)
         y = y.transpose(0, 2, 1, 3).reshape(bsz, length, width)
-        y = with_logical_constraint(y, ("batch", "length", "embed"))
+        y = with_logical_constraint(y, BLD)
         return layout.scatter(self.wo(y))
 
 

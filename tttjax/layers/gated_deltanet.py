@@ -35,7 +35,7 @@ from tttjax.logical_params import logical_init, logical_param
 from tttjax.ops.delta_rule import gated_delta_rule
 from tttjax.ops.gated_rms_norm import gated_rms_norm
 from tttjax.ops.packing import check_state, token_layout
-from tttjax.sharding import with_logical_constraint
+from tttjax.sharding import BHLD, BLD, BLHD, with_logical_constraint
 
 _INIT_STD = 0.02
 
@@ -128,7 +128,7 @@ class GatedDeltaNet(nnx.Module):
 
         def heads(y, d):
             y = y.reshape(bsz, length, h, d).transpose(0, 2, 1, 3)
-            return with_logical_constraint(y, ("batch", "heads", "length", "kv"))
+            return with_logical_constraint(y, BHLD)
 
         def conv_silu(proj, kernel, key):
             out = layout.conv(proj(x), kernel[...], initial_state=init.get(key),
@@ -152,10 +152,10 @@ class GatedDeltaNet(nnx.Module):
                              reset=layout.reset)
         if return_state:
             o, conv_states["delta"] = o
-        o = with_logical_constraint(o.transpose(0, 2, 1, 3), ("batch", "length", "heads", "kv"))
+        o = with_logical_constraint(o.transpose(0, 2, 1, 3), BLHD)
         gate = self.g_proj(x).reshape(bsz, length, h, self.head_v_dim)
         o = gated_rms_norm(o, gate.astype(jnp.float32), self.o_norm_weight[...], eps=self.norm_eps,
                            norm_before_gate=True)
         o = o.reshape(bsz, length, h * self.head_v_dim).astype(self.dtype)
-        y = layout.scatter(with_logical_constraint(self.o_proj(o), ("batch", "length", "embed")))
+        y = layout.scatter(with_logical_constraint(self.o_proj(o), BLD))
         return (y, conv_states) if return_state else y

@@ -37,7 +37,7 @@ from tttjax.logical_params import logical_init, logical_param
 from tttjax.ops.gated_rms_norm import gated_rms_norm
 from tttjax.ops.packing import check_state, token_layout
 from tttjax.ops.ssd import ssd
-from tttjax.sharding import with_logical_constraint
+from tttjax.sharding import BHLD, BLD, BLHD, with_logical_constraint
 
 _INIT_STD = 0.02
 
@@ -128,7 +128,7 @@ class Mamba2(nnx.Module):
         xs = conv_silu(self.x_proj, self.x_conv, self.x_conv_bias, "x_conv")
         bc = conv_silu(self.bc_proj, self.bc_conv, self.bc_conv_bias, "bc_conv")
         xs = with_logical_constraint(xs.reshape(bsz, length, h, p).transpose(0, 2, 1, 3),
-                                     ("batch", "heads", "length", "kv"))
+                                     BHLD)
         bc = bc.reshape(bsz, length, 2, g, n).transpose(2, 0, 3, 1, 4)   # [2, B, G, L, N]
         dt = jax.nn.softplus(self.dt_proj(x).astype(jnp.float32)
                              + self.dt_bias[...].astype(jnp.float32)).transpose(0, 2, 1)
@@ -141,7 +141,7 @@ class Mamba2(nnx.Module):
         if return_state:
             y, states["ssm"] = y
         y = y + self.D[...].astype(jnp.float32)[:, None, None] * xs.astype(jnp.float32)
-        y = with_logical_constraint(y.transpose(0, 2, 1, 3), ("batch", "length", "heads", "kv"))
+        y = with_logical_constraint(y.transpose(0, 2, 1, 3), BLHD)
         z = self.z_proj(x).reshape(bsz, length, h, p)
         # Normalisation groups span h / G whole heads: flatten them into the last axis.
         group = lambda a: a.reshape(bsz, length, g, (h // g) * p)  # noqa: E731
@@ -149,5 +149,5 @@ class Mamba2(nnx.Module):
                            self.norm_weight[...].reshape(g, (h // g) * p),
                            eps=self.norm_eps, norm_before_gate=False)
         y = y.reshape(bsz, length, self.d_inner).astype(self.dtype)
-        y = layout.scatter(with_logical_constraint(self.out_proj(y), ("batch", "length", "embed")))
+        y = layout.scatter(with_logical_constraint(self.out_proj(y), BLD))
         return (y, states) if return_state else y

@@ -31,7 +31,7 @@ from tttjax.logical_params import logical_init, logical_param
 from tttjax.ops import ttt as ttt_ops
 from tttjax.ops.rope import apply_rope
 from tttjax.ops.ttt_context_parallel import ttt_context_parallel
-from tttjax.sharding import with_logical_constraint
+from tttjax.sharding import BLD, with_logical_constraint
 
 _INIT_STD = 0.02
 
@@ -151,8 +151,9 @@ class _TTTLayer(nnx.Module):
                              f"axis set by jax.set_mesh; the current mesh axes are {axes}")
         rules = core_spmd.get_logical_axis_rules() or sharding.DEFAULT_RULES
         # shard_map needs even shards: axes that do not divide B or H are dropped.
-        spec = sharding._prune_spec(sharding.logical_to_spec(("batch", "heads"), rules), mesh,
-                                    (batch, self.num_heads))
+        spec = sharding._prune_spec(
+            sharding.logical_to_spec(("activation_batch", "activation_heads"), rules), mesh,
+            (batch, self.num_heads))
         batch_axes, head_axes = (
             tuple(a for a in (e if isinstance(e, tuple) else (e,)) if a and a != self.context_axis)
             for e in tuple(spec) + (None,) * (2 - len(spec)))
@@ -164,8 +165,9 @@ class _TTTLayer(nnx.Module):
         y = y.reshape(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         # Context-parallel: keep every head of the local span (the scan's layout), rather than
         # heads over `tensor`, which would take an all-to-all into and out of the scan.
-        heads = None if self.context_axis else "heads"
-        return with_logical_constraint(y, ("batch", heads, "length", "kv"))
+        heads = None if self.context_axis else "activation_heads"
+        return with_logical_constraint(
+            y, ("activation_batch", heads, "activation_length", "activation_kv"))
 
     def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None,
                  mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
@@ -252,7 +254,7 @@ class _TTTLayer(nnx.Module):
                impl=self.impl, **state_args)
         z, state = z if return_state else (z, None)
         z = z.transpose(0, 2, 1, 3).reshape(batch, padded, width)[:, :length]
-        z = with_logical_constraint(z, ("batch", "length", "embed"))
+        z = with_logical_constraint(z, BLD)
         y = self.wo(self.post_norm(z))
         return (y, state) if return_state else y
 

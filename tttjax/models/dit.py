@@ -64,7 +64,7 @@ from tttjax.models.embeddings import (pipeline_rope_positions, rope_3d_at, sinco
 from tttjax.models.video_layout import VideoLayout
 from tttjax.ops.attention import chunked_attention, full_attention, segment_attention
 from tttjax.ops.rope import apply_rope, rope_3d
-from tttjax.sharding import with_logical_constraint
+from tttjax.sharding import BHLD, BLD, with_logical_constraint
 
 Tables = dict[str, Any]
 
@@ -149,7 +149,7 @@ class Modulation(nnx.Module):
         # the output's batch over `data` only (D over fsdp, like the kernel) and reshards
         # temb [B, E] across `data` to get there: on a multi-slice mesh an all-gather and
         # collective-permutes between slices at every modulation (tests/test_bench_aot.py).
-        return with_logical_constraint(out, ("batch", None, "embed"))
+        return with_logical_constraint(out, ("activation_batch", None, "activation_embed"))
 
 
 def _modulate(x32: jax.Array, shift: jax.Array, scale: jax.Array, dtype) -> jax.Array:
@@ -183,7 +183,7 @@ class JointAttention(nnx.Module):
         """x [B, L, D] -> q, k, v [B, H, L, d] (q, k normalised)."""
         def heads(y):
             y = jnp.swapaxes(y, 1, 2)
-            return with_logical_constraint(y, ("batch", "heads", "length", "kv"))
+            return with_logical_constraint(y, BHLD)
 
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         if self.norm_q is not None:
@@ -193,7 +193,7 @@ class JointAttention(nnx.Module):
     def _output(self, y: jax.Array) -> jax.Array:
         """y [B, H, L, d] -> o-projection [B, L, D]."""
         out = self.to_out(jnp.swapaxes(y, 1, 2))
-        return with_logical_constraint(out, ("batch", "length", "embed"))
+        return with_logical_constraint(out, BLD)
 
     def __call__(self, text: jax.Array, video: jax.Array, layout: VideoLayout, tables: Tables
                  ) -> tuple[jax.Array, jax.Array]:
@@ -247,7 +247,7 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = _gelu(self.proj_in(x), self.activation)
-        y = with_logical_constraint(y, ("batch", "length", "mlp"))
+        y = with_logical_constraint(y, ("activation_batch", "activation_length", "activation_mlp"))
         return self.proj_out(y)
 
 
@@ -292,11 +292,11 @@ class DiTBlock(nnx.Module):
             b, _, d = at.shape
             # Per-segment text is small: keep it whole on each device, so that slicing it
             # out of (or into) a length-sharded sequence needs no resharding of odd tiles.
-            per_segment = ("batch", None, None, "embed")
+            per_segment = ("activation_batch", None, None, "activation_embed")
             at = with_logical_constraint(
                 at.reshape(b, layout.num_segments, layout.text_len, d), per_segment)
             seq = layout.interleave(at, av)
-            seq = with_logical_constraint(seq, ("batch", "length", "embed"))
+            seq = with_logical_constraint(seq, BLD)
             seq = self.mixer(seq, modality=jnp.asarray(layout.modality),
                              reverse_index=layout.reverse_index,
                              rope=tables.get("mixer_rope"),
@@ -314,8 +314,8 @@ class DiTBlock(nnx.Module):
         ft, fv = self.ff(xt), self.ff(xv)
         text = (text + mod[:, 5][:, None] * ft.astype(jnp.float32)).astype(text.dtype)
         video = (video + mod[:, 2][:, None] * fv.astype(jnp.float32)).astype(video.dtype)
-        text = with_logical_constraint(text, ("batch", "length", "embed"))
-        video = with_logical_constraint(video, ("batch", "length", "embed"))
+        text = with_logical_constraint(text, BLD)
+        video = with_logical_constraint(video, BLD)
         return text, video
 
 
@@ -422,8 +422,8 @@ class CogVideoXDiT(nnx.Module):
                                       temporal_interpolation_scale=cfg.temporal_interpolation_scale)
             video = (video.astype(jnp.float32) + pos[None]).astype(self.dtype)
         text = self.text_proj(text_emb.reshape(b, layout.total_text_len, text_emb.shape[-1]))
-        return (with_logical_constraint(text, ("batch", "length", "embed")),
-                with_logical_constraint(video, ("batch", "length", "embed")))
+        return (with_logical_constraint(text, BLD),
+                with_logical_constraint(video, BLD))
 
     def time_embedding(self, timesteps: jax.Array) -> jax.Array:
         """timesteps [B] -> temb [B, time_embed_dim] float32."""

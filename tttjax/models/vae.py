@@ -552,7 +552,7 @@ class CogVideoXVAE(nnx.Module):
         """x: [B, T, H, W, Cin] frames of whole frame batches `segs`; cache from the
         previous tile or None at the video start. Returns the posterior moments
         [B, T', h, w, 2 * latent] (mean, then unclamped logvar) and the new cache."""
-        x = with_logical_constraint(x, ("batch", None, None, None, None))
+        x = with_logical_constraint(x, ("activation_batch", None, None, None, None))
         h, _, cache = self.encoder(x, segs, cache)
         if self.quant_conv is not None:
             h = self.quant_conv(h)
@@ -562,7 +562,7 @@ class CogVideoXVAE(nnx.Module):
                     ) -> tuple[jax.Array, Cache]:
         """z: [B, T', h, w, latent] (raw, unscaled latents of whole frame batches `segs`).
         Returns ([B, T, H, W, Cout], new cache)."""
-        z = with_logical_constraint(z, ("batch", None, None, None, None))
+        z = with_logical_constraint(z, ("activation_batch", None, None, None, None))
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         h, _, cache = self.decoder(z, segs, cache)

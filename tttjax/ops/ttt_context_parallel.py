@@ -355,7 +355,7 @@ def layer_memory_comparison(kind: ttt_ops.Kind = "mlp", *, batch: int = 1, heads
         return {"temp": stats.temp_size_in_bytes, "argument": stats.argument_size_in_bytes,
                 "output": stats.output_size_in_bytes}
 
-    seq_over = lambda axis: sharding.merge_rules([("length", axis)])  # noqa: E731
+    seq_over = lambda axis: sharding.merge_rules([("activation_length", axis)])  # noqa: E731
     return {
         f"heads over tensor ({n}), x replicated": measure("tensor", sharding.DEFAULT_RULES, P()),
         f"heads over tensor ({n}), x seq-sharded": measure("tensor", seq_over("tensor"),

@@ -347,7 +347,7 @@ def _validate_observability(config) -> None:
 
 def _validate_rules(rules, axes: dict) -> None:
     """Each override is (logical name, mesh axis | tuple of mesh axes | None), on known axes."""
-    example = "e.g. (('length', 'tensor'),)"
+    example = "e.g. (('activation_length', 'tensor'),)"
     for rule in rules:
         _need(isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str),
               f"config.mesh.rules: each rule is a (logical axis, mesh axes) pair, got {rule!r}; "
