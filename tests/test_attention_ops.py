@@ -39,14 +39,14 @@ f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
 B, H, L, D = 2, 2, 53, 8
 
 # jitted wrappers: one compile per configuration instead of op-by-op eager dispatch
-swa = jax.jit(A.sliding_window_attention, static_argnames=("window", "block_size", "implementation"))
+swa = jax.jit(A.sliding_window_attention, static_argnames=("window", "block_size", "impl"))
 chunked = jax.jit(A.chunked_attention, static_argnames=("chunk", "causal"))
 local = jax.jit(A.local_attention, static_argnames=("window", "causal", "chunk"))
 segment = jax.jit(A.segment_attention, static_argnames=("frame_tokens", "frames_per_window",
-                                                         "overlap_frames", "implementation",
+                                                         "overlap_frames", "impl",
                                                          "chunk"))
 # "chunked" with a block that divides no window length (S + fpw * ft) below: padded key blocks.
-SEGMENT_IMPLS = [dict(), dict(implementation="chunked", chunk=4)]
+SEGMENT_IMPLS = [dict(), dict(impl="chunked", chunk=4)]
 
 
 @pytest.mark.parametrize("window,block", [((5, 0), None), ((7, 3), 4), ((0, 0), None),
@@ -56,7 +56,7 @@ def test_sliding_window_equals_masked_full_attention(window, block):
     out = swa(f32(q), f32(k), f32(v), window=window, block_size=block)
     np.testing.assert_allclose(out, np_attention(q, k, v, band(L, *window)), rtol=1e-5, atol=2e-6)
     if block is None:  # jax's local_window_size (the cudnn path on GPU) means the same window
-        dense = swa(f32(q), f32(k), f32(v), window=window, implementation="xla")
+        dense = swa(f32(q), f32(k), f32(v), window=window, impl="xla")
         np.testing.assert_allclose(dense, out, rtol=1e-5, atol=2e-6)
 
 
@@ -193,7 +193,7 @@ def test_bad_inputs_raise():
         A.segment_attention(*arrays, frame_tokens=2, frames_per_window=3, overlap_frames=2)
     with pytest.raises(ValueError, match="chunk must be a positive int"):
         A.segment_attention(*arrays, frame_tokens=2, frames_per_window=3, overlap_frames=1,
-                            implementation="chunked", chunk=0)
+                            impl="chunked", chunk=0)
     q = jnp.zeros((1, 2, 8, 4))
     with pytest.raises(ValueError, match="window must be"):
         A.sliding_window_attention(q, q, q, window=(-1, 2))
@@ -223,7 +223,7 @@ def test_key_mask_and_segment_ids_in_every_form():
                                                       block_size=4, **masks),
                    same & band(21, 3, 2)),
         "window xla": (lambda: A.sliding_window_attention(f32(q), f32(k), f32(v), window=(3, 2),
-                                                          implementation="xla", **masks),
+                                                          impl="xla", **masks),
                        same & band(21, 3, 2)),
     }
     for name, (fn, mask) in cases.items():
@@ -236,3 +236,30 @@ def test_key_mask_and_segment_ids_in_every_form():
         A.full_attention(f32(q), f32(k), f32(v), key_mask=jnp.ones((B, 20), bool))
     with pytest.raises(ValueError, match="segment_ids must be"):
         A.chunked_attention(f32(q), f32(k), f32(v), segment_ids=jnp.zeros((B, 20), jnp.int32))
+
+
+def test_impl_values_are_one_set_for_every_op_and_layer():
+    """`impl` means the same in every attention op and layer: "chunked" and "auto" (on CPU:
+    chunked) give the dense softmax; a value outside the set (None included) is refused in one
+    line naming the allowed values."""
+    from flax import nnx
+
+    from tttjax.layers.attention_mixers import FullAttention, SlidingWindowAttention
+
+    q, k, v = qkv(21, (B, H, 19, D))
+    want = np_attention(q, k, v, band(19, 19, 0))
+    for impl in A.IMPLS:
+        if impl == "cudnn":
+            continue   # NVIDIA GPUs only
+        got = A.full_attention(f32(q), f32(k), f32(v), causal=True, impl=impl, chunk=4)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6, err_msg=impl)
+    allowed = r"impl must be one of \('xla', 'cudnn', 'chunked', 'auto'\)"
+    for bad in (None, "pallas", "blocked"):
+        with pytest.raises(ValueError, match="full_attention: " + allowed):
+            A.full_attention(f32(q), f32(k), f32(v), impl=bad)
+        with pytest.raises(ValueError, match="sliding_window_attention: " + allowed):
+            A.sliding_window_attention(f32(q), f32(k), f32(v), window=(2, 2), impl=bad)
+        with pytest.raises(ValueError, match="FullAttention: " + allowed):
+            FullAttention(16, 2, impl=bad, rngs=nnx.Rngs(0))
+        with pytest.raises(ValueError, match="SlidingWindowAttention: " + allowed):
+            SlidingWindowAttention(16, 2, window=4, impl=bad, rngs=nnx.Rngs(0))

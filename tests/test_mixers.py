@@ -149,7 +149,7 @@ def test_attention_mixers_match_numpy_composition():
     rel = np.arange(LENGTH)[None, :] - np.arange(LENGTH)[:, None]
     cases = [
         (FullAttention(WIDTH, HEADS, rngs=nnx.Rngs(0)), np.ones_like(rel, bool)),
-        (FullAttention(WIDTH, HEADS, causal=True, implementation="chunked", chunk=8, rngs=nnx.Rngs(0)),
+        (FullAttention(WIDTH, HEADS, causal=True, impl="chunked", chunk=8, rngs=nnx.Rngs(0)),
          rel <= 0),
         (SlidingWindowAttention(WIDTH, HEADS, window=7, rngs=nnx.Rngs(0)), (rel >= -3) & (rel <= 3)),
         (SlidingWindowAttention(WIDTH, HEADS, window=6, causal=True, rngs=nnx.Rngs(0)),

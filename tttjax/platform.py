@@ -22,9 +22,10 @@ def target_platform() -> str:
 
 
 def attention_impl(configured: str) -> str:
-    """`config.model.attention_impl` with "auto" resolved: cuDNN's fused flash attention on
-    GPUs; elsewhere "chunked", the online softmax over key blocks that never stores a window's
-    logits (XLA has no fused attention kernel on TPU or CPU)."""
+    """An attention `impl` (`tttjax.ops.attention`, `config.model.attention_impl`) with "auto"
+    resolved: cuDNN's fused flash attention on GPUs; elsewhere "chunked", the online softmax
+    over key blocks that never stores a window's logits (XLA has no fused attention kernel on
+    TPU or CPU)."""
     if configured != "auto":
         return configured
     return "cudnn" if target_platform() == "gpu" else "chunked"

@@ -56,7 +56,7 @@ def build(name: str, width: int, heads: int, *, direction: str, dtype, local_win
     cfg.dtype = jnp.dtype(dtype).name
     cfg.swa.window = swa_window
     if full_impl is not None:
-        cfg.full.implementation = full_impl
+        cfg.full.impl = full_impl
     return registry.make_mixer(name, cfg, rngs=nnx.Rngs(seed))
 
 

@@ -118,42 +118,36 @@ class _AttentionMixer(nnx.Module):
 class FullAttention(_AttentionMixer):
     """Attention over the whole sequence.
 
-    `implementation`: None / "xla" / "cudnn" (`jax.nn.dot_product_attention`) or "chunked"
-    (online softmax over blocks of `chunk` keys, memory O(L * chunk)).
+    `impl`: "xla" (default) / "cudnn" (`jax.nn.dot_product_attention`), "chunked" (online
+    softmax over blocks of `chunk` keys, memory O(L * chunk)) or "auto" (`tttjax.ops.attention`).
     """
 
-    def __init__(self, width: int, num_heads: int, *, implementation: str | None = None,
-                 chunk: int = 1024, **kwargs):
-        if implementation not in (None, "xla", "cudnn", "chunked"):
-            raise ValueError(f"FullAttention: implementation must be None, 'xla', 'cudnn' or "
-                             f"'chunked', got {implementation!r}")
+    def __init__(self, width: int, num_heads: int, *, impl: str = "xla", chunk: int = 1024,
+                 **kwargs):
+        attention_ops.check_impl("FullAttention", impl)
         super().__init__(width, num_heads, **kwargs)
-        self.implementation, self.chunk = implementation, chunk
+        self.impl, self.chunk = impl, chunk
 
     def _attend(self, q, k, v, key_mask=None, segment_ids=None):
-        masks = dict(key_mask=key_mask, segment_ids=segment_ids)
-        if self.implementation == "chunked":
-            return attention_ops.chunked_attention(q, k, v, chunk=self.chunk, causal=self.causal,
-                                                   **masks)
-        return attention_ops.full_attention(q, k, v, causal=self.causal,
-                                            implementation=self.implementation, **masks)
+        return attention_ops.full_attention(q, k, v, causal=self.causal, impl=self.impl,
+                                            chunk=self.chunk, key_mask=key_mask,
+                                            segment_ids=segment_ids)
 
 
 class SlidingWindowAttention(_AttentionMixer):
     """Each query sees `window` keys: the previous `window - 1` (causal) or centred on it.
 
-    `implementation`: None (blocked, any backend) or "cudnn" (fused windowed kernel on GPU).
+    `impl`: "chunked" (default: blocked, any backend), "cudnn" (fused windowed kernel on GPU),
+    "xla" (an L x L mask, for checking) or "auto" (`tttjax.ops.attention`).
     """
 
     def __init__(self, width: int, num_heads: int, *, window: int = 8192,
-                 block_size: int | None = None, implementation: str | None = None, **kwargs):
+                 block_size: int | None = None, impl: str = "chunked", **kwargs):
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"SlidingWindowAttention: window must be a positive int, got {window!r}")
-        if implementation not in (None, "xla", "cudnn"):
-            raise ValueError(f"SlidingWindowAttention: implementation must be None (blocked), "
-                             f"'xla' or 'cudnn', got {implementation!r}")
+        attention_ops.check_impl("SlidingWindowAttention", impl)
         super().__init__(width, num_heads, **kwargs)
-        self.window, self.block_size, self.implementation = window, block_size, implementation
+        self.window, self.block_size, self.impl = window, block_size, impl
 
     @property
     def extent(self) -> tuple[int, int]:
@@ -165,7 +159,7 @@ class SlidingWindowAttention(_AttentionMixer):
     def _attend(self, q, k, v, key_mask=None, segment_ids=None):
         return attention_ops.sliding_window_attention(q, k, v, window=self.extent,
                                                       block_size=self.block_size,
-                                                      implementation=self.implementation,
+                                                      impl=self.impl,
                                                       key_mask=key_mask, segment_ids=segment_ids)
 
 

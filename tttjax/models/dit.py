@@ -54,7 +54,6 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from tttjax import platform
 from tttjax.layers.bidirectional import GatedBidirectional
 from tttjax.layers.registry import make_mixer
 from tttjax.layers.ttt import init_param as _param
@@ -62,7 +61,7 @@ from tttjax.models import dit_config
 from tttjax.models.embeddings import (pipeline_rope_positions, rope_3d_at, sincos_3d_positions,
                                       timestep_embedding)
 from tttjax.models.video_layout import VideoLayout
-from tttjax.ops.attention import chunked_attention, full_attention, segment_attention
+from tttjax.ops.attention import full_attention, segment_attention
 from tttjax.ops.rope import apply_rope, rope_3d
 from tttjax.sharding import BHLD, BLD, with_logical_constraint
 
@@ -208,11 +207,7 @@ class JointAttention(nnx.Module):
         q = jnp.concatenate([tq, vq], axis=2)
         k = jnp.concatenate([tk, vk], axis=2)
         v = jnp.concatenate([tv, vv], axis=2)
-        impl = platform.attention_impl(self.cfg.attention_impl)
-        if impl == "chunked":
-            y = chunked_attention(q, k, v, chunk=self.cfg.attention_chunk)
-        else:
-            y = full_attention(q, k, v, implementation=impl)
+        y = full_attention(q, k, v, impl=self.cfg.attention_impl, chunk=self.cfg.attention_chunk)
         out = self._output(y)
         split = text.shape[1]
         return out[:, :split], out[:, split:]
@@ -228,8 +223,7 @@ class JointAttention(nnx.Module):
             per_segment(tq), per_segment(tk), per_segment(tv), vq, vk, vv,
             frame_tokens=layout.tokens_per_frame, frames_per_window=layout.window_frames,
             overlap_frames=layout.prefix_frames, video_rope=rope,
-            implementation=platform.attention_impl(self.cfg.attention_impl),
-            chunk=self.cfg.attention_chunk)
+            impl=self.cfg.attention_impl, chunk=self.cfg.attention_chunk)
         return self._output(text_y.reshape(b, h, n * s, d)), self._output(video_y)
 
 

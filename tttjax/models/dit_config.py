@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from tttjax.ops import attention as attention_ops
+
 # stage name -> number of 3-second segments
 STAGE_SEGMENTS = {"3s": 1, "9s": 3, "18s": 6, "30s": 10, "63s": 21}
 FRAMES_PER_SEGMENT = 12   # latent frames per 3-second segment
@@ -24,7 +26,7 @@ PREFIX_FRAMES = 1         # the extra first latent frame; also each window's ove
 
 ATTENTION_MODES = ("full", "segment")
 REVERSE_ROPE = ("token", "position")
-ATTENTION_IMPLS = ("xla", "cudnn", "chunked", "auto")
+ATTENTION_IMPLS = attention_ops.IMPLS    # the attention ops' `impl` values, docs/design.md §9
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_block_outputs")
 POSITIONAL_EMBEDDINGS = ("rope", "sincos")
 ACTIVATIONS = ("gelu-approximate", "gelu")
@@ -97,7 +99,7 @@ def cogvideox_5b() -> ml_collections.ConfigDict:
         remat_policy="none",                # per block, see REMAT_POLICIES
         attention_impl="xla",               # "xla", "cudnn" (GPU flash), "chunked" (online softmax),
                                             # "auto" (cudnn on GPU, chunked elsewhere)
-        attention_chunk=1024,               # query/key block of the "chunked" implementation
+        attention_chunk=1024,               # query/key block of attention_impl "chunked"
     ))
 
 

@@ -1,7 +1,8 @@
 """Softmax attention in the forms the mixers and the DiT need, layout [B, H, L, d].
 
 - `full_attention`: one call to `jax.nn.dot_product_attention` (logits materialised by the
-  XLA implementation, fused on GPU with `implementation="cudnn"`).
+  XLA implementation, fused on GPU with `impl="cudnn"`), or `chunked_attention` with
+  `impl="chunked"`.
 - `chunked_attention`: the same numbers with an online softmax over key blocks inside a
   scan over query blocks; memory O(L * chunk), no kernel needed.
 - `sliding_window_attention`: token i sees keys i - left .. i + right, computed per query
@@ -16,6 +17,13 @@ Padded and packed batches (`full_attention`, `chunked_attention`, `sliding_windo
 `key_mask` [B, Lk] bool (False: a key no query sees, e.g. padding) and `segment_ids` [B, L]
 int (a query sees only keys of its own id: block-diagonal attention over packed sequences).
 
+Backend option `impl` (one set of values for every attention op and layer, docs/design.md
+§9 "backend options"): "xla" (`jax.nn.dot_product_attention`'s XLA path, logits
+materialised; any platform), "cudnn" (its fused kernel, NVIDIA GPUs), "chunked" (tttjax's own
+blocked computation: online softmax over key blocks, or only the key blocks a sliding window
+reaches; any platform, never L x L) and "auto" ("cudnn" on GPU, "chunked" elsewhere, decided
+by `tttjax.platform` for the program being traced).
+
 Blocked forms scan over blocks with `jax.checkpoint` around each block, so the backward pass
 keeps one block's logits at a time. Logits and softmax are float32 whatever the input dtype;
 outputs take q's dtype. The scale is d ** -0.5.
@@ -28,6 +36,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tttjax import platform
 
 from tttjax.ops.rope import apply_rope
 
@@ -80,25 +90,46 @@ def _token_mask(key_mask, seg_q, seg_k):
     return mask
 
 
+IMPLS = ("xla", "cudnn", "chunked", "auto")
+
+
+def check_impl(name: str, impl: str) -> str:
+    """`impl` if it is one of IMPLS, else ValueError naming `name` and the allowed values."""
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"{name}: impl must be one of {IMPLS} (module doc of "
+                         f"tttjax.ops.attention), got {impl!r}")
+    return impl
+
+
+def resolve_impl(name: str, impl: str) -> str:
+    """`check_impl`, then "auto" resolved for the platform of the program being traced."""
+    return platform.attention_impl(check_impl(name, impl))
+
+
 def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
-                   implementation: str | None = None, key_mask: jax.Array | None = None,
+                   impl: str = "xla", chunk: int = 1024, key_mask: jax.Array | None = None,
                    segment_ids: jax.Array | None = None) -> jax.Array:
     """Softmax attention over the whole sequence.
 
     Args:
       q: [B, H, Lq, d]; k, v: [B, H, Lk, d] (Lq == Lk when causal).
       causal: mask keys after the query position.
-      implementation: passed to `jax.nn.dot_product_attention` (None, "xla", "cudnn").
+      impl: "xla" (default), "cudnn", "chunked" (`chunked_attention` with blocks of `chunk`)
+        or "auto" (module doc).
       key_mask, segment_ids: optional padding / packing masks (module doc).
     Returns:
       [B, H, Lq, d] in q's dtype.
     """
+    impl = resolve_impl("full_attention", impl)
+    if impl == "chunked":
+        return chunked_attention(q, k, v, chunk=chunk, causal=causal, key_mask=key_mask,
+                                 segment_ids=segment_ids)
     _check_qkv("full_attention", q, k, v, same_length=causal)
     _check_token_masks("full_attention", q, k, key_mask, segment_ids)
     mask = _token_mask(key_mask, segment_ids, segment_ids)
     t = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  [B, H, L, d] <-> [B, L, H, d]
     return t(jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask, is_causal=causal,
-                                          implementation=implementation))
+                                          implementation=impl))
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int = 1024,
@@ -176,7 +207,7 @@ def _window_block_size(left: int, right: int, length: int) -> int:
 
 def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                              window: tuple[int, int], block_size: int | None = None,
-                             implementation: str | None = None, key_mask: jax.Array | None = None,
+                             impl: str = "chunked", key_mask: jax.Array | None = None,
                              segment_ids: jax.Array | None = None) -> jax.Array:
     """Token i attends to keys i - left .. i + right (clipped to the sequence).
 
@@ -187,9 +218,10 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       window: (left, right) non-negative ints.
       block_size: query block size of the blocked form (default: about a quarter of the
         window, 16..1024).
-      implementation: None (blocked, any backend), or "cudnn" / "xla" to hand the window to
-        `jax.nn.dot_product_attention(local_window_size=...)` ("cudnn": fused kernel on
-        NVIDIA GPUs; "xla" builds an L x L mask and is for checking only).
+      impl: "chunked" (default: the blocked form, any backend), or "cudnn" / "xla" to hand the
+        window to `jax.nn.dot_product_attention(local_window_size=...)` ("cudnn": fused
+        kernel on NVIDIA GPUs; "xla" builds an L x L mask and is for checking only), or
+        "auto" (module doc).
       key_mask, segment_ids: optional padding / packing masks (module doc); the window counts
         positions, so padding inside it is not replaced by further keys (`tttjax.ops.packing`
         moves padding to the end first).
@@ -204,15 +236,13 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         raise ValueError(f"sliding_window_attention: window must be (left, right) with ints >= 0, "
                          f"got {window!r}")
     left, right = int(window[0]), int(window[1])
-    if implementation not in (None, "xla", "cudnn"):
-        raise ValueError(f"sliding_window_attention: implementation must be None, 'xla' or "
-                         f"'cudnn', got {implementation!r}")
+    impl = resolve_impl("sliding_window_attention", impl)
     _check_token_masks("sliding_window_attention", q, k, key_mask, segment_ids)
-    if implementation is not None:
+    if impl != "chunked":
         t = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731
         return t(jax.nn.dot_product_attention(t(q), t(k), t(v), local_window_size=(left, right),
                                               mask=_token_mask(key_mask, segment_ids, segment_ids),
-                                              implementation=implementation))
+                                              implementation=impl))
     bsz, heads, length, d = q.shape
     dv = v.shape[-1]
     c = _window_block_size(left, right, length) if block_size is None else int(block_size)
@@ -321,7 +351,7 @@ def segment_attention(text_q: jax.Array, text_k: jax.Array, text_v: jax.Array,
                       video_q: jax.Array, video_k: jax.Array, video_v: jax.Array, *,
                       frame_tokens: int, frames_per_window: int = 13, overlap_frames: int = 1,
                       video_rope: tuple[jax.Array, jax.Array] | None = None,
-                      implementation: str | None = None, chunk: int = 1024
+                      impl: str = "xla", chunk: int = 1024
                       ) -> tuple[jax.Array, jax.Array]:
     """Joint text + video attention inside the DiT's 3-second windows (docs/design.md §2).
 
@@ -339,11 +369,11 @@ def segment_attention(text_q: jax.Array, text_k: jax.Array, text_v: jax.Array,
         0 <= overlap_frames <= frames_per_window - overlap_frames (a token is in <= 2 windows).
       video_rope: optional (cos, sin), each [frames_per_window * frame_tokens, d]: local
         positions, applied to the video q/k of every window inside the window loop.
-      implementation: passed to `jax.nn.dot_product_attention` per window (None, "xla",
-        "cudnn"), or "chunked": `chunked_attention` per window, an online softmax over blocks
-        of `chunk` keys, so no window's [S + window, S + window] logits are ever stored (the
-        flash-attention order for backends without a fused kernel, e.g. TPU or CPU plans).
-      chunk: query / key block of the "chunked" implementation.
+      impl: "xla" (default) or "cudnn": `jax.nn.dot_product_attention` per window; "chunked":
+        `chunked_attention` per window, an online softmax over blocks of `chunk` keys, so no
+        window's [S + window, S + window] logits are ever stored (the flash-attention order
+        for backends without a fused kernel, e.g. TPU or CPU plans); "auto" (module doc).
+      chunk: query / key block of impl "chunked".
     Returns:
       (text_out [B, H, n_seg, S, d], video_out [B, H, T * frame_tokens, d]) in q's dtype.
       One window's logits (or, chunked, one block's) live at a time (scan over windows,
@@ -370,7 +400,8 @@ def segment_attention(text_q: jax.Array, text_k: jax.Array, text_v: jax.Array,
                          f"got frames_per_window={fpw!r}, overlap_frames={o!r}")
     if not isinstance(frame_tokens, int) or frame_tokens < 1:
         raise ValueError(f"{name}: frame_tokens must be a positive int, got {frame_tokens!r}")
-    if implementation == "chunked" and not (isinstance(chunk, int) and chunk >= 1):
+    impl = resolve_impl(name, impl)
+    if impl == "chunked" and not (isinstance(chunk, int) and chunk >= 1):
         raise ValueError(f"{name}: chunk must be a positive int, got {chunk!r}")
     ft, stride = frame_tokens, fpw - o
     frames = stride * n + o
@@ -411,10 +442,10 @@ def segment_attention(text_q: jax.Array, text_k: jax.Array, text_v: jax.Array,
         q = jnp.concatenate([tq, wq], axis=2)
         k = jnp.concatenate([tk, wk], axis=2)
         v = jnp.concatenate([tv, wv], axis=2)
-        if implementation == "chunked":
+        if impl == "chunked":
             y = chunked_attention(q, k, v, chunk=chunk)
         else:
-            y = t(jax.nn.dot_product_attention(t(q), t(k), t(v), implementation=implementation))
+            y = t(jax.nn.dot_product_attention(t(q), t(k), t(v), implementation=impl))
         return None, (y[:, :, :s], y[:, :, s:])
 
     _, (text_out, video_win) = jax.lax.scan(jax.checkpoint(window), None, xs)
