@@ -213,18 +213,18 @@ class JointAttention(nnx.Module):
         return out[:, :split], out[:, split:]
 
     def _segment(self, tq, tk, tv, vq, vk, vv, layout: VideoLayout, rope):
-        b, h, _, d = tq.shape
+        bsz, h, _, d = tq.shape
         n, s = layout.num_segments, layout.text_len
 
         def per_segment(t):
-            return t.reshape(b, h, n, s, d)
+            return t.reshape(bsz, h, n, s, d)
 
         text_y, video_y = segment_attention(
             per_segment(tq), per_segment(tk), per_segment(tv), vq, vk, vv,
             frame_tokens=layout.tokens_per_frame, frames_per_window=layout.window_frames,
             overlap_frames=layout.prefix_frames, video_rope=rope,
             impl=self.cfg.attention_impl, chunk=self.cfg.attention_chunk)
-        return self._output(text_y.reshape(b, h, n * s, d)), self._output(video_y)
+        return self._output(text_y.reshape(bsz, h, n * s, d)), self._output(video_y)
 
 
 # ------------------------------------------------------------------------------ block
@@ -283,12 +283,12 @@ class DiTBlock(nnx.Module):
         at, av = self.attn(xt, xv, layout, tables)
         at, av = checkpoint_name(at, "attention_out"), checkpoint_name(av, "attention_out")
         if self.mixer is not None:
-            b, _, d = at.shape
+            bsz, _, d = at.shape
             # Per-segment text is small: keep it whole on each device, so that slicing it
             # out of (or into) a length-sharded sequence needs no resharding of odd tiles.
             per_segment = ("activation_batch", None, None, "activation_embed")
             at = with_logical_constraint(
-                at.reshape(b, layout.num_segments, layout.text_len, d), per_segment)
+                at.reshape(bsz, layout.num_segments, layout.text_len, d), per_segment)
             seq = layout.interleave(at, av)
             seq = with_logical_constraint(seq, BLD)
             seq = self.mixer(seq, modality=jnp.asarray(layout.modality),
@@ -297,7 +297,7 @@ class DiTBlock(nnx.Module):
                              rope_reversed=tables.get("mixer_rope_reversed"))
             seq = checkpoint_name(seq, "mixer_out")
             at, av = layout.deinterleave(seq)
-            at = with_logical_constraint(at, per_segment).reshape(b, layout.total_text_len, d)
+            at = with_logical_constraint(at, per_segment).reshape(bsz, layout.total_text_len, d)
         text = (text + mod[:, 5][:, None] * at.astype(jnp.float32)).astype(text.dtype)
         video = (video + mod[:, 2][:, None] * av.astype(jnp.float32)).astype(video.dtype)
 
@@ -357,16 +357,17 @@ class CogVideoXDiT(nnx.Module):
         cfg = self.cfg
         if len(latents_shape) != 5:
             raise ValueError(f"latents must be [B, T, C, H, W], got shape {tuple(latents_shape)}")
-        b, t, c, hh, ww = latents_shape
+        bsz, t, c, hh, ww = latents_shape
         p = cfg.patch_size
         if c != cfg.in_channels:
             raise ValueError(f"latents have {c} channels, the model expects {cfg.in_channels}")
         if hh % p or ww % p:
             raise ValueError(f"latent height/width {hh}x{ww} must be multiples of patch_size {p}")
-        if len(text_shape) not in (3, 4) or text_shape[0] != b or text_shape[-1] != cfg.text_embed_dim:
+        if (len(text_shape) not in (3, 4) or text_shape[0] != bsz
+                or text_shape[-1] != cfg.text_embed_dim):
             raise ValueError(
                 f"text embeddings must be [B, S, {cfg.text_embed_dim}] or [B, n_segments, S, "
-                f"{cfg.text_embed_dim}] with B = {b}, got shape {tuple(text_shape)}")
+                f"{cfg.text_embed_dim}] with B = {bsz}, got shape {tuple(text_shape)}")
         n = text_shape[1] if len(text_shape) == 4 else 1
         s = text_shape[-2]
         layout = VideoLayout(num_frames=t, grid_h=hh // p, grid_w=ww // p, num_segments=n,
@@ -405,17 +406,17 @@ class CogVideoXDiT(nnx.Module):
               ) -> tuple[jax.Array, jax.Array]:
         """Patch + text embeddings: (text [B, n*S, D], video [B, T*h*w, D]) in `dtype`."""
         cfg = self.cfg
-        b, t, c, hh, ww = latents.shape
+        bsz, t, c, hh, ww = latents.shape
         p = cfg.patch_size
-        patches = latents.reshape(b, t, c, hh // p, p, ww // p, p)
-        patches = patches.transpose(0, 1, 3, 5, 2, 4, 6).reshape(b, layout.video_len, c * p * p)
+        patches = latents.reshape(bsz, t, c, hh // p, p, ww // p, p)
+        patches = patches.transpose(0, 1, 3, 5, 2, 4, 6).reshape(bsz, layout.video_len, c * p * p)
         video = self.patch_proj(patches)
         if cfg.positional_embedding == "sincos":
             pos = sincos_3d_positions(video.shape[-1], t, layout.grid_h, layout.grid_w,
                                       spatial_interpolation_scale=cfg.spatial_interpolation_scale,
                                       temporal_interpolation_scale=cfg.temporal_interpolation_scale)
             video = (video.astype(jnp.float32) + pos[None]).astype(self.dtype)
-        text = self.text_proj(text_emb.reshape(b, layout.total_text_len, text_emb.shape[-1]))
+        text = self.text_proj(text_emb.reshape(bsz, layout.total_text_len, text_emb.shape[-1]))
         return (with_logical_constraint(text, BLD),
                 with_logical_constraint(video, BLD))
 
@@ -449,10 +450,10 @@ class CogVideoXDiT(nnx.Module):
         x = self.norm_out(self.norm_final(video))
         x = _modulate(x, mod[:, 0], mod[:, 1], self.dtype)
         y = self.proj_out(x)                           # [B, T*h*w, C*p*p], (C, p, p) order
-        b, p, co = y.shape[0], cfg.patch_size, cfg.out_channels
-        y = y.reshape(b, layout.num_frames, layout.grid_h, layout.grid_w, co, p, p)
+        bsz, p, co = y.shape[0], cfg.patch_size, cfg.out_channels
+        y = y.reshape(bsz, layout.num_frames, layout.grid_h, layout.grid_w, co, p, p)
         y = y.transpose(0, 1, 4, 2, 5, 3, 6)
-        return y.reshape(b, layout.num_frames, co, layout.grid_h * p, layout.grid_w * p)
+        return y.reshape(bsz, layout.num_frames, co, layout.grid_h * p, layout.grid_w * p)
 
     def __call__(self, latents: jax.Array, text_emb: jax.Array, timesteps: jax.Array
                  ) -> jax.Array:

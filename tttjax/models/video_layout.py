@@ -101,35 +101,35 @@ class VideoLayout:
     def interleave(self, text: jax.Array, video: jax.Array) -> jax.Array:
         """text [B, n, S, D], video [B, T*h*w, D] -> [B, n*S + T*h*w, D] interleaved."""
         parts = []
-        for i, (a, b) in enumerate(self._chunk_bounds()):
-            parts += [text[:, i], video[:, a:b]]
+        for i, (lo, hi) in enumerate(self._chunk_bounds()):
+            parts += [text[:, i], video[:, lo:hi]]
         return jnp.concatenate(parts, axis=1)
 
     def deinterleave(self, seq: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Inverse of `interleave`: [B, L, D] -> (text [B, n, S, D], video [B, T*h*w, D])."""
         texts, videos, start = [], [], 0
-        for a, b in self._chunk_bounds():
+        for lo, hi in self._chunk_bounds():
             texts.append(seq[:, start:start + self.text_len])
             start += self.text_len
-            videos.append(seq[:, start:start + b - a])
-            start += b - a
+            videos.append(seq[:, start:start + hi - lo])
+            start += hi - lo
         return jnp.stack(texts, axis=1), jnp.concatenate(videos, axis=1)
 
     @functools.cached_property
     def modality(self) -> np.ndarray:
         """[L] int32 modality id (TEXT / VIDEO) of each interleaved position."""
         parts = []
-        for a, b in self._chunk_bounds():
-            parts += [np.full(self.text_len, TEXT, np.int32), np.full(b - a, VIDEO, np.int32)]
+        for lo, hi in self._chunk_bounds():
+            parts += [np.full(self.text_len, TEXT, np.int32), np.full(hi - lo, VIDEO, np.int32)]
         return np.concatenate(parts)
 
     @functools.cached_property
     def reverse_index(self) -> np.ndarray:
         """[L] int32: position in the interleaved sequence of each token of the reversed pass."""
         starts, pos = [], 0
-        for a, b in self._chunk_bounds():
-            starts.append((pos, pos + self.text_len, b - a))
-            pos += self.text_len + b - a
+        for lo, hi in self._chunk_bounds():
+            starts.append((pos, pos + self.text_len, hi - lo))
+            pos += self.text_len + hi - lo
         parts = []
         for text_start, video_start, video_len in reversed(starts):
             parts.append(np.arange(text_start, text_start + self.text_len))
@@ -143,7 +143,7 @@ class VideoLayout:
         ones = jnp.ones((self.text_len, d), video_cos.dtype)
         zeros = jnp.zeros((self.text_len, d), video_sin.dtype)
         cos, sin = [], []
-        for a, b in self._chunk_bounds():
-            cos += [ones, video_cos[a:b]]
-            sin += [zeros, video_sin[a:b]]
+        for lo, hi in self._chunk_bounds():
+            cos += [ones, video_cos[lo:hi]]
+            sin += [zeros, video_sin[lo:hi]]
         return jnp.concatenate(cos, axis=0), jnp.concatenate(sin, axis=0)
