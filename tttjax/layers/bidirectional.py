@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from tttjax.logical_params import logical_param
+from tttjax.ops.rope import flip_rope
 
 Rope = tuple[jax.Array, jax.Array]
 
@@ -27,11 +28,6 @@ def _permute(a: jax.Array, index: jax.Array | None, axis: int) -> jax.Array:
     return jnp.flip(a, axis=axis) if index is None else jnp.take(a, index, axis=axis)
 
 
-def _permute_rope(rope: Rope | None, index) -> Rope | None:
-    if rope is None:
-        return None
-    axis = rope[0].ndim - 2  # tables are [L, d] or [B, L, d]
-    return _permute(rope[0], index, axis), _permute(rope[1], index, axis)
 
 
 def gated_bidirectional(fn: Callable[..., jax.Array], x: jax.Array, gate_fwd: jax.Array,
@@ -63,7 +59,7 @@ def gated_bidirectional(fn: Callable[..., jax.Array], x: jax.Array, gate_fwd: ja
     else:
         undo = jnp.argsort(reverse_index)
     rope_rev = rope if rope_reversed is None else rope_reversed
-    y_rev = fn(_permute(z, reverse_index, 1), rope=_permute_rope(rope_rev, reverse_index))
+    y_rev = fn(_permute(z, reverse_index, 1), rope=flip_rope(rope_rev, reverse_index))
     return z + jnp.tanh(gate_bwd).astype(x.dtype) * _permute(y_rev, undo, 1)
 
 

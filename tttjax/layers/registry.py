@@ -46,6 +46,7 @@ from tttjax.layers.attention_mixers import FullAttention, SlidingWindowAttention
 from tttjax.layers.gated_deltanet import GatedDeltaNet
 from tttjax.layers.mamba2 import Mamba2
 from tttjax.layers.ttt import TTTLinear, TTTMLP
+from tttjax.ops.rope import flip_rope
 
 @dataclasses.dataclass(frozen=True)
 class MixerSpec:
@@ -130,14 +131,10 @@ class SumBidirectional(nnx.Module):
                              "the sequence's end); drop initial_state / return_state, or use "
                              "direction 'forward' / 'causal'")
         flip = lambda a: None if a is None else jnp.flip(a, jnp.ndim(a) - 1)  # noqa: E731
-        flip_rope = None
-        if rope is not None:
-            axis = rope[0].ndim - 2
-            flip_rope = (jnp.flip(rope[0], axis), jnp.flip(rope[1], axis))
         # only the keywords given, so mixers without segment_ids are still called as before
         fwd = {k: v for k, v in (("mask", mask), ("segment_ids", segment_ids)) if v is not None}
         bwd = {k: flip(v) for k, v in fwd.items()}
-        backward = self.mixer(jnp.flip(x, 1), rope=flip_rope, **bwd)
+        backward = self.mixer(jnp.flip(x, 1), rope=flip_rope(rope), **bwd)
         return self.mixer(x, rope=rope, **fwd) + jnp.flip(backward, 1)
 
 

@@ -62,7 +62,7 @@ from tttjax.models.embeddings import (pipeline_rope_positions, rope_3d_at, sinco
                                       timestep_embedding)
 from tttjax.models.video_layout import VideoLayout
 from tttjax.ops.attention import full_attention, segment_attention
-from tttjax.ops.rope import apply_rope, rope_3d
+from tttjax.ops.rope import apply_rope, flip_rope, rope_3d
 from tttjax.sharding import BHLD, BLD, with_logical_constraint
 
 Tables = dict[str, Any]
@@ -395,9 +395,8 @@ class CogVideoXDiT(nnx.Module):
                                theta=cfg.rope_theta)
             tables["mixer_rope"] = layout.interleave_rope(cos, sin)
             if cfg.reverse_rope == "position":
-                # The (t, h, w)-ordered tables flipped: video token (t, h, w) is rotated as
-                # (T-1-t, H-1-h, W-1-w), the position of its slot after the flip.
-                tables["mixer_rope_reversed"] = layout.interleave_rope(cos[::-1], sin[::-1])
+                # video token (t, h, w) rotated as (T-1-t, H-1-h, W-1-w), its slot after the flip
+                tables["mixer_rope_reversed"] = layout.interleave_rope(*flip_rope((cos, sin)))
         return tables
 
     # -- forward --------------------------------------------------------------------------

@@ -65,6 +65,31 @@ def identity_rope(length: int, head_dim: int) -> tuple[jnp.ndarray, jnp.ndarray]
     return jnp.ones((length, head_dim), jnp.float32), jnp.zeros((length, head_dim), jnp.float32)
 
 
+def flip_rope(rope: tuple[jnp.ndarray, jnp.ndarray] | None, index=None
+              ) -> tuple[jnp.ndarray, jnp.ndarray] | None:
+    """RoPE tables reordered along the token axis like the tokens of a reversed pass.
+
+    The one place tables are flipped (docs/design.md §2): the bidirectional mixers' reversed
+    pass (tables travel with their tokens) and the DiT's `reverse_rope="position"` tables
+    (the (t, h, w)-ordered video tables flipped, so token (t, h, w) is rotated as
+    (T-1-t, H-1-h, W-1-w)).
+
+    Args:
+      rope: (cos, sin), each [L, d] or [B, L, d] (tokens on the second-to-last axis), or None.
+      index: optional [L] int permutation (row i of the result is row `index[i]`); None
+        reverses the tokens (`index = L-1, ..., 0`).
+    Returns:
+      (cos, sin) of the same shapes and dtypes, or None when `rope` is None.
+    """
+    if rope is None:
+        return None
+    cos, sin = rope
+    axis = cos.ndim - 2
+    if index is None:
+        return jnp.flip(cos, axis), jnp.flip(sin, axis)
+    return jnp.take(cos, index, axis=axis), jnp.take(sin, index, axis=axis)
+
+
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
     """Rotates adjacent feature pairs of `x`.
 
