@@ -26,6 +26,8 @@ einsum form, which also covers the causal case).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax.numpy as jnp
@@ -62,8 +64,35 @@ def _mm_nt(a, b):
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_HI)
 
 
+_ROW_SUMS_AS_MATMULS = contextvars.ContextVar("ttt_step_row_sums_as_matmuls", default=False)
+
+
+@contextlib.contextmanager
+def row_sums_as_matmuls():
+    """While tracing inside this context, the row (feature-axis) sums of the functions below
+    are matmuls with a ones column instead of reductions. Same numbers (float32 accumulation,
+    HIGHEST precision); the XLA op traces its steps in it because XLA:CPU runs each small
+    reduction as a separate library call that costs more than the matmul (measured: README,
+    "Measured: ops benchmark"). The Pallas kernels never enter it: their lowerings want
+    keep-dims reductions, not [., 1]-wide matmuls."""
+    token = _ROW_SUMS_AS_MATMULS.set(True)
+    try:
+        yield
+    finally:
+        _ROW_SUMS_AS_MATMULS.reset(token)
+
+
+def _row_sum(x, scale=1.0):
+    """scale * sum of x [..., n] over its last axis, keeping it ([..., 1])."""
+    if _ROW_SUMS_AS_MATMULS.get():
+        ones = jnp.full((x.shape[-1], 1), scale, x.dtype)
+        return lax.dot_general(x, ones, (((x.ndim - 1,), (0,)), ((), ())), precision=_HI)
+    total = jnp.sum(x, axis=-1, keepdims=True)
+    return total if scale == 1.0 else total * scale
+
+
 def _row_mean(x):
-    return jnp.sum(x, axis=-1, keepdims=True) * (1.0 / x.shape[-1])
+    return _row_sum(x, 1.0 / x.shape[-1])
 
 
 def _col_sum(x):
@@ -137,7 +166,7 @@ def target_backward(k, v, gamma, dy):
     dbeta = _col_sum(dy)
     drhat = gamma * dy
     # rhat = c * inv, inv = 1 / (std + eps), std = sqrt(max(var, floor)), var = sum(c^2)/(d-1)
-    dinv = jnp.sum(drhat * c, axis=-1, keepdims=True)
+    dinv = _row_sum(drhat * c)
     dstd = -dinv * inv * inv
     dvar = jnp.where(var > 1e-30, dstd * 0.5 / std, 0.0)
     dc = drhat * inv + dvar * (2.0 / (d - 1)) * c
@@ -284,13 +313,13 @@ def backward_from_residuals(kind, state, new, residuals, q, k, w, gamma, dz, dne
     dstate = list(dnew)
     da1 = -_mm(k, dnew[0]) - dnew[1]
     dk = -_mm_nt(w * dz1, dnew[0])
-    dw = jnp.sum(da1 * dz1, axis=-1, keepdims=True)
+    dw = _row_sum(da1 * dz1)
     d_dz1 = w * da1                                  # cotangent of the inner gradient dZ1
     if mlp:
         x2, gp, gpp, p = inner["x2"], inner["gp"], inner["gpp"], inner["p"]
         da2 = -_mm(x2, dnew[2]) - dnew[3]
         dx2 = -_mm_nt(w * dz_last, dnew[2])
-        dw = dw + jnp.sum(da2 * dz_last, axis=-1, keepdims=True)
+        dw = dw + _row_sum(da2 * dz_last)
         # dZ1 = (dZ2 W2^T) * gelu'(Z1)
         dp = d_dz1 * gp
         dz1_total = d_dz1 * p * gpp
@@ -304,14 +333,14 @@ def backward_from_residuals(kind, state, new, residuals, q, k, w, gamma, dz, dne
     h = gamma * resid
     dh = ln_input_grad(u, zhat, std)
     dzhat = -(_row_mean(h * zhat) * u + _row_mean(u * zhat) * h) / std
-    dstd = -jnp.sum(u * dz_last, axis=-1, keepdims=True) / std
+    dstd = -_row_sum(u * dz_last) / std
     dresid = gamma * dh
     dgamma = dgamma + _col_sum(resid * dh + zhat * dresid)
     dbeta = dbeta + _col_sum(dresid)
     dy = -dresid
     dzhat = dzhat + gamma * dresid
     # zhat = (Z - mean Z) / std, std = sqrt(mean((Z - mean Z)^2) + eps)
-    dstd = dstd - jnp.sum(dzhat * zhat, axis=-1, keepdims=True) / std
+    dstd = dstd - _row_sum(dzhat * zhat) / std
     dzc = dzhat / std + dstd * zhat * (1.0 / d)
     dz_net = dzc - _row_mean(dzc)                    # cotangent of Z_last through the loss
 

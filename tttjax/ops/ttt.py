@@ -15,7 +15,9 @@ it keeps one state per group of `remat_group_size` mini-batches and recomputes i
 (`_custom_vjp_scan`). The causal form and the inner-loss diagnostics take JAX autodiff through
 the closed-form steps, with `jax.checkpoint` around the same groups; `_ttt(..., vjp="autodiff")`
 runs that path for the non-causal form too (the previous implementation, kept as the
-reference the tests and `python -m tttjax.bench ops` compare against).
+reference the tests and `python -m tttjax.bench ops` compare against). On one CPU device the
+custom-VJP scan splits the (batch, head) pairs into independent chains (`_cpu_chains`) and
+traces its steps with row sums as matmuls (`_cpu_row_sums`): same numbers, less time there.
 
 All inner arithmetic is float32 whatever the input dtype; `z` is returned in q's dtype.
 """
@@ -189,6 +191,18 @@ def _reset(state, state0, r):
                  for a, a0 in zip(state, state0))
 
 
+def _cpu_row_sums(fn):
+    """`fn` traced with `ttt_step.row_sums_as_matmuls` on CPU (there each small reduction is a
+    separate library call that costs more than a matmul with a ones column); as is elsewhere."""
+    @functools.wraps(fn)
+    def wrapped(*args):
+        if jax.default_backend() != "cpu":
+            return fn(*args)
+        with ttt_step.row_sums_as_matmuls():
+            return fn(*args)
+    return wrapped
+
+
 @functools.lru_cache(maxsize=None)
 def _custom_vjp_scan(kind, group, resets=False):
     """Non-causal scan over groups of `group` mini-batches with a hand-derived backward.
@@ -209,13 +223,14 @@ def _custom_vjp_scan(kind, group, resets=False):
     memory: the inputs, one state per group and one group's residuals, as with the autodiff
     scan's `jax.checkpoint` groups. Every (batch, head) pair runs in the same batched matmuls.
     """
-    fwd_step = _per_pair(functools.partial(ttt_step.forward_step, kind), 5, 2)
-    residuals = _per_pair(functools.partial(ttt_step.step_residuals, kind), 5, 2)
+    fwd_step = _cpu_row_sums(_per_pair(functools.partial(ttt_step.forward_step, kind), 5, 2))
+    residuals = _cpu_row_sums(_per_pair(functools.partial(ttt_step.step_residuals, kind), 5, 2))
 
     def _bwd(state, new, res, q, k, w, gamma, dz, dnew):
         return ttt_step.backward_from_residuals(kind, state, new, res, q, k, w, gamma, dz, dnew)
 
-    bwd = jax.vmap(jax.vmap(_bwd, in_axes=(0,) * 9), in_axes=(0, 0, 0, 0, 0, 0, None, 0, 0))
+    bwd = _cpu_row_sums(jax.vmap(jax.vmap(_bwd, in_axes=(0,) * 9),
+                                 in_axes=(0, 0, 0, 0, 0, 0, None, 0, 0)))
 
     def start(st, state0, r):
         return st if r is None else _reset(st, state0, r)
@@ -290,12 +305,12 @@ def _cpu_chains(bsz, h):
     """How many independent scans (chains) the custom-VJP path splits the (batch, head) pairs
     into, and along which axis: (count, 1 for heads or 0 for batch).
 
-    XLA:CPU runs the thunks of one scan step one after another (its small per-step matmuls
-    and fusions hardly use a second core), but its thunk executor runs independent thunks
-    concurrently, so on CPU the pairs go into up to one chain per core (measured on the
-    2-core machine: README, "Measured: ops benchmark"). Other backends get one chain: there a
-    single batched op per step is what fills the device."""
-    if jax.default_backend() != "cpu":
+    On a single CPU device the pairs go into up to one chain per core: measured on the 2-core
+    machine, two chains of two heads take less time than one of four (README, "Measured: ops
+    benchmark"). Other backends get one chain (there one batched op per step is what fills
+    the device), and so do several devices: the pairs may be sharded over them, and a chain
+    would slice a sharded axis."""
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
         return 1, 1
     try:
         cores = len(os.sched_getaffinity(0))
