@@ -166,10 +166,6 @@ def mesh_layout(mesh, bsz: int, heads: int, rules=None):
     return tuple(out)
 
 
-def _spec_entry(axes):
-    return None if not axes else (axes[0] if len(axes) == 1 else axes)
-
-
 def ttt_scan(kind, q, k, v, eta, params, *, mini_batch_size: int, remat_group_size: int = 16,
              backend: str, interpret: bool = False, initial_state=None, return_state: bool = False):
     """Non-causal TTT-MLP (kind="mlp") or TTT-Linear (kind="linear") scan in a Pallas kernel.
@@ -210,7 +206,7 @@ def ttt_scan(kind, q, k, v, eta, params, *, mini_batch_size: int, remat_group_si
         return local(q, k, v, eta, params, initial_state)
 
     batch_axes, head_axes = mesh_layout(mesh, bsz, h)
-    be, he = _spec_entry(batch_axes), _spec_entry(head_axes)
+    be, he = sharding_lib.axes_entry(batch_axes), sharding_lib.axes_entry(head_axes)
     seq, per_pair, per_head = P(be, he, None, None), P(be, he), P(he)
     names = ttt_step.STATE_NAMES[kind]
     args = (q, k, v, eta, dict(params), None if initial_state is None else dict(initial_state))

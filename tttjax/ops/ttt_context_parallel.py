@@ -55,18 +55,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from tttjax.ops import ttt as ttt_ops
+from tttjax.sharding import axes_entry, entry_axes
 
 AxisNames = str | Sequence[str] | None
-
-
-def _axes_tuple(axes: AxisNames) -> tuple[str, ...]:
-    if axes is None:
-        return ()
-    return (axes,) if isinstance(axes, str) else tuple(axes)
-
-
-def _spec_entry(axes: tuple[str, ...]):
-    return None if not axes else (axes[0] if len(axes) == 1 else axes)
 
 
 def _vary(x, axes: frozenset):
@@ -138,7 +129,7 @@ def ttt_context_parallel(kind: ttt_ops.Kind, q, k, v, eta, params, *, mini_batch
     if axis_name not in mesh.shape:
         raise ValueError(f"{name}: axis_name {axis_name!r} is not a mesh axis; the mesh has "
                          f"{dict(mesh.shape)}")
-    batch_axes, head_axes = _axes_tuple(batch_axes), _axes_tuple(head_axes)
+    batch_axes, head_axes = entry_axes(batch_axes), entry_axes(head_axes)
     named = (axis_name,) + batch_axes + head_axes
     if len(set(named)) != len(named):
         raise ValueError(f"{name}: a mesh axis may shard only one dimension; got "
@@ -169,7 +160,7 @@ def ttt_context_parallel(kind: ttt_ops.Kind, q, k, v, eta, params, *, mini_batch
         raise ValueError(f"{name}: head_groups={head_groups!r} must be a positive divisor of the "
                          f"{local_heads} heads per device (H={h} over {head_ways} head shards)")
 
-    batch_e, head_e = _spec_entry(batch_axes), _spec_entry(head_axes)
+    batch_e, head_e = axes_entry(batch_axes), axes_entry(head_axes)
     seq_spec = P(batch_e, head_e, axis_name, None)
     eta_spec = P(batch_e, head_e, axis_name)
     param_specs = {key: P(head_e) for key in params}
