@@ -64,22 +64,30 @@ def _mm_nt(a, b):
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_HI)
 
 
-_ROW_SUMS_AS_MATMULS = contextvars.ContextVar("ttt_step_row_sums_as_matmuls", default=False)
+# None: no caller has chosen (the XLA op then picks per platform); True / False: chosen.
+_ROW_SUMS_AS_MATMULS = contextvars.ContextVar("ttt_step_row_sums_as_matmuls", default=None)
 
 
 @contextlib.contextmanager
-def row_sums_as_matmuls():
+def row_sums_as_matmuls(enabled: bool = True):
     """While tracing inside this context, the row (feature-axis) sums of the functions below
-    are matmuls with a ones column instead of reductions. Same numbers (float32 accumulation,
-    HIGHEST precision); the XLA op traces its steps in it because XLA:CPU runs each small
-    reduction as a separate library call that costs more than the matmul (measured: README,
-    "Measured: ops benchmark"). The Pallas kernels never enter it: their lowerings want
-    keep-dims reductions, not [., 1]-wide matmuls."""
-    token = _ROW_SUMS_AS_MATMULS.set(True)
+    are matmuls with a ones column (`enabled`) or reductions (`enabled=False`). Same numbers
+    (float32 accumulation, HIGHEST precision). Without a context the XLA op traces its steps
+    with matmuls on CPU, because XLA:CPU runs each small reduction as a separate library call
+    that costs more than the matmul (measured: README, "Measured: ops benchmark"); an explicit
+    context wins over that choice (e.g. `enabled=False` to count the model's own FLOPs). The
+    Pallas kernels never enter it: their lowerings want keep-dims reductions, not [., 1]-wide
+    matmuls."""
+    token = _ROW_SUMS_AS_MATMULS.set(bool(enabled))
     try:
         yield
     finally:
         _ROW_SUMS_AS_MATMULS.reset(token)
+
+
+def row_sums_choice() -> bool | None:
+    """The enclosing `row_sums_as_matmuls` context's choice, or None outside any."""
+    return _ROW_SUMS_AS_MATMULS.get()
 
 
 def _row_sum(x, scale=1.0):

@@ -98,9 +98,10 @@ def test_bench_sample_prints_fields_and_matches_xla(sample_out):
     assert rows["tokens / step"] == str(2 * (8 + 3 * 16))   # CFG: batch [uncond; cond]
     lo, hi = XLA_OVER_ANALYTIC
     assert lo < _number(rows[XLA_RATIO]) < hi
-    # Traced = analytic + the gates' one-hot expansion (flops.gate_flops, once per pass):
-    # 1.0007 here.
-    assert 1.0 <= _number(rows["traced / analytic"]) < 1.002
+    # Traced = analytic + the gates' one-hot expansion (flops.gate_flops, once per pass; 1.0007
+    # here) + on CPU the TTT steps' row sums, traced as matmuls with a ones column
+    # (ttt_step.row_sums_as_matmuls; 1.006 in all). Any real extra matmul costs more.
+    assert 1.0 <= _number(rows["traced / analytic"]) < 1.01
 
 
 def _one_layer(mixer: str) -> ml_collections.ConfigDict:
@@ -157,6 +158,7 @@ def test_analytic_flops_equal_traced_model(arg, overrides, mixer_options):
     import jax.numpy as jnp
     from flax import nnx
 
+    from pallas_kernels import ttt_step
     from tttjax.models.dit import CogVideoXDiT
     from tttjax.storyboard import num_latent_frames
 
@@ -171,8 +173,12 @@ def test_analytic_flops_equal_traced_model(arg, overrides, mixer_options):
     x = jax.ShapeDtypeStruct((2, frames, m.in_channels, s.latent_height, s.latent_width),
                              jnp.float32)
     text = jax.ShapeDtypeStruct((2, s.num_segments, s.text_length, m.text_embed_dim), jnp.float32)
-    traced = flops.traced_matmul_flops(lambda st, x, t, ts: nnx.merge(graphdef, st)(x, t, ts),
-                                       state, x, text, jax.ShapeDtypeStruct((2,), jnp.int32))
+    # The model's FLOPs take row sums as reductions; on CPU the XLA TTT op would otherwise
+    # trace them as matmuls with a ones column (a speed choice, not model work).
+    with ttt_step.row_sums_as_matmuls(False):
+        traced = flops.traced_matmul_flops(
+            lambda st, x, t, ts: nnx.merge(graphdef, st)(x, t, ts),
+            state, x, text, jax.ShapeDtypeStruct((2,), jnp.int32))
     tokens = s.num_segments * s.text_length + frames * (
         (s.latent_height // m.patch_size) * (s.latent_width // m.patch_size))
     assert traced == 2 * flops.stage_forward_flops(config)["total"] + flops.gate_flops(m, tokens)

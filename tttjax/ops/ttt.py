@@ -193,10 +193,11 @@ def _reset(state, state0, r):
 
 def _cpu_row_sums(fn):
     """`fn` traced with `ttt_step.row_sums_as_matmuls` on CPU (there each small reduction is a
-    separate library call that costs more than a matmul with a ones column); as is elsewhere."""
+    separate library call that costs more than a matmul with a ones column); as is elsewhere
+    and inside a caller's own `row_sums_as_matmuls` context."""
     @functools.wraps(fn)
     def wrapped(*args):
-        if jax.default_backend() != "cpu":
+        if jax.default_backend() != "cpu" or ttt_step.row_sums_choice() is not None:
             return fn(*args)
         with ttt_step.row_sums_as_matmuls():
             return fn(*args)
