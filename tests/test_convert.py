@@ -22,7 +22,7 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from tttjax.models.convert import from_diffusers, load_checkpoint, save_checkpoint  # noqa: E402
+from tttjax.models.dit_weights import from_diffusers, load_checkpoint, save_checkpoint  # noqa: E402
 from tttjax.models.embeddings import pipeline_rope_positions  # noqa: E402
 from tttjax.sharding import make_mesh  # noqa: E402
 

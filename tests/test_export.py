@@ -23,7 +23,7 @@ from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from tttjax import export as export_cli  # noqa: E402
-from tttjax.models.convert import from_diffusers, is_mixer_path, save_checkpoint  # noqa: E402
+from tttjax.models.dit_weights import from_diffusers, is_mixer_path, save_checkpoint  # noqa: E402
 
 # no q/k/v bias, more output channels than input (the layouts most easily confused)
 KWARGS = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, text_embed_dim=24,

@@ -68,7 +68,7 @@ def _equal_states(a, b):
 
 def test_convert_from_bucket_to_bucket_equals_local(pipeline, capsys):
     from tttjax.convert import main
-    from tttjax.models.convert import from_diffusers, load_checkpoint
+    from tttjax.models.dit_weights import from_diffusers, load_checkpoint
 
     local, url = pipeline
     out = "gs://bucket/ckpt/tiny_ttt"
@@ -84,7 +84,7 @@ def test_convert_from_bucket_to_bucket_equals_local(pipeline, capsys):
 
 
 def test_vae_and_t5_from_bucket_equal_local(pipeline):
-    from tttjax.models.vae_convert import from_diffusers_vae
+    from tttjax.models.vae_weights import from_diffusers_vae
     from tttjax.text.t5 import T5TextEncoder
 
     local, url = pipeline

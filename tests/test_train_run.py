@@ -20,7 +20,7 @@ from tiny_configs import FAST, tiny_config
 from tttjax import sharding as shd
 from tttjax.data import loader as data_loader
 from tttjax.layers import registry
-from tttjax.models.convert import save_checkpoint
+from tttjax.models.dit_weights import save_checkpoint
 from tttjax.sharding import make_mesh
 from tttjax.train import TrainingDiverged, train
 from tttjax.train import config as config_lib

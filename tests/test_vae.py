@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from tiny_hf_models import save_tiny_vae
 from tttjax.models.vae import SpatialTiling, VAEConfig, frame_batches, sample_posterior
-from tttjax.models.vae_convert import config_from_diffusers, from_diffusers_vae
+from tttjax.models.vae_weights import config_from_diffusers, from_diffusers_vae
 
 TOL = 1e-4
 

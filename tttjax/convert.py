@@ -4,7 +4,7 @@
         [--mixer ttt_mlp] [--param-dtype bfloat16] [--seed 0]
 
 The output folder holds `model_config.json` and `state/` (Orbax); restore it with
-`tttjax.models.convert.load_checkpoint(path, config, mesh=...)`. Mixer parameters (TTT layer
+`tttjax.models.dit_weights.load_checkpoint(path, config, mesh=...)`. Mixer parameters (TTT layer
 and its four gate vectors per block) are freshly initialised. Exit code 2 with a one-line
 message on bad input.
 
@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        from tttjax.models.convert import from_diffusers, save_checkpoint
+        from tttjax.models.dit_weights import from_diffusers, save_checkpoint
         from tttjax.models.dit import count_params
 
         attention = args.attention or ("full" if args.mixer == "none" else "segment")

@@ -22,7 +22,7 @@ W is a training workdir (its newest verified checkpoint) or a converted checkpoi
                                        `TTTVideoPipeline.from_pretrained(DIR)` gives the same
                                        videos as the workdir
 
-`read_export(DIR)` rebuilds the `CogVideoXDiT` through `tttjax.models.convert.from_diffusers`
+`read_export(DIR)` rebuilds the `CogVideoXDiT` through `tttjax.models.dit_weights.from_diffusers`
 (the project's diffusers import) with the mixer tensors in place of fresh ones; the round
 trip is bitwise, bfloat16 parameters included (stored as safetensors BF16). W and DIR may be
 `gs://` URLs (`tttjax.storage`; a URL export is read through a temporary local copy).
@@ -66,7 +66,7 @@ def _diffusers_shape(key: str, ours: tuple[int, ...], bias_sizes: dict[str, int]
 
 def _inverse(transform, stored_shape: tuple[int, ...], value: np.ndarray) -> np.ndarray:
     """The stored tensor `transform` maps to `value`: the transforms of
-    `tttjax.models.convert` only reorder elements (transpose, reshape), so applying one to
+    `tttjax.models.dit_weights` only reorder elements (transpose, reshape), so applying one to
     the element indices gives the permutation to undo."""
     if transform is None:
         return value.reshape(stored_shape)
@@ -85,7 +85,7 @@ def _load(path: str, seed: int):
 
     from tttjax import storage
     from tttjax.models import dit_config
-    from tttjax.models.convert import read_checkpoint_config
+    from tttjax.models.dit_weights import read_checkpoint_config
     from tttjax.sharding import DEFAULT_RULES, make_mesh
     from tttjax.train.model_state import checkpoint_kind, load_params, model_spec
 
@@ -117,7 +117,7 @@ def export(path: str, out: str, *, seed: int = 0) -> list[str]:
     from tttjax import storage
     from tttjax.generation import pairing
     from tttjax.models import dit_config
-    from tttjax.models.convert import _parameter_sources
+    from tttjax.models.dit_weights import _parameter_sources
 
     params, cfg = _load(path, seed)
     settings = pairing(path)
@@ -209,7 +209,7 @@ def _read_local_export(folder: str, *, mesh, rules) -> tuple[Any, Any]:
     from safetensors import safe_open
 
     from tttjax.models import dit_config
-    from tttjax.models.convert import from_diffusers, is_mixer_path
+    from tttjax.models.dit_weights import from_diffusers, is_mixer_path
     from tttjax.safetensors_folder import read_tensors
 
     if not os.path.isfile(os.path.join(folder, TTTJAX_CONFIG)):

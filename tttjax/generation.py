@@ -141,7 +141,7 @@ def _vae_decoder(vae: str | None, what: str, latent_scale: float | None = None) 
     if not vae:
         raise ValueError(f"{what} needs the CogVideoX VAE to decode its latents: pass --vae "
                          "DIR (a diffusers AutoencoderKLCogVideoX folder)")
-    from tttjax.models.vae_convert import from_diffusers_vae
+    from tttjax.models.vae_weights import from_diffusers_vae
 
     model, _ = from_diffusers_vae(vae)
     return VAEDecoder(model, latent_scale=latent_scale)
@@ -173,7 +173,7 @@ def pairing(path: str) -> dict[str, Any]:
     gives) and `decoder` ({"kind": "toon", "codec", "seed"} or {"kind": "vae",
     "latent_scale"}). `python -m tttjax.export` writes it next to the weights, so an exported
     folder samples exactly as its source."""
-    from tttjax.models.convert import read_checkpoint_config
+    from tttjax.models.dit_weights import read_checkpoint_config
     from tttjax.train.model_state import checkpoint_kind
 
     kind, _ = checkpoint_kind(path)
@@ -247,7 +247,7 @@ def load_generator(path: str, *, vae: str | None = None, text_encoder: str | Non
     Raises:
       ValueError naming what is missing or inconsistent.
     """
-    from tttjax.models.convert import read_checkpoint_config
+    from tttjax.models.dit_weights import read_checkpoint_config
     from tttjax.train.model_state import checkpoint_kind, load_params, model_spec
 
     path = storage.resolve(path)     # local: absolute; gs://...: as given

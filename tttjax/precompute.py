@@ -197,7 +197,7 @@ def check_item(vid: str, video: str, board_path: str, plan: Plan) -> Item:
 
 
 def _vae_config(folder: str):
-    from tttjax.models.vae_convert import config_from_diffusers
+    from tttjax.models.vae_weights import config_from_diffusers
     from tttjax.safetensors_folder import model_folder, weight_files
 
     root = storage.path(folder)
@@ -420,7 +420,7 @@ def _encode_all(args, todo, plan, config, out_dir, bad) -> int:
     from tqdm import tqdm
 
     from tttjax.data.latents import write_source_example
-    from tttjax.models.vae_convert import from_diffusers_vae
+    from tttjax.models.vae_weights import from_diffusers_vae
 
     try:
         vae, _ = from_diffusers_vae(args.vae)
