@@ -81,3 +81,16 @@ def test_eval_usage_errors_are_one_line(argv, words, capsys):
     assert code == 2, assert_exit
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err
+
+
+def test_export_to_an_unwritable_place_is_one_line_exit_1(tmp_path, capsys):
+    """A runtime failure (here: --out lies under a regular file) is one line on stderr and exit
+    status 1 (command_line.one_line_errors), not a traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code = toon_export.main(["--out", str(blocker / "episodes"), "--count", "1",
+                             "--segments", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err.startswith("python -m tttjax.data.toon_export: error:") and "\n" not in err
+    assert "Traceback" not in err

@@ -15,6 +15,7 @@ is compiled or written.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import sys
@@ -30,6 +31,23 @@ def fail(prog: str, message, code: int = 2) -> int:
     """Prints `message` as one line on stderr and returns `code` (the exit status)."""
     print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
     return code
+
+
+def one_line_errors(prog: str):
+    """Decorates a command's `main(argv) -> int`: a `UsageError` becomes one line and exit 2, an
+    `OSError` (unreadable input, full disk, no permission) one line and exit 1, never a
+    traceback. The command itself cleans up what it had started writing."""
+    def decorate(main):
+        @functools.wraps(main)
+        def wrapped(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except UsageError as err:
+                return fail(prog, err)
+            except OSError as err:
+                return fail(prog, err, code=1)
+        return wrapped
+    return decorate
 
 
 def _underscored(arg: str) -> str:

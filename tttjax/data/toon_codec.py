@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tttjax.command_line import ArgumentParser, fail
+from tttjax.command_line import ArgumentParser, one_line_errors
 from tttjax.data.toy_latents import FrameCodec
 from tttjax.small_weights import load_weights, save_weights
 
@@ -271,6 +271,7 @@ def train_codec(*, channels: int = 4, width: int = 32, steps: int = 1000, batch:
     return LearnedToonCodec(net, shift, scale), meta
 
 
+@one_line_errors(_PROG)
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog=_PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for the weights (Orbax) + codec.json")
@@ -283,12 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.channels, args.width, args.steps, args.batch, args.groups) < 1:
         parser.error("--channels, --width, --steps, --batch and --groups must be >= 1")
-    try:
-        codec, meta = train_codec(channels=args.channels, width=args.width, steps=args.steps,
-                                  batch=args.batch, groups=args.groups, seed=args.seed)
-        path = save_codec(args.out, codec, meta)
-    except OSError as err:
-        return fail(_PROG, err, code=1)
+    codec, meta = train_codec(channels=args.channels, width=args.width, steps=args.steps,
+                              batch=args.batch, groups=args.groups, seed=args.seed)
+    path = save_codec(args.out, codec, meta)
     print(f"wrote {path}: {json.dumps(meta)}")
     return 0
 

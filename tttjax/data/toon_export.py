@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from tttjax.command_line import ArgumentParser, fail
+from tttjax.command_line import ArgumentParser, one_line_errors
 from tttjax.data import toon_render, toon_world
 
 _PROG = "python -m tttjax.data.toon_export"
@@ -67,6 +67,7 @@ def export(out: str, count: int, segments: int, seed: int, config: str = "tiny")
     return ids
 
 
+@one_line_errors(_PROG)
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog=_PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
@@ -78,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.count < 1 or args.segments < 1:
         parser.error("--count and --segments must be >= 1")
-    try:
-        ids = export(args.out, args.count, args.segments, args.seed, args.config)
-    except OSError as err:
-        return fail(_PROG, err, code=1)
+    ids = export(args.out, args.count, args.segments, args.seed, args.config)
     print(f"wrote {len(ids)} episodes ({args.segments} segments, {args.config}) to {args.out}")
     return 0
 

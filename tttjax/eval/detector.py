@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tttjax.command_line import ArgumentParser, fail
+from tttjax.command_line import ArgumentParser, one_line_errors
 from tttjax.small_weights import load_weights, save_weights
 from tttjax.data import toon_world
 
@@ -288,6 +288,7 @@ def load_detector(path: str = DEFAULT_WEIGHTS) -> Detector:
     return Detector(net)
 
 
+@one_line_errors(_PROG)
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog=_PROG, description="Train the toon frame detector of "
                             "`python -m tttjax.eval` on rendered ground truth.",
@@ -307,12 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         from tttjax.data.toon_codec import load_codec
 
         codec = load_codec()
-    try:
-        det, meta = train_detector(episodes=args.episodes, steps=args.steps, batch=args.batch,
-                                   seed=args.seed, codec=codec)
-        path = save_detector(args.out, det, meta)
-    except OSError as err:
-        return fail(_PROG, err, code=1)
+    det, meta = train_detector(episodes=args.episodes, steps=args.steps, batch=args.batch,
+                               seed=args.seed, codec=codec)
+    path = save_detector(args.out, det, meta)
     print(f"wrote {path}: {json.dumps(meta)}")
     return 0
 
