@@ -21,11 +21,11 @@ LAYERS = {"mlp": TTTMLP, "linear": TTTLinear}
 B = 8  # mini-batch
 
 
-def close(got, want, what):
+def close(got, want, what, rel=2e-5):
     for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         a, r = np.asarray(a), np.asarray(r)
         assert np.abs(r).max() > 1e-6, f"{what}: vacuously small"
-        np.testing.assert_allclose(a, r, rtol=0, atol=2e-5 * np.abs(r).max(), err_msg=what)
+        np.testing.assert_allclose(a, r, rtol=0, atol=rel * np.abs(r).max(), err_msg=what)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["video", "causal"])
@@ -101,8 +101,12 @@ def test_packed_layer_equals_separate_sequences(kind, causal):
     (_, y_ref), (dstate_ref, dx_ref) = grad(separate)(state, x)
     close(y[:, real], y_ref, "y")
     close(dx[:, real], dx_ref[:, real], "dx")
+    # Parameter gradients sum over every token and head in float32 (the ops compute in it),
+    # in a different order once packed: the causal token_idx_offset gradient differs by 3.4e-5
+    # of its largest entry (the same with the padding zeroed or scaled 100x: rounding, not a
+    # leak). A missed reset or a leaking pad moves them by far more than 1e-4.
     for (path, g), (_, r) in zip(nnx.to_flat_state(dstate), nnx.to_flat_state(dstate_ref)):
-        close(g[...], r[...], f"d{path}")
+        close(g[...], r[...], f"d{path}", rel=1e-4)
 
 
 def test_misaligned_start_raises_and_pallas_refuses():
