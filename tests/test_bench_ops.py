@@ -38,3 +38,23 @@ def test_paper_op_option_times_a_given_checkout(tmp_path, capsys):
         ops.main(["--lengths", "32", "--paper-op", str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2
     assert "no ttt/models/ssm/ops folder" in capsys.readouterr().err
+
+
+def test_unimportable_paper_checkout_is_a_one_line_usage_error(tmp_path, capsys, monkeypatch):
+    """A checkout whose op module fails to import (e.g. a requirement missing) exits 2 with one
+    line before anything is timed, not a traceback from inside the table."""
+    import sys
+
+    import pytest
+
+    for name in [m for m in sys.modules if m == "ttt" or m.startswith("ttt.")]:
+        monkeypatch.delitem(sys.modules, name)     # another test's stand-in checkout
+
+    ops_dir = tmp_path / "ttt" / "models" / "ssm" / "ops"
+    ops_dir.mkdir(parents=True)
+    (ops_dir / "ttt_mlp.py").write_text("import no_such_requirement_of_the_paper\n")
+    with pytest.raises(SystemExit) as exit_info:
+        ops.main(["--lengths", "32", "--ops", "ttt_mlp", "--paper-op", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cannot import ttt.models.ssm.ops.ttt_mlp" in err and "no_such_requirement" in err

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 
 from tttjax.bench.table import MarkdownTable, write_csv
 from tttjax.bench.timing import median_time, peak_bytes
-from tttjax.command_line import ArgumentParser
+from tttjax.command_line import ArgumentParser, UsageError
 from tttjax.ops import ttt
 
 _OPS = {"ttt_mlp": (ttt.ttt_mlp, "mlp", 64), "ttt_linear": (ttt.ttt_linear, "linear", 16)}
@@ -97,21 +97,29 @@ def interleaved_medians(fns, args, repeats):
     return [statistics.median(ts) for ts in times]
 
 
-def paper_op(path, kind, args, b, remat_group_size):
-    """A callable running the paper's PyTorch op forward + backward of sum(z^2) (module doc)."""
+def paper_module(path, kind):
+    """The paper's `ttt.models.ssm.ops.ttt_{kind}` module from the checkout at `path`; raises
+    `UsageError` naming what is missing (the checkout's own imports need torch and its
+    requirements, e.g. wandb)."""
     import importlib
-
-    import numpy as np
-    import torch
 
     sys.path.insert(0, str(path))
     try:
-        ops = importlib.import_module(f"ttt.models.ssm.ops.ttt_{kind}")
+        return importlib.import_module(f"ttt.models.ssm.ops.ttt_{kind}")
     except ImportError as err:
-        raise ValueError(f"--paper-op {path}: cannot import ttt.models.ssm.ops.ttt_{kind} from "
-                         f"there ({err}); give the root of a ttt-video-dit checkout") from err
+        raise UsageError(f"--paper-op {path}: cannot import ttt.models.ssm.ops.ttt_{kind} from "
+                         f"there ({err}); give the root of a ttt-video-dit checkout and install "
+                         "what its imports need") from err
     finally:
         sys.path.remove(str(path))
+
+
+def paper_op(path, kind, args, b, remat_group_size):
+    """A callable running the paper's PyTorch op forward + backward of sum(z^2) (module doc)."""
+    import numpy as np
+    import torch
+
+    ops = paper_module(path, kind)
     q, k, v, eta, params = args
     bsz, h, length, d = q.shape
     n = length // b
@@ -225,6 +233,11 @@ def main(argv=None):
     if args.paper_op and not os.path.isdir(os.path.join(args.paper_op, "ttt", "models", "ssm", "ops")):
         parser.error(f"--paper-op {args.paper_op}: no ttt/models/ssm/ops folder there; give the "
                      "root of a test-time-training/ttt-video-dit checkout")
+    for kind in ops if args.paper_op else ():
+        try:     # before anything is timed: an unimportable checkout is a usage error
+            paper_module(args.paper_op, kind.removeprefix("ttt_"))
+        except UsageError as err:
+            parser.error(str(err))
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x]
     except ValueError:
