@@ -165,13 +165,18 @@ def target(k, v, gamma, beta):
     return gamma * (c * inv) + beta
 
 
-def target_backward(k, v, gamma, dy):
-    """VJP of `target` for the cotangent dy [b, d]: (dk, dv [b, d], dgamma, dbeta [1, d])."""
+def target_backward(k, v, gamma, dy, col_sum=None):
+    """VJP of `target` for the cotangent dy [b, d]: (dk, dv [b, d], dgamma, dbeta [1, d]).
+
+    `col_sum` sums a token-major array like dy to gamma's shape (default: over the first
+    axis, the 2-D case); the XLA op passes its own for [B, H, L, d] arrays and [H, 1, d]
+    parameters."""
     d = k.shape[-1]
+    col_sum = _col_sum if col_sum is None else col_sum
     c, var, std, inv = _target_parts(k, v)
     rhat = c * inv
-    dgamma = _col_sum(dy * rhat)
-    dbeta = _col_sum(dy)
+    dgamma = col_sum(dy * rhat)
+    dbeta = col_sum(dy)
     drhat = gamma * dy
     # rhat = c * inv, inv = 1 / (std + eps), std = sqrt(max(var, floor)), var = sum(c^2)/(d-1)
     dinv = _row_sum(drhat * c)

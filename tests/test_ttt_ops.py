@@ -284,6 +284,35 @@ def test_custom_vjp_keeps_the_remat_bound_and_linear_memory():
     assert t128 <= 1.1 * temp(128, "autodiff")
 
 
+@pytest.mark.parametrize("matmul_sums", [True, False])
+def test_reconstruction_target_vjp_equals_autodiff(matmul_sums):
+    """The op's target [B, H, L, d] with per-head gamma, beta [H, 1, d] and its hand-written
+    VJP (sums as matmuls with ones, as on CPU, or as reductions) against autodiff of the plain
+    formula in float64: |diff| <= 1e-12 x scale, incl. a constant row of v - k (padding)."""
+    from pallas_kernels import ttt_step
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(11)
+        k, v, dy = (jnp.asarray(rng.standard_normal((2, 3, 20, 8))) for _ in range(3))
+        v = v.at[1, 2, 5].set(k[1, 2, 5] - 0.4)
+        gamma = jnp.asarray(1.0 + 0.3 * rng.standard_normal((3, 1, 8)))
+        beta = jnp.asarray(0.3 * rng.standard_normal((3, 1, 8)))
+        with ttt_step.row_sums_as_matmuls(matmul_sums):
+            y, vjp = jax.vjp(jax.jit(ttt.reconstruction_target), k, v, gamma, beta)
+            got = vjp(dy)
+            y_ref, vjp_ref = jax.vjp(jax.jit(ttt_step.target), k, v, gamma, beta)  # same sums
+            expected = vjp_ref(dy)
+        np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-12)
+        for name, a, r in zip(("k", "v", "gamma", "beta"), got, expected):
+            a, r = np.asarray(a), np.asarray(r)
+            assert a.shape == r.shape, name
+            assert np.all(np.isfinite(a)), name
+            # Row by row: the constant row's 1 / (0 + eps) scale must not hide the others' error.
+            for row, ref_row in zip(a.reshape(-1, 8), r.reshape(-1, 8)):
+                np.testing.assert_allclose(row, ref_row, rtol=0,
+                                           atol=1e-12 * np.abs(ref_row).max(), err_msg=f"d{name}")
+
+
 @pytest.mark.parametrize("chains", [(2, 1), (2, 0)])  # two chains of heads / of batch rows
 def test_custom_vjp_chains_equal_one_chain(chains, monkeypatch):
     """The CPU split of the (batch, head) pairs into independent scans (`_cpu_chains`) gives

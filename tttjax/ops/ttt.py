@@ -71,7 +71,41 @@ class InnerLoss(NamedTuple):
 
 gelu_tanh = ttt_step.gelu
 gelu_tanh_grad = ttt_step.gelu_grad
-reconstruction_target = ttt_step.target
+
+
+@jax.custom_vjp
+def reconstruction_target(k, v, gamma, beta):
+    """`ttt_step.target` on [B, H, L, d] float32 k, v with per-head gamma, beta [H, 1, d],
+    differentiated by its hand-derived VJP (`ttt_step.target_backward`, tested against
+    autodiff) whose sums are matmuls with a ones vector on CPU (as the step functions'
+    `row_sums_as_matmuls`): XLA:CPU runs autodiff's sums of products over these long
+    arrays 5-10x slower (README, "Measured: ops benchmark")."""
+    return ttt_step.target(k, v, gamma, beta)
+
+
+def _target_fwd(k, v, gamma, beta):
+    return ttt_step.target(k, v, gamma, beta), (k, v, gamma)
+
+
+def _target_bwd(residuals, dy):
+    k, v, gamma = residuals
+    choice = ttt_step.row_sums_choice()  # the matmul sums follow the step functions' choice
+    as_matmuls = jax.default_backend() == "cpu" if choice is None else choice
+
+    def col_sum(x):  # x like k -> gamma's shape: summed over the axes gamma broadcasts along
+        if as_matmuls and x.ndim == 4 and gamma.shape == (x.shape[1], 1, x.shape[3]):
+            ones = jnp.ones((x.shape[0], x.shape[2]), x.dtype)
+            return jnp.einsum("bl,bhld->hd", ones, x,
+                              precision=jax.lax.Precision.HIGHEST)[:, None, :]
+        padded = (1,) * (x.ndim - gamma.ndim) + gamma.shape
+        axes = tuple(i for i, (a, g) in enumerate(zip(x.shape, padded)) if g == 1 and a != 1)
+        return jnp.sum(x, axis=axes, keepdims=True).reshape(gamma.shape)
+
+    grads = _cpu_row_sums(ttt_step.target_backward)(k, v, gamma, dy, col_sum)
+    return tuple(map(_match_vma, grads, (k, v, gamma, gamma)))
+
+
+reconstruction_target.defvjp(_target_fwd, _target_bwd)
 
 
 def layer_norm_forward(z, gamma, beta):
