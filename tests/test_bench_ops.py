@@ -58,3 +58,27 @@ def test_unimportable_paper_checkout_is_a_one_line_usage_error(tmp_path, capsys,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "cannot import ttt.models.ssm.ops.ttt_mlp" in err and "no_such_requirement" in err
+
+
+def test_heads_split_over_devices(tmp_path, capsys):
+    """--devices 2 shards the heads over two devices (the suite's fake CPU devices) and runs
+    the same rows; memory is per device, so it falls. A count that does not divide the heads,
+    or more devices than JAX has, exits 2."""
+    import jax
+    import pytest
+
+    out1, out2 = tmp_path / "one.csv", tmp_path / "two.csv"
+    common = ["--lengths", "64", "--heads", "2", "--head-dim", "8", "--repeats", "1",
+              "--ops", "ttt_mlp", "--no-reference"]
+    assert ops.main(common + ["--csv", str(out1)]) == 0
+    assert ops.main(common + ["--devices", "2", "--csv", str(out2)]) == 0
+    (one,), (two,) = (list(csv.DictReader(open(p))) for p in (out1, out2))
+    assert (one["devices"], two["devices"]) == ("1", "2")
+    assert float(two["fwd_bwd_peak_MiB"]) < float(one["fwd_bwd_peak_MiB"])
+    for bad, message in ((["--devices", "3"], "divide --heads"),
+                         (["--devices", str(2 * jax.device_count()), "--heads",
+                           str(2 * jax.device_count())], "JAX has only")):
+        with pytest.raises(SystemExit) as exit_info:
+            ops.main(["--lengths", "64"] + bad)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err

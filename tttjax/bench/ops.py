@@ -1,7 +1,8 @@
 """Benchmark of the TTT ops: forward and forward+backward time, tokens/s and memory vs L.
 
     python -m tttjax.bench ops [--lengths 4096,16384,65536] [--heads 4] [--head-dim 64]
-                               [--repeats 3] [--no-reference] [--paper-op PATH] [--csv out.csv]
+                               [--repeats 3] [--no-reference] [--paper-op PATH]
+                               [--devices N] [--csv out.csv]
 
 Memory is XLA's compiled memory analysis of each jitted function (arguments + outputs +
 temporaries, the peak a device needs), so growth with L can be read off exactly, whatever
@@ -21,6 +22,12 @@ same inputs in the same process, its calls alternating with tttjax's, and `vs_pa
 ratio of the medians (below 1: tttjax is faster). Its inputs are what its layer passes: the
 blocks of q, k and target + k, eta / b per row; the target's normalisation is inside tttjax's
 timed op and outside the paper's.
+
+With `--devices N` the inputs are placed with their heads split over N devices, so each
+device runs the op on H / N heads (the sharding `tttjax.sharding`'s tensor axis gives the
+layers). On CPU the benchmark first asks JAX for N CPU devices (`jax_num_cpu_devices`, so it
+must start JAX itself): XLA:CPU runs this op's small matmuls and its independent scans on one
+core, one after another, while several CPU devices run side by side, one core each.
 
 FLOPs are analytic, matmuls only (`matmul_flops`): per mini-batch and (batch, head), TTT-MLP
 runs 7 matmuls of b x d x 4d forward and 28 for forward + backward (forward, the group's
@@ -157,14 +164,28 @@ def _inputs(kind, length, heads, d, dtype):
     return q, k, v, eta, params
 
 
+def shard_heads(args, devices):
+    """(q, k, v, eta, params) placed with their heads split over `devices` (a 1-D mesh)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(list(devices), ("heads",))
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    q, k, v, eta, params = args
+    return (*(put(x, P(None, "heads")) for x in (q, k, v, eta)),
+            {key: put(x, P("heads")) for key, x in params.items()})
+
+
 def run(lengths, heads, d, repeats, remat_group_size=16, dtype=jnp.float32, reference=True,
-        paper_path=None, ops=tuple(_OPS)):
-    """Yields one dict per (op, L) with times (s), tokens/s, FLOP rates and memory (MiB)."""
+        paper_path=None, ops=tuple(_OPS), devices=1):
+    """Yields one dict per (op, L) with times (s), tokens/s, FLOP rates and memory (MiB).
+    `devices` > 1: the heads are split over that many devices (memory is then per device)."""
     for name, (op, kind, b) in _OPS.items():
         if name not in ops:
             continue
         for length in lengths:
             args = _inputs(kind, length, heads, d, dtype)
+            if devices > 1:
+                args = shard_heads(args, jax.devices()[:devices])
 
             def fwd(q, k, v, eta, p, op=op, b=b):
                 return op(q, k, v, eta, p, mini_batch_size=b, remat_group_size=remat_group_size)
@@ -196,7 +217,7 @@ def run(lengths, heads, d, repeats, remat_group_size=16, dtype=jnp.float32, refe
             flops_f, flops_fb = matmul_flops(kind, 1, heads, length, d, b)
             io_bytes = sum(x.nbytes for x in jax.tree.leaves(args))
             yield {
-                "op": name, "L": length, "H": heads, "d": d, "b": b,
+                "op": name, "L": length, "H": heads, "d": d, "b": b, "devices": devices,
                 "fwd_ms": 1e3 * t_f, "fwd_bwd_ms": 1e3 * t_fb,
                 "autodiff_fwd_bwd_ms": 1e3 * t_ref, "vs_autodiff": t_fb / t_ref,
                 "paper_fwd_bwd_ms": 1e3 * t_paper, "vs_paper": t_fb / t_paper,
@@ -225,8 +246,24 @@ def main(argv=None):
                         "(needs torch; see above)")
     parser.add_argument("--ops", default="ttt_mlp,ttt_linear",
                         help="comma-separated subset of ttt_mlp,ttt_linear")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="split the heads over this many devices (default 1). On CPU the "
+                        "benchmark asks JAX for that many CPU devices: XLA:CPU runs one op's "
+                        "scans on one core, several devices run side by side")
     parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     args = parser.parse_args(argv)
+    if args.devices < 1 or args.heads % args.devices:
+        parser.error(f"--devices must be >= 1 and divide --heads ({args.heads}), got "
+                     f"{args.devices}")
+    if args.devices > 1:
+        try:  # only possible before JAX starts its backends; else the devices it has count
+            jax.config.update("jax_num_cpu_devices", args.devices)
+        except RuntimeError:
+            pass
+        if jax.device_count() < args.devices:
+            parser.error(f"--devices {args.devices}: JAX has only {jax.device_count()} "
+                         f"{jax.default_backend()} device(s); run in a fresh process (on CPU) "
+                         "or with fewer devices")
     ops = tuple(x for x in args.ops.split(",") if x)
     if not ops or any(x not in _OPS for x in ops):
         parser.error(f"--ops must be a comma-separated subset of {','.join(_OPS)}, got {args.ops!r}")
@@ -243,12 +280,14 @@ def main(argv=None):
     except ValueError:
         parser.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
 
-    print(f"# device: {jax.devices()[0].device_kind} x{jax.device_count()}, backend {jax.default_backend()}")
+    print(f"# device: {jax.devices()[0].device_kind} x{jax.device_count()}, backend "
+          f"{jax.default_backend()}; the heads split over {args.devices}")
     print(f"# float32 matmul rate (1024^3, median, before the rows): {matmul_rate() / 1e9:.1f} "
           "GFLOP/s; each row's matmul_GFLOP_s is timed in the rounds of its own calls")
     rows = run(lengths, args.heads, args.head_dim, args.repeats, args.remat_group_size,
-               reference=not args.no_reference, paper_path=args.paper_op, ops=ops)
-    print_rows(("op", "L", "b", "fwd_ms", "fwd_bwd_ms", "autodiff_fwd_bwd_ms", "vs_autodiff",
+               reference=not args.no_reference, paper_path=args.paper_op, ops=ops,
+               devices=args.devices)
+    print_rows(("op", "L", "b", "devices", "fwd_ms", "fwd_bwd_ms", "autodiff_fwd_bwd_ms", "vs_autodiff",
                 "paper_fwd_bwd_ms", "vs_paper", "fwd_bwd_tok_s", "fwd_bwd_GFLOP",
                 "fwd_bwd_GFLOP_s", "matmul_GFLOP_s", "matmul_frac", "inputs_MiB", "fwd_peak_MiB",
                 "fwd_bwd_peak_MiB"), rows, args.csv)
