@@ -7,6 +7,7 @@ scan of a few mini-batches; a wrong gradient is off by O(1)).
 """
 
 import functools
+import os
 import zlib
 
 import jax
@@ -311,6 +312,28 @@ def test_reconstruction_target_vjp_equals_autodiff(matmul_sums):
             for row, ref_row in zip(a.reshape(-1, 8), r.reshape(-1, 8)):
                 np.testing.assert_allclose(row, ref_row, rtol=0,
                                            atol=1e-12 * np.abs(ref_row).max(), err_msg=f"d{name}")
+
+
+def test_cpu_only_choices_follow_the_traced_program_s_platform(monkeypatch):
+    """The CPU-only choices (chains, sums as matmuls) follow `platform.target_platform`, not
+    the host: a TPU program compiled ahead of time on a CPU host gets none of them."""
+    from tttjax import platform
+
+    k = jnp.ones((1, 2, 16, 8))
+    gamma = jnp.ones((2, 1, 8))
+
+    def dots_in_target_vjp():
+        jaxpr = jax.make_jaxpr(jax.grad(lambda k: jnp.sum(ttt.reconstruction_target(
+            k, 2 * k + 1, gamma, gamma))))(k)
+        return str(jaxpr).count("dot_general")
+
+    monkeypatch.setattr(jax, "device_count", lambda *a, **kw: 1)   # one device, as on a host
+    assert dots_in_target_vjp() > 0
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert ttt._cpu_chains(1, 4)[0] > 1
+    monkeypatch.setattr(platform, "target_platform", lambda: "tpu")
+    assert dots_in_target_vjp() == 0
+    assert ttt._cpu_chains(1, 4) == (1, 1)
 
 
 @pytest.mark.parametrize("chains", [(2, 1), (2, 0)])  # two chains of heads / of batch rows

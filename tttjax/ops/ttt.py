@@ -35,6 +35,7 @@ import numpy as np
 
 from pallas_kernels import ttt as pallas_ttt
 from pallas_kernels import ttt_step
+from tttjax import platform
 
 Kind = Literal["mlp", "linear"]
 
@@ -90,7 +91,7 @@ def _target_fwd(k, v, gamma, beta):
 def _target_bwd(residuals, dy):
     k, v, gamma = residuals
     choice = ttt_step.row_sums_choice()  # the matmul sums follow the step functions' choice
-    as_matmuls = jax.default_backend() == "cpu" if choice is None else choice
+    as_matmuls = platform.target_platform() == "cpu" if choice is None else choice
 
     def col_sum(x):  # x like k -> gamma's shape: summed over the axes gamma broadcasts along
         if as_matmuls and x.ndim == 4 and gamma.shape == (x.shape[1], 1, x.shape[3]):
@@ -231,7 +232,7 @@ def _cpu_row_sums(fn):
     and inside a caller's own `row_sums_as_matmuls` context."""
     @functools.wraps(fn)
     def wrapped(*args):
-        if jax.default_backend() != "cpu" or ttt_step.row_sums_choice() is not None:
+        if platform.target_platform() != "cpu" or ttt_step.row_sums_choice() is not None:
             return fn(*args)
         with ttt_step.row_sums_as_matmuls():
             return fn(*args)
@@ -342,10 +343,12 @@ def _cpu_chains(bsz, h):
 
     On a single CPU device the pairs go into up to one chain per core: measured on the 2-core
     machine, two chains of two heads take less time than one of four (README, "Measured: ops
-    benchmark"). Other backends get one chain (there one batched op per step is what fills
+    benchmark"), though XLA:CPU runs them one after the other. Other platforms (that of the
+    program traced: `tttjax.platform.target_platform`, so a TPU program compiled ahead of time
+    on a CPU host counts as TPU) get one chain (there one batched op per step is what fills
     the device), and so do several devices: the pairs may be sharded over them, and a chain
     would slice a sharded axis."""
-    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+    if platform.target_platform() != "cpu" or jax.device_count() != 1:
         return 1, 1
     try:
         cores = len(os.sched_getaffinity(0))
