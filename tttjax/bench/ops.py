@@ -24,8 +24,8 @@ blocks of q, k and target + k, eta / b per row; the target's normalisation is in
 timed op and outside the paper's.
 
 With `--devices N` the inputs are placed with their heads split over N devices, so each
-device runs the op on H / N heads (the sharding `tttjax.sharding`'s tensor axis gives the
-layers). On CPU the benchmark first asks JAX for N CPU devices (`jax_num_cpu_devices`, so it
+device runs the op on H / N heads (as the layers' heads are split over the mesh's `tensor`
+axis, `tttjax.sharding`). On CPU the benchmark first asks JAX for N CPU devices (`jax_num_cpu_devices`, so it
 must start JAX itself): XLA:CPU runs this op's small matmuls and its independent scans on one
 core, one after another, while several CPU devices run side by side, one core each.
 
@@ -287,8 +287,8 @@ def main(argv=None):
     rows = run(lengths, args.heads, args.head_dim, args.repeats, args.remat_group_size,
                reference=not args.no_reference, paper_path=args.paper_op, ops=ops,
                devices=args.devices)
-    print_rows(("op", "L", "b", "devices", "fwd_ms", "fwd_bwd_ms", "autodiff_fwd_bwd_ms", "vs_autodiff",
-                "paper_fwd_bwd_ms", "vs_paper", "fwd_bwd_tok_s", "fwd_bwd_GFLOP",
+    print_rows(("op", "L", "b", "devices", "fwd_ms", "fwd_bwd_ms", "autodiff_fwd_bwd_ms",
+                "vs_autodiff", "paper_fwd_bwd_ms", "vs_paper", "fwd_bwd_tok_s", "fwd_bwd_GFLOP",
                 "fwd_bwd_GFLOP_s", "matmul_GFLOP_s", "matmul_frac", "inputs_MiB", "fwd_peak_MiB",
                 "fwd_bwd_peak_MiB"), rows, args.csv)
     return 0

@@ -90,8 +90,7 @@ def _target_fwd(k, v, gamma, beta):
 
 def _target_bwd(residuals, dy):
     k, v, gamma = residuals
-    choice = ttt_step.row_sums_choice()  # the matmul sums follow the step functions' choice
-    as_matmuls = platform.target_platform() == "cpu" if choice is None else choice
+    as_matmuls = _sums_as_matmuls()
 
     def col_sum(x):  # x like k -> gamma's shape: summed over the axes gamma broadcasts along
         if as_matmuls and x.ndim == 4 and gamma.shape == (x.shape[1], 1, x.shape[3]):
@@ -226,15 +225,19 @@ def _reset(state, state0, r):
                  for a, a0 in zip(state, state0))
 
 
+def _sums_as_matmuls() -> bool:
+    """Whether the op's sums are traced as matmuls with a ones vector: a caller's own
+    `ttt_step.row_sums_as_matmuls` choice, else on CPU only (there each small reduction is a
+    separate library call that costs more than the matmul)."""
+    choice = ttt_step.row_sums_choice()
+    return platform.target_platform() == "cpu" if choice is None else choice
+
+
 def _cpu_row_sums(fn):
-    """`fn` traced with `ttt_step.row_sums_as_matmuls` on CPU (there each small reduction is a
-    separate library call that costs more than a matmul with a ones column); as is elsewhere
-    and inside a caller's own `row_sums_as_matmuls` context."""
+    """`fn` traced with `ttt_step.row_sums_as_matmuls(_sums_as_matmuls())`."""
     @functools.wraps(fn)
     def wrapped(*args):
-        if platform.target_platform() != "cpu" or ttt_step.row_sums_choice() is not None:
-            return fn(*args)
-        with ttt_step.row_sums_as_matmuls():
+        with ttt_step.row_sums_as_matmuls(_sums_as_matmuls()):
             return fn(*args)
     return wrapped
 
