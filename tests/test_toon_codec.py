@@ -1,5 +1,8 @@
 """The learned toon codec (`tttjax.data.toon_codec`): shipped weights, geometry, quality."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
@@ -51,7 +54,7 @@ def test_learned_codec_draws_the_characters_better_than_the_linear_map(codec):
         for name, c in (("learned", codec), ("linear", linear)):
             diff = np.abs(c.decode(c.encode(frames)).astype(np.float32) - frames)
             errs[name].append(diff.mean(-1)[mask].mean())
-    assert np.mean(errs["learned"]) < 0.75 * np.mean(errs["linear"]), errs  # measured 0.62
+    assert np.mean(errs["learned"]) < 0.5 * np.mean(errs["linear"]), errs  # measured 0.32
 
 
 def test_bad_inputs_name_the_problem(codec):
@@ -63,3 +66,51 @@ def test_bad_inputs_name_the_problem(codec):
         toy_latents.make_toon_codec("vae", 4)
     with pytest.raises(ValueError, match="channels"):
         toon_codec.codec_for_channels(16)
+
+
+def test_training_command_writes_a_codec_that_loads_and_draws_its_sheet(tmp_path, capsys):
+    """`--out` trains (here 2 steps of a width-4 net) and saves; `--sheet` draws the new codec;
+    the saved folder loads back with the same latents."""
+    from PIL import Image
+
+    out, sheet = tmp_path / "codec", tmp_path / "sheet.png"
+    assert toon_codec.main(["--out", str(out), "--steps", "2", "--batch", "2", "--groups", "8",
+                            "--width", "4", "--sheet", str(sheet)]) == 0
+    info = json.loads((out / "codec.json").read_text())
+    assert (info["channels"], info["width"], info["steps"]) == (4, 4, 2)
+    codec = toon_codec.load_codec(str(out))
+    _, frames = _episode(2)
+    z = codec.encode(frames)
+    assert z.shape == (5, 4, 8, 8) and np.isfinite(z).all()
+    assert codec.decode(z).shape == frames.shape
+    # 2 episodes x 3 versions, 5 frames each, enlarged 3x, plus the label margin
+    assert Image.open(sheet).size == (3 * (5 * 64 + 44), 3 * 6 * 64)
+    # a folder of another network layout (an older tttjax) names the problem and the fix
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / "codec.json").write_text(json.dumps(dict(info, layout=1)))
+    with pytest.raises(ValueError, match="layout 1.*retrain"):
+        toon_codec.load_codec(str(old))
+    # the shipped codec's sheet, without training
+    capsys.readouterr()
+    assert toon_codec.main(["--sheet", str(tmp_path / "shipped.png"), "--held-out"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "shipped.png" in lines[0]
+    err = json.loads(lines[1])
+    assert 0 < err["weighted_l1"] < err["character_l1"] < 0.3, err  # measured 0.097 / 0.224
+
+
+@pytest.mark.parametrize("argv, words", [
+    ([], "--out DIR"),
+    (["--out", "x", "--weights", "y"], "--weights"),
+    (["--held-out", "--weights", "/nonexistent"], "codec.json"),
+    (["--out", "x", "--steps", "0"], ">= 1"),
+])
+def test_training_command_usage_errors_are_one_line(argv, words, capsys):
+    try:
+        code = toon_codec.main(argv)
+    except SystemExit as e:  # argparse's own errors exit; the command's return 2
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err

@@ -52,6 +52,11 @@ def load_weights(path: str, info_file: str, make_net: Callable[[dict[str, Any]],
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float16),
                             nnx.to_pure_dict(state))
     with ocp.StandardCheckpointer() as ckpt:
-        restored = ckpt.restore(os.path.join(os.path.abspath(path), "params"), abstract)
+        try:
+            restored = ckpt.restore(os.path.join(os.path.abspath(path), "params"), abstract)
+        except ValueError as e:  # Orbax: the saved tree is not this network's
+            raise ValueError(f"{path!r} holds weights of another network layout than "
+                             f"{info_file} describes ({str(e).splitlines()[0][:120]}); "
+                             f"{hint}") from None
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), restored))
     return nnx.merge(graph, state), info

@@ -128,7 +128,8 @@ def write_gif(frames: np.ndarray, path: str, fps: float = 16, *, every: int = 1,
     return len(frames)
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def caption_font(size: int) -> ImageFont.ImageFont:
+    """PIL's default font at `size` pixels (FreeType), or its fixed bitmap font without FreeType."""
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
@@ -194,7 +195,7 @@ def contact_sheet(frames: np.ndarray, captions: Sequence[str], frames_per_segmen
     th = max(1, round(h * tw / w))
     # Small videos are enlarged with hard pixel edges (a blurred 8 x 8 mosaic shows nothing).
     resample = Image.NEAREST if tw > w else Image.BILINEAR
-    font, pad = _font(font_size), 8
+    font, pad = caption_font(font_size), 8
     line_h = font.getbbox("Hg")[3] + 4
     texts = [_wrap(c, font, tw, max_lines) for c in captions]
     text_h = line_h * (1 + max(len(t) for t in texts))

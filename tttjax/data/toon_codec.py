@@ -8,12 +8,14 @@ learns to put the cat, the mouse and the cheese into the latents and draw them b
     encode:  frames uint8 [F = 1 + 4k, H, W, 3]  ->  latents float32 [1 + k, C, H/8, W/8]
       latent frame 0 codes frame 0 alone (as a group of 4 copies of it), latent frame j >= 1
       codes frames 4j-3 .. 4j (CogVideoX's causal grouping); the 4 frames of a group are
-      stacked as 12 input channels, then 3 stride-2 convolutions reach 1/8 of the size.
+      stacked as 12 input channels, then a 2x space-to-depth and 2 stride-2 convolutions
+      reach 1/8 of the size, where a residual block ends the encoder.
       Latents are standardised per channel (mean and standard deviation measured on the
       training frames, stored with the weights), so diffusion sees zero-mean, unit-variance
       latents.
     decode:  latents [T, C, h, w] -> uint8 frames [1 + 4(T - 1), 8h, 8w, 3]
-      (3 nearest-neighbour upsamplings + convolutions; frame 0 is the last frame of group 0).
+      (a residual block at 1/8, then twice: nearest-neighbour upsampling, a convolution and a
+      residual block; frame 0 is the last frame of group 0).
 
 Trained here, on CPU, on frames drawn by `tttjax.data.toon_render` from `tttjax.data.toon_world`
 episodes (not from any dataset on disk): 64 x 64 frames, and 64 x 64 crops of 128 x 192 ones
@@ -22,13 +24,14 @@ pixel L1 error, weighted up where a character or the cheese is drawn (the render
 room is the reference), with Gaussian noise added to the latents so the decoder tolerates the
 imperfect latents a diffusion model samples.
 
-The weights shipped in `tttjax/data/toon_codec_weights/` (Orbax, float16, 201k parameters,
-380 kB on disk) were made by
+The weights shipped in `tttjax/data/toon_codec_weights/` (Orbax, float16, network layout
+`LAYOUT`) were made by
 
     python -m tttjax.data.toon_codec --out tttjax/data/toon_codec_weights
 
-(defaults: --steps 1000 --batch 12 --groups 3000 --seed 0; 12 minutes on the 2-core CPU
-sandbox shared with other jobs, load average 10-15; final weighted L1 0.15 in [-1, 1] units).
+(defaults: --width 22 --steps 8000 --batch 16 --groups 6000 --seed 0), and the README's
+round-trip picture by `python -m tttjax.data.toon_codec --sheet docs/demo/toon_codec.png`.
+Figures (parameters, size, time, error) are in the README, section "Data".
 """
 
 from __future__ import annotations
@@ -44,48 +47,70 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tttjax.command_line import ArgumentParser, one_line_errors
+from tttjax.command_line import ArgumentParser, UsageError, one_line_errors
 from tttjax.data.toy_latents import FrameCodec
 from tttjax.small_weights import load_weights, save_weights
 
 TEMPORAL, SPATIAL = 4, 8
+# 2: residual blocks in the encoder and at each decoder resolution (1: plain convolutions).
+LAYOUT = 2
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toon_codec_weights")
 _PROG = "python -m tttjax.data.toon_codec"
+
+
+class _Residual(nnx.Module):
+    """x + conv(silu(conv(silu(x)))): depth at one resolution without losing the input."""
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs):
+        conv = functools.partial(nnx.Conv, kernel_size=(3, 3), padding="SAME", rngs=rngs)
+        self.inner = conv(channels, channels)
+        self.outer = conv(channels, channels)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + self.outer(jax.nn.silu(self.inner(jax.nn.silu(x))))
+
+
+def _upsample(x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    return jax.image.resize(x, (b, 2 * h, 2 * w, c), "nearest")
 
 
 class ToonCodecNet(nnx.Module):
     """The autoencoder: groups of 4 frames [B, H, W, 12] <-> raw latents [B, H/8, W/8, C].
 
     Pixels enter and leave through a 2x space-to-depth / depth-to-space, so no convolution
-    runs at full resolution (a CPU trains it in minutes).
+    runs at full resolution (a CPU trains it in minutes). The decoder has a residual block
+    at each of its three resolutions (1/8, 1/4, 1/2): with plain convolutions the characters
+    come back as blobs, because the last layer alone would have to draw their outlines.
     """
 
-    def __init__(self, channels: int = 4, width: int = 32, *, rngs: nnx.Rngs):
+    def __init__(self, channels: int = 4, width: int = 22, *, rngs: nnx.Rngs):
         w = width
         conv = functools.partial(nnx.Conv, kernel_size=(3, 3), padding="SAME", rngs=rngs)
         self.enc = nnx.List([conv(12 * TEMPORAL, w), conv(w, 2 * w, strides=2),
-                             conv(2 * w, 2 * w, strides=2), conv(2 * w, 2 * w)])
+                             conv(2 * w, 2 * w, strides=2)])
+        self.enc_res = _Residual(2 * w, rngs=rngs)
         self.to_latent = nnx.Conv(2 * w, channels, kernel_size=(1, 1), rngs=rngs)
         self.from_latent = conv(channels, 2 * w)
-        self.dec = nnx.List([conv(2 * w, 2 * w), conv(2 * w, 3 * w // 2), conv(3 * w // 2, w)])
+        self.dec = nnx.List([conv(2 * w, 2 * w), conv(2 * w, w)])     # after each upsampling
+        self.dec_res = nnx.List([_Residual(2 * w, rngs=rngs), _Residual(2 * w, rngs=rngs),
+                                 _Residual(w, rngs=rngs)])
         self.to_pixels = conv(w, 12 * TEMPORAL)
 
     def encode(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, h // 2, w // 2, 4 * c)                    # space-to-depth 2x
-        for layer in self.enc:
-            x = jax.nn.silu(layer(x))
-        return self.to_latent(x)
+        x = jax.nn.silu(self.enc[0](x))
+        x = jax.nn.silu(self.enc[1](x))
+        x = self.enc_res(self.enc[2](x))                           # 1/8 size
+        return self.to_latent(jax.nn.silu(x))
 
     def decode(self, z: jax.Array) -> jax.Array:
-        x = jax.nn.silu(self.from_latent(z))
-        x = jax.nn.silu(self.dec[0](x))
-        for layer in self.dec[1:]:  # 2 x (upsample 2x, convolve): 1/8 -> 1/2 size
-            b, h, w, c = x.shape
-            x = jax.image.resize(x, (b, 2 * h, 2 * w, c), "nearest")
-            x = jax.nn.silu(layer(x))
-        x = self.to_pixels(x)
+        x = self.dec_res[0](self.from_latent(z))                   # 1/8 size
+        for conv, res in zip(self.dec, self.dec_res[1:]):          # 1/4, then 1/2 size
+            x = res(conv(jax.nn.silu(_upsample(x))))
+        x = self.to_pixels(jax.nn.silu(x))
         b, h, w, c = x.shape
         x = x.reshape(b, h, w, 2, 2, c // 4).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, 2 * h, 2 * w, c // 4)                  # depth-to-space 2x
@@ -157,17 +182,23 @@ class LearnedToonCodec(FrameCodec):
 def save_codec(path: str, codec: LearnedToonCodec, meta: dict) -> str:
     """Writes the weights (float16, Orbax) and `codec.json` (shapes, latent statistics, meta)."""
     width = int(codec.net.enc[0].out_features)
-    info = dict(channels=codec.channels, width=width, shift=codec.shift.tolist(),
-                scale=codec.scale.tolist(), **meta)
+    info = dict(layout=LAYOUT, channels=codec.channels, width=width,
+                shift=codec.shift.tolist(), scale=codec.scale.tolist(), **meta)
     return save_weights(path, codec.net, "codec.json", info)
 
 
 @functools.lru_cache(maxsize=4)
 def load_codec(path: str = DEFAULT_WEIGHTS) -> LearnedToonCodec:
     """The codec saved at `path` (default: the weights shipped with tttjax)."""
-    net, info = load_weights(
-        path, "codec.json", lambda i: ToonCodecNet(i["channels"], i["width"], rngs=nnx.Rngs(0)),
-        f"it is not a toon codec; train one with `{_PROG} --out DIR`")
+    def make_net(info):
+        if info.get("layout", 1) != LAYOUT:
+            raise ValueError(f"the toon codec at {path} has network layout "
+                             f"{info.get('layout', 1)}, this tttjax reads layout {LAYOUT}; "
+                             f"retrain it with `{_PROG} --out DIR`")
+        return ToonCodecNet(info["channels"], info["width"], rngs=nnx.Rngs(0))
+
+    net, info = load_weights(path, "codec.json", make_net,
+                             f"it is not a toon codec; train one with `{_PROG} --out DIR`")
     return LearnedToonCodec(net, np.array(info["shift"]), np.array(info["scale"]))
 
 
@@ -223,8 +254,8 @@ def training_groups(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, np.stack(ws).astype(np.float32)
 
 
-def train_codec(*, channels: int = 4, width: int = 32, steps: int = 1000, batch: int = 12,
-                groups: int = 3000, lr: float = 2e-3, latent_noise: float = 0.1, seed: int = 0,
+def train_codec(*, channels: int = 4, width: int = 22, steps: int = 8000, batch: int = 16,
+                groups: int = 6000, lr: float = 2e-3, latent_noise: float = 0.1, seed: int = 0,
                 log=print) -> tuple[LearnedToonCodec, dict]:
     """Trains a `ToonCodecNet` (AdamW, cosine schedule); returns the codec and its figures."""
     import optax
@@ -271,23 +302,100 @@ def train_codec(*, channels: int = 4, width: int = 32, steps: int = 1000, batch:
     return LearnedToonCodec(net, shift, scale), meta
 
 
+def held_out_error(codec: LearnedToonCodec, groups: int = 256, seed: int = 99) -> dict:
+    """The codec's round-trip error on `groups` groups of world `seed` (training uses seed 0).
+
+    Returns {"weighted_l1": the training loss's weighting without latent noise,
+    "character_l1": mean L1 on the pixels where a character or the cheese is drawn}, both in
+    [-1, 1] pixel units (so 2 is the largest error).
+    """
+    x, w = training_groups(groups, seed)
+    recon = np.concatenate([np.asarray(_decode(codec.net, _encode(codec.net, jnp.asarray(part))))
+                            for part in np.split(x, range(64, len(x), 64))])
+    err = np.abs(recon - x)
+    return dict(weighted_l1=round(float((w * err).sum() / w.sum()), 4),
+                character_l1=round(float(err[w > 1].mean()), 4))
+
+
+def round_trip_sheet(codec: LearnedToonCodec, path: str, *, episodes: int = 2, seed: int = 99,
+                     scale: int = 3) -> str:
+    """Writes a PNG of held-out toon frames: rendered, through `codec`, through the linear map.
+
+    `episodes` 2-segment episodes of world `seed` (not the training seed 0) at 64 x 64, five
+    frames each, one row per version, enlarged `scale` times (nearest neighbour). Returns
+    the absolute path.
+    """
+    from PIL import Image, ImageDraw
+
+    from tttjax.data import toon_render, toon_world
+    from tttjax.data.toy_latents import ToyLatentCodec
+    from tttjax.video_io import caption_font
+
+    linear = ToyLatentCodec(codec.channels)
+    picks = [2, 5, 9, 13, 16]
+    rows, labels = [], []
+    for index in range(episodes):
+        ep = toon_world.make_episode(seed, index, num_segments=2, frames_per_segment=8)
+        frames = toon_render.render_episode(ep, 64, 64)
+        for label, video in (("rendered", frames), ("learned codec", codec.decode(codec.encode(
+                frames))), ("linear codec", linear.decode(linear.encode(frames)))):
+            rows.append(np.concatenate([video[i] for i in picks], axis=1))
+            labels.append(label)
+    grid = np.concatenate(rows, axis=0)
+    big = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
+                                       Image.NEAREST)
+    margin = 44 * scale
+    sheet = Image.new("RGB", (big.width + margin, big.height), (255, 255, 255))
+    sheet.paste(big, (margin, 0))
+    draw, font = ImageDraw.Draw(sheet), caption_font(4 * scale)
+    for i, label in enumerate(labels):
+        draw.text((2 * scale, (64 * i + 30) * scale), label, fill=(0, 0, 0), font=font)
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sheet.save(path)
+    return path
+
+
 @one_line_errors(_PROG)
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog=_PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder for the weights (Orbax) + codec.json")
+    parser.add_argument("--out", help="train a codec into this folder (Orbax weights + codec.json)")
+    parser.add_argument("--sheet", help="write a PNG of held-out frames: rendered, through the "
+                                        "codec, through the linear map")
+    parser.add_argument("--held-out", action="store_true",
+                        help="print the codec's round-trip error on 256 groups of world seed 99 "
+                             "(one JSON line)")
+    parser.add_argument("--weights", default=None,
+                        help="the codec --sheet and --held-out read (default: the one just "
+                             "trained with --out, else the shipped one)")
     parser.add_argument("--channels", type=int, default=4, help="latent channels (default 4)")
-    parser.add_argument("--width", type=int, default=32, help="network width (default 32)")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch", type=int, default=12)
-    parser.add_argument("--groups", type=int, default=3000, help="rendered training groups")
+    parser.add_argument("--width", type=int, default=22, help="network width (default 22)")
+    parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--groups", type=int, default=6000, help="rendered training groups")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not (args.out or args.sheet or args.held_out):
+        parser.error("give --out DIR to train a codec, and/or --sheet PNG or --held-out to "
+                     "show one's round trip")
+    if args.out and args.weights:
+        parser.error("--weights picks a codec to show; with --out it is the new one")
     if min(args.channels, args.width, args.steps, args.batch, args.groups) < 1:
         parser.error("--channels, --width, --steps, --batch and --groups must be >= 1")
-    codec, meta = train_codec(channels=args.channels, width=args.width, steps=args.steps,
-                              batch=args.batch, groups=args.groups, seed=args.seed)
-    path = save_codec(args.out, codec, meta)
-    print(f"wrote {path}: {json.dumps(meta)}")
+    if args.out:
+        codec, meta = train_codec(channels=args.channels, width=args.width, steps=args.steps,
+                                  batch=args.batch, groups=args.groups, seed=args.seed)
+        path = save_codec(args.out, codec, meta)
+        print(f"wrote {path}: {json.dumps(meta)}")
+    else:
+        try:
+            codec = load_codec(os.path.abspath(args.weights or DEFAULT_WEIGHTS))
+        except ValueError as err:
+            raise UsageError(f"--weights: {err}") from None
+    if args.sheet:
+        print(f"wrote {round_trip_sheet(codec, args.sheet)}")
+    if args.held_out:
+        print(json.dumps(held_out_error(codec)))
     return 0
 
 
