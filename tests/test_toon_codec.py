@@ -70,7 +70,7 @@ def test_bad_inputs_name_the_problem(codec):
 
 def test_training_command_writes_a_codec_that_loads_and_draws_its_sheet(tmp_path, capsys):
     """`--out` trains (here 2 steps of a width-4 net) and saves; `--sheet` draws the new codec;
-    the saved folder loads back with the same latents."""
+    the saved folder loads back and encodes / decodes at the toon geometry."""
     from PIL import Image
 
     out, sheet = tmp_path / "codec", tmp_path / "sheet.png"

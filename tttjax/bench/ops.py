@@ -25,8 +25,8 @@ timed op and outside the paper's.
 
 With `--devices N` the inputs are placed with their heads split over N devices, so each
 device runs the op on H / N heads (as the layers' heads are split over the mesh's `tensor`
-axis, `tttjax.sharding`). On CPU the benchmark first asks JAX for N CPU devices (`jax_num_cpu_devices`, so it
-must start JAX itself): XLA:CPU runs this op's small matmuls and its independent scans on one
+axis, `tttjax.sharding`). On CPU the benchmark first asks JAX for N CPU devices
+(`jax_num_cpu_devices`, so it must start JAX itself): XLA:CPU runs this op's small matmuls and its independent scans on one
 core, one after another, while several CPU devices run side by side, one core each.
 
 FLOPs are analytic, matmuls only (`matmul_flops`): per mini-batch and (batch, head), TTT-MLP
@@ -266,8 +266,10 @@ def main(argv=None):
                          "or with fewer devices")
     ops = tuple(x for x in args.ops.split(",") if x)
     if not ops or any(x not in _OPS for x in ops):
-        parser.error(f"--ops must be a comma-separated subset of {','.join(_OPS)}, got {args.ops!r}")
-    if args.paper_op and not os.path.isdir(os.path.join(args.paper_op, "ttt", "models", "ssm", "ops")):
+        parser.error(f"--ops must be a comma-separated subset of {','.join(_OPS)}, "
+                     f"got {args.ops!r}")
+    if args.paper_op and not os.path.isdir(
+            os.path.join(args.paper_op, "ttt", "models", "ssm", "ops")):
         parser.error(f"--paper-op {args.paper_op}: no ttt/models/ssm/ops folder there; give the "
                      "root of a test-time-training/ttt-video-dit checkout")
     for kind in ops if args.paper_op else ():
