@@ -29,9 +29,11 @@ setup(
     # The bundled training configs stay in the repository's top-level configs/ and install
     # as tttjax.configs, so `--config tiny:ttt_mlp` resolves from any directory.
     package_dir={"tttjax.configs": "configs"},
-    # The trained toon codec and toon detector weights (Orbax folders, a few hundred kB each).
+    # The trained toon codec, toon detector and toon base DiT weights (Orbax folders, a few
+    # hundred kB each).
     package_data={"tttjax.data": ["toon_codec_weights/*", "toon_codec_weights/**/*"],
-                  "tttjax.eval": ["detector_weights/*", "detector_weights/**/*"]},
+                  "tttjax.eval": ["detector_weights/*", "detector_weights/**/*"],
+                  "tttjax.models": ["toon_base_weights/*", "toon_base_weights/**/*"]},
     # Lower bounds are the tested versions (constraints.txt); upper bounds stop at the next
     # minor of jax, flax and orbax, whose releases change APIs tttjax uses.
     install_requires=[

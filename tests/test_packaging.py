@@ -53,6 +53,24 @@ def test_bundled_config_names_resolve_to_the_configs_folder():
     assert big.model.mixer == "ttt_mlp"
 
 
+def test_shipped_toon_base_is_the_toon_base_config_trained_to_its_end():
+    """The weights the demo starts from are `configs/toon_base.py`'s run, exported at its last
+    step: the tiny plain DiT, the data and prompt length the config names."""
+    import json
+
+    from tttjax import command_line
+    from tttjax.models import toon_base
+
+    config = command_line.load_config("toon_base")
+    assert config.model.to_dict() == command_line.load_config("tiny:none,1").model.to_dict()
+    info = toon_base.read_info()
+    assert info["model"] == json.loads(config.model.to_json())
+    assert info["step"] == config.steps and info["text_length"] == config.stage.text_length
+    assert info["data"]["toon_codec"] == "learned"
+    assert info["data"]["builder_overrides"] == config.data.builder_overrides.to_dict()
+    assert os.path.isdir(toon_base.params_dir())
+
+
 @pytest.mark.parametrize("spec,message", [
     ("no_such", "no bundled config 'no_such' (bundled: cogvideox_5b, tiny"),
     ("no_such.py:ttt_mlp", "no file 'no_such.py'"),

@@ -241,6 +241,47 @@ def test_warm_start_from_converted_checkpoint_and_previous_stage(data_dir, tmp_p
         load_params(plan.spec, str(bad), seed=0)
 
 
+def test_toon_base_export_is_float16_and_warm_starts_the_ttt_model(uninterrupted, data_dir,
+                                                                    tmp_path, capsys):
+    """`python -m tttjax.models.toon_base --export`: the newest checkpoint of a plain-DiT run,
+    rounded to float16, loads into the TTT model with only the mixer fresh (the demo's start)."""
+    from tttjax.models import toon_base
+
+    workdir, _ = uninterrupted
+    out = tmp_path / "base"
+    assert toon_base.main(["--export", workdir, "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["step"] == STEPS and printed["parameters"] > 0
+    info = toon_base.read_info(str(out))
+    assert info["step"] == STEPS and info["model"]["mixer"] == "none"
+    assert info["loss"] == losses(workdir)[STEPS]
+    stored = ocp.PyTreeCheckpointer().restore(toon_base.params_dir(str(out)))
+    assert all(a.dtype == np.float16 for a in jax.tree.leaves(stored))
+
+    cfg = tiny(data_dir, "ttt_mlp", **{"mesh.num_devices": 1})
+    plan, mesh = _one_device_plan(cfg)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(config_lib.rules(cfg)):
+        params, report = load_params(plan.spec, toon_base.params_dir(str(out)), seed=cfg.seed,
+                                     compiler_options=FAST)
+    assert "20 mixer tensors initialised fresh" in report, report
+    saved, fresh = flat(saved_params(workdir, STEPS)), flat(plan.init_params())
+    for name, value in flat(params).items():
+        assert value.dtype == np.float32, name
+        want = fresh[name] if name.startswith("blocks/mixer/") else \
+            saved[name].astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(value, want, err_msg=name)
+
+    # A second export replaces the first whole; a folder that is no run is refused in one line.
+    assert toon_base.main(["--export", workdir, "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+    capsys.readouterr()
+    assert toon_base.main(["--export", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a training workdir" in err and "--config toon_base" in err and "\n" not in err
+    with pytest.raises(ValueError, match="holds no exported toon base"):
+        toon_base.params_dir(str(tmp_path))
+
+
 def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(data_dir, tmp_path, monkeypatch):
     original = data_loader.ToonToModelInputs.map
     calls = {"n": 0}

@@ -4,10 +4,15 @@ On a CPU this takes a few minutes, all of it on this machine (no downloads):
 
   1. generate the `toon_storyboards/tiny` dataset (procedural cartoon episodes, 64 x 64,
      a few seconds, first run only; `tttjax.data.toon_storyboards`);
-  2. train `configs/tiny.py:ttt_mlp,3` (2 DiT blocks of width 64 with a bidirectional
+  2. fine-tune `configs/tiny.py:ttt_mlp,3` (2 DiT blocks of width 64 with a bidirectional
      TTT-MLP layer, 3 segments per clip, prompts cut to `--text-length` words) for `--steps`
      steps into `OUT/run` with the real trainer (`tttjax.train`: progress bar, metrics,
-     Orbax checkpoints; rerunning resumes, and skips training once it is done);
+     Orbax checkpoints; rerunning resumes, and skips training once it is done). As in the
+     paper, which starts from a pretrained CogVideoX, it starts from a pretrained plain DiT:
+     the toon base shipped in `tttjax/models/toon_base_weights` (`configs/toon_base.py`,
+     30000 steps on 3-second clips), whose weights are loaded and whose TTT layers and
+     gates start fresh; the TTT layers learn at 10x the base's rate. `--from-scratch`
+     trains everything from random weights instead;
   3. sample the 3-segment storyboard below (written to `OUT/storyboard.json`) with
      DPM-Solver++(2M) SDE and rising classifier-free guidance (`tttjax.generation`);
   4. decode with the toon world's codec and write `OUT/demo.mp4`, `OUT/demo.gif` and
@@ -49,9 +54,10 @@ STORYBOARD = [
 _PROG = "python -m tttjax.demo"
 
 
-def demo_config(steps: int, text_length: int, codec: str = "learned"):
+def demo_config(steps: int, text_length: int, codec: str = "learned", base: str = ""):
     """`configs/tiny.py:ttt_mlp,3` trained for `steps` steps, prompts of `text_length` words,
-    on the latents of the toon codec `codec` ("learned" or "linear")."""
+    on the latents of the toon codec `codec` ("learned" or "linear"), warm-started from the
+    exported toon base at `base` ("": random weights)."""
     from tttjax.command_line import load_config
 
     config = load_config("tiny:ttt_mlp,3")
@@ -61,6 +67,13 @@ def demo_config(steps: int, text_length: int, codec: str = "learned"):
     config.stage.text_length = text_length
     config.data.toon_codec = codec
     config.optim.new.warmup_steps = config.optim.pretrained.warmup_steps = min(50, steps)
+    if base:
+        from tttjax.models import toon_base
+
+        config.checkpoint.init_from = toon_base.params_dir(base)
+        # The paper's ratio: pretrained weights at a tenth of the new layers' rate, so the
+        # fine-tune adds the TTT layers without undoing what the base learned.
+        config.optim.pretrained.lr = config.optim.new.lr / 10
     return config
 
 
@@ -79,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codec", default="learned", choices=("linear", "learned"),
                         help="toon latent codec (default learned, which draws the characters; "
                              "linear: 8 x 8 colour mosaics)")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="train from random weights instead of the shipped toon base "
+                             "(always so with --codec linear, whose latents the base never saw)")
+    parser.add_argument("--base", default="",
+                        help="a local folder of an exported toon base to start from (default: "
+                             "the shipped one, tttjax/models/toon_base_weights)")
     parser.add_argument("--data-dir", default="",
                         help="TFDS data dir for toon_storyboards (default: ~/tensorflow_datasets)")
     args = parser.parse_args(argv)
@@ -96,14 +115,22 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     out = storage.resolve(args.out)    # a local folder, or gs://... (the run and outputs there)
     workdir = f"{out}/run"
+    if args.base and (args.from_scratch or args.codec != "learned"):
+        parser.error("--base needs the learned codec and no --from-scratch")
+    base = ""
+    if not args.from_scratch and args.codec == "learned":
+        from tttjax.models import toon_base
+
+        base = args.base or toon_base.DEFAULT_WEIGHTS
     try:
-        config = demo_config(args.steps, args.text_length, args.codec)
+        config = demo_config(args.steps, args.text_length, args.codec, base)
         config.data.data_dir = args.data_dir
         config = config_lib.validate(config)
     except (FileNotFoundError, ValueError) as err:
         return fail(_PROG, err)
+    start_from = "the shipped toon base" if base and not args.base else (base or "random weights")
     print(f"[1/3] training {config.steps} steps of the tiny TTT-MLP DiT on toon_storyboards/tiny "
-          f"-> {workdir}", flush=True)
+          f"from {start_from} -> {workdir}", flush=True)
     result = train(config, workdir)
     print(f"      trained to step {result.step} ({time.time() - start:.0f} s so far)", flush=True)
 
