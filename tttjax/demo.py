@@ -1,4 +1,4 @@
-"""`python -m tttjax.demo`: train the tiny TTT-MLP video DiT on the toon world, then film a storyboard.
+"""`python -m tttjax.demo`: fine-tune the tiny TTT-MLP video DiT, then film a storyboard.
 
 On a CPU this takes a few minutes, all of it on this machine (no downloads):
 

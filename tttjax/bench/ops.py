@@ -26,8 +26,9 @@ timed op and outside the paper's.
 With `--devices N` the inputs are placed with their heads split over N devices, so each
 device runs the op on H / N heads (as the layers' heads are split over the mesh's `tensor`
 axis, `tttjax.sharding`). On CPU the benchmark first asks JAX for N CPU devices
-(`jax_num_cpu_devices`, so it must start JAX itself): XLA:CPU runs this op's small matmuls and its independent scans on one
-core, one after another, while several CPU devices run side by side, one core each.
+(`jax_num_cpu_devices`, so it must start JAX itself): XLA:CPU runs this op's small matmuls
+and its independent scans on one core, one after another, while several CPU devices run side
+by side, one core each.
 
 FLOPs are analytic, matmuls only (`matmul_flops`): per mini-batch and (batch, head), TTT-MLP
 runs 7 matmuls of b x d x 4d forward and 28 for forward + backward (forward, the group's
