@@ -43,7 +43,8 @@ def test_demo_trains_samples_and_writes_video_gif_and_sheet(tmp_path, monkeypatc
     for name in ("demo.mp4", "demo.gif", "contact_sheet.png", "storyboard.json"):
         assert str(out / name) in printed and (out / name).stat().st_size > 0
     story = load_storyboard(str(out / "storyboard.json"))
-    assert story.num_segments == 3 and json.loads((out / "storyboard.json").read_text()) == demo.STORYBOARD
+    assert story.num_segments == 3
+    assert json.loads((out / "storyboard.json").read_text()) == demo.STORYBOARD
     gif = iio.imread(out / "demo.gif")
     assert gif.ndim == 4 and gif.shape[-1] in (3, 4)
     assert Image.open(out / "contact_sheet.png").size[0] >= 3 * 64
@@ -72,3 +73,26 @@ def test_demo_rejects_bad_arguments(capsys):
     assert demo.main(["--base", "/nonexistent/base"]) == 2
     err = capsys.readouterr().err.strip()
     assert "holds no exported toon base" in err and "\n" not in err
+
+
+def test_demo_model_is_the_bases_network_plus_ttt_layers(tmp_path):
+    """With a base, the demo's DiT takes the base's network (here its patch size, which
+    tiny's default does not share) and adds TTT-MLP; from scratch it is tiny's."""
+    import shutil
+
+    from tttjax.models import toon_base
+
+    shipped = toon_base.read_info()
+    config = demo.demo_config(10, 24, "learned", toon_base.DEFAULT_WEIGHTS)
+    assert config.model.mixer == "ttt_mlp"
+    for key, value in shipped["model"].items():
+        if key not in ("mixer", "mixer_config"):
+            assert config.model[key] == value, key
+    # Another export with other patches: the demo follows it.
+    other = tmp_path / "base"
+    shutil.copytree(toon_base.DEFAULT_WEIGHTS, other)
+    patch = 2 if shipped["model"]["patch_size"] == 1 else 1
+    info = dict(shipped, model=dict(shipped["model"], patch_size=patch))
+    (other / toon_base.INFO_FILE).write_text(json.dumps(info))
+    assert demo.demo_config(10, 24, "learned", str(other)).model.patch_size == patch
+    assert demo.demo_config(10, 24).model.patch_size == 2

@@ -57,7 +57,8 @@ _PROG = "python -m tttjax.demo"
 def demo_config(steps: int, text_length: int, codec: str = "learned", base: str = ""):
     """`configs/tiny.py:ttt_mlp,3` trained for `steps` steps, prompts of `text_length` words,
     on the latents of the toon codec `codec` ("learned" or "linear"), warm-started from the
-    exported toon base at `base` ("": random weights)."""
+    exported toon base at `base` ("": random weights), whose network (every model field but
+    the mixer) it then takes, so an export of another width, depth or patch size works too."""
     from tttjax.command_line import load_config
 
     config = load_config("tiny:ttt_mlp,3")
@@ -68,9 +69,16 @@ def demo_config(steps: int, text_length: int, codec: str = "learned", base: str 
     config.data.toon_codec = codec
     config.optim.new.warmup_steps = config.optim.pretrained.warmup_steps = min(50, steps)
     if base:
-        from tttjax.models import toon_base
+        from tttjax.models import dit_config, toon_base
 
         config.checkpoint.init_from = toon_base.params_dir(base)
+        # The demo's DiT is the base's network (its patch size, width, layers) plus the TTT
+        # layers, whatever tiny's defaults are.
+        model = config.model
+        for key, value in toon_base.read_info(base)["model"].items():
+            if key not in ("mixer", "mixer_config"):
+                model[key] = value
+        config.model = dit_config.validate(model)
         # The paper's ratio: pretrained weights at a tenth of the new layers' rate, so the
         # fine-tune adds the TTT layers without undoing what the base learned.
         config.optim.pretrained.lr = config.optim.new.lr / 10
@@ -97,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(always so with --codec linear, whose latents the base never saw)")
     parser.add_argument("--base", default="",
                         help="a local folder of an exported toon base to start from (default: "
-                             "the shipped one, tttjax/models/toon_base_weights)")
+                             "the shipped one, tttjax/models/toon_base_weights); the demo's DiT "
+                             "is that base's network (width, layers, patch size) plus TTT-MLP")
     parser.add_argument("--data-dir", default="",
                         help="TFDS data dir for toon_storyboards (default: ~/tensorflow_datasets)")
     args = parser.parse_args(argv)
