@@ -15,9 +15,9 @@ it keeps one state per group of `remat_group_size` mini-batches and recomputes i
 (`_custom_vjp_scan`). The causal form and the inner-loss diagnostics take JAX autodiff through
 the closed-form steps, with `jax.checkpoint` around the same groups; `_ttt(..., vjp="autodiff")`
 runs that path for the non-causal form too (the previous implementation, kept as the
-reference the tests and `python -m tttjax.bench ops` compare against). On one CPU device the
-custom-VJP scan splits the (batch, head) pairs into independent chains (`_cpu_chains`) and
-traces its steps with row sums as matmuls (`_cpu_row_sums`): same numbers, less time there.
+reference the tests and `python -m tttjax.bench ops` compare against). On CPU the custom-VJP
+scan traces its steps with row sums as matmuls (`_cpu_row_sums`): same numbers, less time
+there.
 
 All inner arithmetic is float32 whatever the input dtype; `z` is returned in q's dtype.
 """
@@ -25,7 +25,6 @@ All inner arithmetic is float32 whatever the input dtype; `z` is returned in q's
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Mapping
 from typing import Literal, NamedTuple
 
@@ -340,56 +339,7 @@ def _custom_vjp_scan(kind, group, resets=False):
     return scan
 
 
-def _cpu_chains(bsz, h):
-    """How many independent scans (chains) the custom-VJP path splits the (batch, head) pairs
-    into, and along which axis: (count, 1 for heads or 0 for batch).
-
-    On a single CPU device the pairs go into up to one chain per core: measured on the 2-core
-    machine, two chains of two heads take less time than one of four (README, "Measured: ops
-    benchmark"), though XLA:CPU runs them one after the other. Other platforms (that of the
-    program traced: `tttjax.platform.target_platform`, so a TPU program compiled ahead of time
-    on a CPU host counts as TPU) get one chain (there one batched op per step is what fills
-    the device), and so do several devices: the pairs may be sharded over them, and a chain
-    would slice a sharded axis."""
-    if platform.target_platform() != "cpu" or jax.device_count() != 1:
-        return 1, 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    best = (1, 1)
-    for axis, size in ((1, h), (0, bsz)):
-        count = max((c for c in range(1, min(cores, size) + 1) if size % c == 0), default=1)
-        best = max(best, (count, axis), key=lambda x: x[0])
-    return best
-
-
 def _ttt_custom_vjp(kind, qf, kf, y, eta, gamma, beta, state, *, b, group, resets=None):
-    """The non-causal scan through `_custom_vjp_scan`, split into independent chains of
-    (batch, head) pairs on CPU (`_cpu_chains`; each chain is `_ttt_custom_vjp_chain`).
-
-    Arguments and returns as `_ttt_custom_vjp_chain`.
-    """
-    count, axis = _cpu_chains(qf.shape[0], qf.shape[1])
-    if count == 1:
-        return _ttt_custom_vjp_chain(kind, qf, kf, y, eta, gamma, beta, state, b=b, group=group,
-                                     resets=resets)
-    size = qf.shape[axis] // count
-    zs, states = [], []
-    for c in range(count):
-        part = lambda x, ax=axis: jax.lax.slice_in_dim(x, c * size, (c + 1) * size, axis=ax)  # noqa: E731
-        z, st = _ttt_custom_vjp_chain(
-            kind, part(qf), part(kf), part(y), part(eta),
-            part(gamma, 0) if axis == 1 else gamma, part(beta, 0) if axis == 1 else beta,
-            {key: part(x) for key, x in state.items()}, b=b, group=group,
-            resets=part(resets, 0) if axis == 0 and resets is not None else resets)
-        zs.append(z)
-        states.append(st)
-    return (jnp.concatenate(zs, axis),
-            {key: jnp.concatenate([st[key] for st in states], axis) for key in states[0]})
-
-
-def _ttt_custom_vjp_chain(kind, qf, kf, y, eta, gamma, beta, state, *, b, group, resets=None):
     """The non-causal scan through `_custom_vjp_scan`: blocks, groups and the remainder group.
 
     qf, kf, y [B, H, L, d] float32; eta [B, H, L]; state a dict of [B, H, ...] float32;
