@@ -13,6 +13,8 @@
              host) or fake CPU devices: per-chip memory, cost, roofline    (tttjax.bench.aot)
     study    every mixer trained on the same toon stories, held-out storyboards filmed and
              scored by `tttjax.eval`: the paper's mixer comparison at toy scale (.study)
+    step_parts  what a TTT step's kinds of operation cost here (per-head dot, row sum,
+             LayerNorm-like fusion), chained in a scan              (tttjax.bench.step_parts)
 
 Shared pieces: `timing` (median wall time, compiled peak memory), `table` (Markdown rows and
 CSV), `flops` (analytic DiT FLOPs), `mfu` (peak rates by device), `run_config` (config-file
@@ -27,4 +29,5 @@ SUBCOMMANDS = {
     "sample": "one denoising step at n segments: time, tokens/s, model FLOPs, MFU",
     "aot": "the train step compiled for a TPU slice or fake CPU devices: memory, cost, fits",
     "study": "mixers trained on toon stories, held-out storyboards scored: table, CSV, PNG",
+    "step_parts": "a TTT step's kinds of operation, each chained in a scan: us per op, GFLOP/s",
 }
