@@ -21,13 +21,10 @@ is the time its matmuls need, the rest of the op's time is its other operations.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 
-from tttjax.bench.ops import print_rows
+from tttjax.bench.ops import interleaved_medians, print_rows
 from tttjax.command_line import ArgumentParser
 
 PARTS = ("head_dot", "flat_dot", "row_sum", "layer_norm")
@@ -72,18 +69,10 @@ def run(heads=4, rows=16, dim=64, steps=256, per_step=12, repeats=15, parts=PART
     s = jax.random.normal(key_s, (heads, rows, dim), jnp.float32)
     # Orthogonal-ish scale keeps a chain of dots finite over many steps.
     w = jax.random.normal(key_w, (heads, dim, dim), jnp.float32) / jnp.sqrt(dim)
-    fns = {p: part_scan(p, heads, rows, dim, steps, per_step) for p in parts}
-    for fn in fns.values():
-        jax.block_until_ready(fn(s, w))
-    times = {p: [] for p in parts}
-    for _ in range(repeats):
-        for p, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(s, w))
-            times[p].append(time.perf_counter() - start)
-    ops = steps * per_step
-    for p in parts:
-        per_op = statistics.median(times[p]) / ops
+    fns = [part_scan(p, heads, rows, dim, steps, per_step) for p in parts]
+    medians = interleaved_medians(fns, (s, w), repeats)
+    for p, median in zip(parts, medians):
+        per_op = median / (steps * per_step)
         flops = dot_flops(p, heads, rows, dim)
         yield {"part": p, "us_per_op": 1e6 * per_op,
                "GFLOP_s": flops / per_op / 1e9 if flops else float("nan")}
