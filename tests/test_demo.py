@@ -55,6 +55,18 @@ def test_demo_trains_samples_and_writes_video_gif_and_sheet(tmp_path, monkeypatc
     assert demo.main(argv) == 0
     assert "trained to step 3" in capsys.readouterr().out
     np.testing.assert_array_equal(np.asarray(iio.imread(out / "demo.gif")), first)
+    # The same --out with another network (e.g. another --base's): exit 2, one line naming
+    # the difference, before anything is written, and the finished run untouched.
+    def other_network(*args, **kwargs):
+        cfg = small(*args, **kwargs)
+        cfg.model.num_layers = 1
+        return cfg
+
+    monkeypatch.setattr(demo, "demo_config", other_network)
+    assert demo.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another model" in err and "num_layers" in err and "\n" not in err
+    np.testing.assert_array_equal(np.asarray(iio.imread(out / "demo.gif")), first)
 
 
 def test_demo_rejects_bad_arguments(capsys):

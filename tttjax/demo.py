@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from tttjax.sample import write_outputs
     from tttjax.storyboard import parse_storyboard
     from tttjax.train import config as config_lib
-    from tttjax.train.loop import train
+    from tttjax.train import command
 
     start = time.time()
     out = storage.resolve(args.out)    # a local folder, or gs://... (the run and outputs there)
@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     start_from = "the shipped toon base" if base and not args.base else (base or "random weights")
     print(f"[1/3] training {config.steps} steps of the tiny TTT-MLP DiT on toon_storyboards/tiny "
           f"from {start_from} -> {workdir}", flush=True)
-    result = train(config, workdir)
+    result, code = command.run(_PROG, config, workdir)
+    if result is None:
+        return code
     print(f"      trained to step {result.step} ({time.time() - start:.0f} s so far)", flush=True)
 
     storyboard = parse_storyboard(STORYBOARD, source="demo storyboard")

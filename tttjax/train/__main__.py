@@ -42,24 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         return fail(_PROG, err)
 
-    from tttjax.distributed import DistributedConfigError
-    from tttjax.train.checkpoints import CheckpointWriteError, quiet_orbax_errors
-    from tttjax.train.loop import TrainingDiverged, train
-    from tttjax.train.workdir_lock import WorkdirLockLost
+    from tttjax.train import command
 
-    quiet_orbax_errors()   # checkpoint failures are reported below, one line each
-
-    try:
-        result = train(config, fv.workdir)
-    except (ValueError, DistributedConfigError) as err:
-        return fail(_PROG, err)
-    except (TrainingDiverged, CheckpointWriteError, WorkdirLockLost) as err:
-        return fail(_PROG, err, code=1)
-    except OSError as err:
-        return fail(_PROG, f"{err.filename or fv.workdir}: {err.strerror or err}", code=1)
-    except KeyboardInterrupt:
-        return fail(_PROG, "interrupted (Ctrl-C) before the current step could be saved; "
-                    "committed checkpoints are kept: rerun the same command to resume", code=130)
+    result, code = command.run(_PROG, config, fv.workdir)
+    if result is None:
+        return code
     if result.interrupted:
         print(f"interrupted (Ctrl-C): {result.step} steps; last checkpoint: step "
               f"{result.last_checkpoint}; rerun the same command to resume", flush=True)
