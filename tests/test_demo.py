@@ -1,6 +1,6 @@
 """`python -m tttjax.demo` end to end at a few steps: train, sample, write the three files.
 
-The full demo (1500 steps) is timed by hand (README); here the same code path runs with 3
+The full demo (600 steps) is timed by hand (README); here the same code path runs with 3
 training steps from the shipped toon base, 2 sampler steps, a 32-episode dataset and cheap
 XLA options.
 """

@@ -1,16 +1,17 @@
-"""`python -m tttjax.demo`: fine-tune the tiny TTT-MLP video DiT, then film a storyboard.
+"""`python -m tttjax.demo`: fine-tune a small TTT-MLP video DiT, then film a storyboard.
 
 On a CPU this takes a few minutes, all of it on this machine (no downloads):
 
   1. generate the `toon_storyboards/tiny` dataset (procedural cartoon episodes, 64 x 64,
      a few seconds, first run only; `tttjax.data.toon_storyboards`);
-  2. fine-tune `configs/tiny.py:ttt_mlp,3` (2 DiT blocks of width 64 with a bidirectional
-     TTT-MLP layer, 3 segments per clip, prompts cut to `--text-length` words) for `--steps`
+  2. fine-tune `configs/tiny.py:ttt_mlp,3` with the base's network (4 DiT blocks of width
+     128) and a bidirectional TTT-MLP layer per block (3 segments per clip, prompts cut to
+     `--text-length` words) for `--steps`
      steps into `OUT/run` with the real trainer (`tttjax.train`: progress bar, metrics,
      Orbax checkpoints; rerunning resumes, and skips training once it is done). As in the
      paper, which starts from a pretrained CogVideoX, it starts from a pretrained plain DiT:
      the toon base shipped in `tttjax/models/toon_base_weights` (`configs/toon_base.py`,
-     30000 steps on 3-second clips), whose weights are loaded and whose TTT layers and
+     24000 steps on 3-second clips), whose weights are loaded and whose TTT layers and
      gates start fresh; the TTT layers learn at 10x the base's rate. `--from-scratch`
      trains everything from random weights instead;
   3. sample the 3-segment storyboard below (written to `OUT/storyboard.json`) with
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="tttjax_demo",
                         help="output folder, local or gs://... (default ./tttjax_demo); the "
                              "training workdir is OUT/run")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    parser.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
     parser.add_argument("--sample-steps", type=int, default=50, help="sampler steps (default 50)")
     parser.add_argument("--text-length", type=int, default=24,
                         help="prompt words the model reads (default 24)")
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         return fail(_PROG, err)
     start_from = "the shipped toon base" if base and not args.base else (base or "random weights")
-    print(f"[1/3] training {config.steps} steps of the tiny TTT-MLP DiT on toon_storyboards/tiny "
+    print(f"[1/3] training {config.steps} steps of the TTT-MLP DiT on toon_storyboards/tiny "
           f"from {start_from} -> {workdir}", flush=True)
     result, code = command.run(_PROG, config, workdir)
     if result is None:

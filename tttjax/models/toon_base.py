@@ -1,13 +1,14 @@
 """The toon world's pretrained base DiT, shipped with tttjax, and the command that exports it.
 
-    python -m tttjax.train --config toon_base --workdir /tmp/toon_base        # about an hour
+    python -m tttjax.train --config toon_base --workdir /tmp/toon_base        # 80-95 minutes
     python -m tttjax.models.toon_base --export /tmp/toon_base [--out DIR]
 
-`configs/toon_base.py` trains `configs/tiny.py`'s plain DiT (no TTT layer) for 30000 steps
-on single 3-second toon clips: the toy-scale stand-in for the pretrained CogVideoX the paper
-starts from. `--export` writes the newest intact checkpoint's parameters as float16 Orbax
-(`DIR/params`, about 330 kB) and `DIR/toon_base.json` (model config, step, loss, how it was
-made); DIR defaults to `tttjax/models/toon_base_weights`, the copy shipped in the package.
+`configs/toon_base.py` trains a plain DiT (no TTT layer; tiny's latents, 4 blocks of width
+128) for 24000 steps on single 3-second toon clips: the toy-scale stand-in for the pretrained
+CogVideoX the paper starts from. `--export` writes the newest intact checkpoint's
+parameters as float16 Orbax (`DIR/params`, about 1.9 MB) and `DIR/toon_base.json` (model
+config, step, loss, how it was made); DIR defaults to `tttjax/models/toon_base_weights`, the
+copy shipped in the package.
 
     config.checkpoint.init_from = toon_base.params_dir()
 
