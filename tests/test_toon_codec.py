@@ -1,8 +1,10 @@
 """The learned toon codec (`tttjax.data.toon_codec`): shipped weights, geometry, quality."""
 
 import json
+import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -20,8 +22,6 @@ def _episode(index, h=64, w=64):
 
 
 def test_shipped_weights_are_small_and_load(codec):
-    import os
-
     size = sum(os.path.getsize(os.path.join(root, f))
                for root, _, files in os.walk(toon_codec.DEFAULT_WEIGHTS) for f in files)
     assert size < 400_000
@@ -91,6 +91,18 @@ def test_training_command_writes_a_codec_that_loads_and_draws_its_sheet(tmp_path
     (old / "codec.json").write_text(json.dumps(dict(info, layout=1)))
     with pytest.raises(ValueError, match="layout 1.*retrain"):
         toon_codec.load_codec(str(old))
+    # --decoder-of retrains only the decoder (here on fresh renders every step): the encoder,
+    # and so every latent a DiT learned on, is bit for bit the old one's
+    again = tmp_path / "again"
+    assert toon_codec.main(["--out", str(again), "--decoder-of", str(out), "--steps", "2",
+                            "--batch", "2", "--groups", "8", "--refresh-every", "1"]) == 0
+    new = toon_codec.load_codec(str(again))
+    assert json.loads((again / "codec.json").read_text())["refresh_every"] == 1
+    np.testing.assert_array_equal(new.encode(frames), z)
+    np.testing.assert_array_equal(new.shift, codec.shift)
+    assert not np.array_equal(new.decode(z), codec.decode(z))
+    with pytest.raises(SystemExit):
+        toon_codec.main(["--sheet", str(sheet), "--decoder-of", str(out)])
     # the shipped codec's sheet, without training
     capsys.readouterr()
     assert toon_codec.main(["--sheet", str(tmp_path / "shipped.png"), "--held-out"]) == 0
@@ -114,3 +126,33 @@ def test_training_command_usage_errors_are_one_line(argv, words, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err
+
+
+def test_a_failed_save_keeps_the_weights_that_were_there(tmp_path, monkeypatch):
+    """Retraining in place (`--decoder-of W --out W`) must not lose W to a full disk."""
+    import types
+
+    from flax import nnx
+
+    from tttjax import small_weights
+
+    def net(seed):
+        return toon_codec.ToonCodecNet(4, 4, rngs=nnx.Rngs(seed))
+
+    path = tmp_path / "w"
+    small_weights.save_weights(str(path), net(0), "x.json", {"v": 1})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(small_weights, "json", types.SimpleNamespace(dump=full_disk))
+    with pytest.raises(OSError, match="No space"):
+        small_weights.save_weights(str(path), net(1), "x.json", {"v": 2})
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["w"]           # no staging folder left behind
+    back, info = small_weights.load_weights(str(path), "x.json", lambda _: net(2), "hint")
+    assert info == {"v": 1}
+    want = nnx.to_pure_dict(nnx.state(net(0), nnx.Param))
+    got = nnx.to_pure_dict(nnx.state(back, nnx.Param))
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(a, np.float16), b)

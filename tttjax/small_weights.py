@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -21,16 +23,34 @@ from flax import nnx
 
 
 def save_weights(path: str, net: nnx.Module, info_file: str, info: dict[str, Any]) -> str:
-    """Writes `net`'s parameters (float16) to `path/params` and `info` to `path/info_file`."""
+    """Writes `net`'s parameters (float16) to `path/params` and `info` to `path/info_file`.
+
+    The folder is assembled beside `path` and swapped in whole, so a failure (a full disk,
+    a kill) leaves the weights that were there, e.g. the shipped ones being retrained in
+    place, intact.
+    """
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
     state = jax.tree.map(lambda a: np.asarray(a, np.float16), nnx.state(net, nnx.Param))
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(path, "params"), nnx.to_pure_dict(state), force=True)
-    with open(os.path.join(path, info_file), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}-", dir=parent)
+    try:
+        os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide shipped weights from other users
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(os.path.join(staging, "params"), nnx.to_pure_dict(state))
+        with open(os.path.join(staging, info_file), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+        old = path + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(path):
+            os.rename(path, old)
+        os.rename(staging, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return path
 
 

@@ -31,6 +31,11 @@ The weights shipped in `tttjax/data/toon_codec_weights/` (Orbax, float16, networ
 
 (defaults: --width 22 --steps 8000 --batch 16 --groups 6000 --seed 0), and the README's
 round-trip picture by `python -m tttjax.data.toon_codec --sheet docs/demo/toon_codec.png`.
+`--decoder-of W --out DIR` retrains only the decoder of the codec at W: the encoder, and so
+the latents every DiT (the shipped toon base included) was trained on, stay bit for bit the
+same, so a better decoder never forces retraining the models; `--refresh-every N` renders
+new training frames every N steps (6000 groups seen ~20 times each overfit: the codec's
+held-out error is above its training loss).
 Figures (parameters, size, time, error) are in the README, section "Data".
 """
 
@@ -254,19 +259,37 @@ def training_groups(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, np.stack(ws).astype(np.float32)
 
 
+# The decoder's parameters: what `train_codec(start=...)` retrains while the encoder, and so
+# every latent a DiT was trained on, stays exactly as it was.
+DECODER_PARTS = ("from_latent", "dec", "dec_res", "to_pixels")
+
+
 def train_codec(*, channels: int = 4, width: int = 22, steps: int = 8000, batch: int = 16,
                 groups: int = 6000, lr: float = 2e-3, latent_noise: float = 0.1, seed: int = 0,
+                start: LearnedToonCodec | None = None, refresh_every: int = 0,
                 log=print) -> tuple[LearnedToonCodec, dict]:
-    """Trains a `ToonCodecNet` (AdamW, cosine schedule); returns the codec and its figures."""
+    """Trains a `ToonCodecNet` (AdamW, cosine schedule); returns the codec and its figures.
+
+    `start`: retrain only the decoder of this codec (its encoder and latent statistics are
+    kept bit for bit, so a DiT trained on its latents stays valid; `channels` and `width` are
+    its own). `refresh_every` > 0 renders `groups` new groups (world seeds seed + 1, + 2, ...)
+    every that many steps, so the network sees fresh frames instead of repeating 6000.
+    """
     import optax
 
     t0 = time.time()
     x_all, w_all = training_groups(groups, seed)
     log(f"rendered {len(x_all)} training groups in {time.time() - t0:.0f} s")
-    net = ToonCodecNet(channels, width, rngs=nnx.Rngs(seed))
+    if start is None:
+        net = ToonCodecNet(channels, width, rngs=nnx.Rngs(seed))
+        trained = nnx.Param
+    else:
+        net = nnx.clone(start.net)
+        channels, width = start.channels, int(net.enc[0].out_features)
+        trained = nnx.All(nnx.Param, lambda path, _: path[0] in DECODER_PARTS)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), steps,
                                                   lr * 0.05)
-    opt = nnx.Optimizer(net, optax.adamw(schedule, weight_decay=1e-5), wrt=nnx.Param)
+    opt = nnx.Optimizer(net, optax.adamw(schedule, weight_decay=1e-5), wrt=trained)
 
     def loss_fn(net, x, w, key):
         z = net.encode(x)
@@ -278,7 +301,8 @@ def train_codec(*, channels: int = 4, width: int = 22, steps: int = 8000, batch:
 
     @nnx.jit
     def step(net, opt, x, w, key):
-        loss, grads = nnx.value_and_grad(loss_fn)(net, x, w, key)
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trained))(
+            net, x, w, key)
         opt.update(net, grads)
         return loss
 
@@ -286,19 +310,26 @@ def train_codec(*, channels: int = 4, width: int = 22, steps: int = 8000, batch:
     key = jax.random.key(seed)
     losses = []
     for i in range(steps):
+        if refresh_every and i and i % refresh_every == 0:
+            x_all, w_all = training_groups(groups, seed + i // refresh_every)
         idx = rng.integers(0, len(x_all), batch)
         key, sub = jax.random.split(key)
         losses.append(float(step(net, opt, jnp.asarray(x_all[idx]), jnp.asarray(w_all[idx]), sub)))
         if (i + 1) % 100 == 0 or i + 1 == steps:
             log(f"step {i + 1}/{steps}  weighted L1 {np.mean(losses[-100:]):.4f}  "
                 f"({time.time() - t0:.0f} s)")
-    z = np.concatenate([np.asarray(_encode(net, jnp.asarray(x_all[i:i + 256])))
-                        for i in range(0, len(x_all), 256)])
-    shift = z.mean(axis=(0, 1, 2))
-    scale = z.std(axis=(0, 1, 2)) + 1e-6
+    if start is None:
+        z = np.concatenate([np.asarray(_encode(net, jnp.asarray(x_all[i:i + 256])))
+                            for i in range(0, len(x_all), 256)])
+        shift = z.mean(axis=(0, 1, 2))
+        scale = z.std(axis=(0, 1, 2)) + 1e-6
+    else:
+        shift, scale = start.shift, start.scale
     meta = dict(steps=steps, batch=batch, groups=groups, lr=lr, latent_noise=latent_noise,
                 seed=seed, final_weighted_l1=float(np.mean(losses[-100:])),
                 train_seconds=round(time.time() - t0, 1))
+    if refresh_every:
+        meta["refresh_every"] = refresh_every
     return LearnedToonCodec(net, shift, scale), meta
 
 
@@ -374,6 +405,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--groups", type=int, default=6000, help="rendered training groups")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    parser.add_argument("--decoder-of", metavar="WEIGHTS", default=None,
+                        help="with --out: retrain only the decoder of this codec ('shipped' for "
+                             "the shipped one); its encoder and latents stay exactly as they "
+                             "are, so DiTs trained on them (the toon base) stay valid")
+    parser.add_argument("--refresh-every", type=int, default=0,
+                        help="render --groups new training groups every this many steps "
+                             "(default 0: train on one set)")
     args = parser.parse_args(argv)
     if not (args.out or args.sheet or args.held_out):
         parser.error("give --out DIR to train a codec, and/or --sheet PNG or --held-out to "
@@ -382,9 +421,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--weights picks a codec to show; with --out it is the new one")
     if min(args.channels, args.width, args.steps, args.batch, args.groups) < 1:
         parser.error("--channels, --width, --steps, --batch and --groups must be >= 1")
+    if args.refresh_every < 0 or not args.lr > 0:
+        parser.error("--refresh-every must be >= 0 and --lr > 0")
+    if args.decoder_of and not args.out:
+        parser.error("--decoder-of needs --out, the folder the retrained codec goes to")
     if args.out:
+        start, encoder_from = None, None
+        if args.decoder_of:
+            source = (DEFAULT_WEIGHTS if args.decoder_of == "shipped"
+                      else os.path.abspath(args.decoder_of))
+            try:
+                start = load_codec(source)
+            except ValueError as err:
+                raise UsageError(f"--decoder-of: {err}") from None
+            # Read before training: --out may be the same folder, replaced at the end.
+            with open(os.path.join(source, "codec.json"), encoding="utf-8") as f:
+                encoder_from = {k: v for k, v in json.load(f).items()
+                                if k not in ("shift", "scale")}
         codec, meta = train_codec(channels=args.channels, width=args.width, steps=args.steps,
-                                  batch=args.batch, groups=args.groups, seed=args.seed)
+                                  batch=args.batch, groups=args.groups, lr=args.lr,
+                                  seed=args.seed, start=start,
+                                  refresh_every=args.refresh_every)
+        if encoder_from is not None:
+            meta["encoder_from"] = encoder_from
         path = save_codec(args.out, codec, meta)
         print(f"wrote {path}: {json.dumps(meta)}")
     else:
