@@ -54,7 +54,7 @@ def test_learned_codec_draws_the_characters_better_than_the_linear_map(codec):
         for name, c in (("learned", codec), ("linear", linear)):
             diff = np.abs(c.decode(c.encode(frames)).astype(np.float32) - frames)
             errs[name].append(diff.mean(-1)[mask].mean())
-    assert np.mean(errs["learned"]) < 0.5 * np.mean(errs["linear"]), errs  # measured 0.32
+    assert np.mean(errs["learned"]) < 0.5 * np.mean(errs["linear"]), errs  # measured 0.27
 
 
 def test_bad_inputs_name_the_problem(codec):
@@ -109,7 +109,7 @@ def test_training_command_writes_a_codec_that_loads_and_draws_its_sheet(tmp_path
     lines = capsys.readouterr().out.strip().splitlines()
     assert "shipped.png" in lines[0]
     err = json.loads(lines[1])
-    assert 0 < err["weighted_l1"] < err["character_l1"] < 0.3, err  # measured 0.097 / 0.224
+    assert 0 < err["weighted_l1"] < err["character_l1"] < 0.3, err  # measured 0.086 / 0.197
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -27,15 +27,17 @@ imperfect latents a diffusion model samples.
 The weights shipped in `tttjax/data/toon_codec_weights/` (Orbax, float16, network layout
 `LAYOUT`) were made by
 
-    python -m tttjax.data.toon_codec --out tttjax/data/toon_codec_weights
+    python -m tttjax.data.toon_codec --out W
+    python -m tttjax.data.toon_codec --decoder-of W --out tttjax/data/toon_codec_weights \
+        --steps 12000 --lr 1e-3 --refresh-every 2000 --seed 1
 
-(defaults: --width 22 --steps 8000 --batch 16 --groups 6000 --seed 0), and the README's
+(first defaults: --width 22 --steps 8000 --batch 16 --groups 6000 --seed 0), and the README's
 round-trip picture by `python -m tttjax.data.toon_codec --sheet docs/demo/toon_codec.png`.
-`--decoder-of W --out DIR` retrains only the decoder of the codec at W: the encoder, and so
-the latents every DiT (the shipped toon base included) was trained on, stay bit for bit the
+`--decoder-of W` retrains only the decoder of the codec at W: the encoder, and so the
+latents every DiT (the shipped toon base included) was trained on, stay bit for bit the
 same, so a better decoder never forces retraining the models; `--refresh-every N` renders
-new training frames every N steps (6000 groups seen ~20 times each overfit: the codec's
-held-out error is above its training loss).
+new training frames every N steps (6000 groups seen ~20 times each overfit: the first
+step's held-out error is above its training loss).
 Figures (parameters, size, time, error) are in the README, section "Data".
 """
 
