@@ -22,26 +22,19 @@ import numpy as np
 from flax import nnx
 
 
-def save_weights(path: str, net: nnx.Module, info_file: str, info: dict[str, Any]) -> str:
-    """Writes `net`'s parameters (float16) to `path/params` and `info` to `path/info_file`.
+def replace_folder(path: str, write: Callable[[str], None]) -> str:
+    """Calls `write(staging)` on a fresh folder beside `path`, then swaps it in as `path`.
 
-    The folder is assembled beside `path` and swapped in whole, so a failure (a full disk,
-    a kill) leaves the weights that were there, e.g. the shipped ones being retrained in
-    place, intact.
+    A failure (a full disk, a kill) leaves what was at `path`, e.g. shipped weights being
+    retrained in place, intact, and no staging folder. Returns the absolute path.
     """
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    state = jax.tree.map(lambda a: np.asarray(a, np.float16), nnx.state(net, nnx.Param))
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}-", dir=parent)
     try:
         os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide shipped weights from other users
-        with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(os.path.join(staging, "params"), nnx.to_pure_dict(state))
-        with open(os.path.join(staging, info_file), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=1)
+        write(staging)
         old = path + ".old"
         shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(path):
@@ -52,6 +45,22 @@ def save_weights(path: str, net: nnx.Module, info_file: str, info: dict[str, Any
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def save_weights(path: str, net: nnx.Module, info_file: str, info: dict[str, Any]) -> str:
+    """Writes `net`'s parameters (float16) to `path/params` and `info` to `path/info_file`,
+    swapped in whole (`replace_folder`)."""
+    import orbax.checkpoint as ocp
+
+    state = jax.tree.map(lambda a: np.asarray(a, np.float16), nnx.state(net, nnx.Param))
+
+    def write(folder):
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(os.path.join(folder, "params"), nnx.to_pure_dict(state))
+        with open(os.path.join(folder, info_file), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+
+    return replace_folder(path, write)
 
 
 def load_weights(path: str, info_file: str, make_net: Callable[[dict[str, Any]], nnx.Module],

@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from typing import Any
 
 from tttjax.command_line import ArgumentParser, fail
@@ -78,6 +76,7 @@ def export(workdir: str, out: str = DEFAULT_WEIGHTS) -> dict[str, Any]:
     import numpy as np
     import orbax.checkpoint as ocp
 
+    from tttjax.small_weights import replace_folder
     from tttjax.train import integrity
     from tttjax.train.checkpoints import newest_intact_step
 
@@ -120,25 +119,13 @@ def export(workdir: str, out: str = DEFAULT_WEIGHTS) -> dict[str, Any]:
         "made_by": "python -m tttjax.train --config toon_base --workdir W; "
                    "python -m tttjax.models.toon_base --export W",
     }
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".toon_base-", dir=parent)
-    try:
-        os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide shipped weights from other users
+    def write(folder):
         with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(os.path.join(staging, "params"), half)
-        with open(os.path.join(staging, INFO_FILE), "w", encoding="utf-8") as f:
+            ckpt.save(os.path.join(folder, "params"), half)
+        with open(os.path.join(folder, INFO_FILE), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1)
-        old = out + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(out):
-            os.rename(out, old)
-        os.rename(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    replace_folder(out, write)
     return info
 
 
